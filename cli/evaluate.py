@@ -1,0 +1,64 @@
+"""adaflex eval MODEL_OR_DIR --task perplexity|mc|passkey --data FILE [--limit N] [--context N] [--continuation N]
+[--depths 0.1,0.5,0.9] [--query-agnostic]"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+from .common import COST_KEYS, Format, emit_json, guard, out, result_table
+
+
+class Task(str, Enum):
+    perplexity = "perplexity"
+    mc = "mc"
+    passkey = "passkey"
+
+
+def evaluate(
+    model: str = typer.Argument("smollm2-135m", help="model name, HF directory, export or run directory"),
+    task: Task = typer.Option(..., "--task"),
+    data: str = typer.Option(..., "--data", help="text, JSONL with `text`, or ARC/PIQA/HellaSwag JSONL"),
+    limit: int = typer.Option(None, "--limit", min=1, help="first N items / windows"),
+    context: int = typer.Option(None, "--context", min=1, help="prefill this many tokens through the cache"),
+    continuation: int = typer.Option(None, "--continuation", min=1, help="then score this many tokens"),
+    seq_len: int = typer.Option(512, "--seq-len", min=8, help="window of strided perplexity"),
+    stride: int = typer.Option(None, "--stride", min=1, help="step of strided perplexity (default: --seq-len)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    depths: str = typer.Option(None, "--depths", help="passkey: relative needle depths, e.g. 0.1,0.5,0.9"),
+    query_agnostic: bool = typer.Option(None, "--query-agnostic/--query-aware",
+                                        help="passkey: compress the context before the question arrives "
+                                             "(default: the model's kv setting, else query-aware)"),
+    layout: str = typer.Option("auto", "--layout", help="auto, text, jsonl, arc, piqa, hellaswag"),
+    allow_bin: bool = typer.Option(False, "--allow-bin", help="allow pickled .bin weights (loaded weights_only)"),
+    format: Format = typer.Option(Format.human, "--format"),
+):
+    """Score a model: perplexity, multiple choice (acc, acc_norm), with its cost figures."""
+    with guard():
+        from pathlib import Path
+
+        from adaflex.retrofit import models
+        from adaflex.retrofit.errors import UsageError
+        from adaflex.retrofit.evaluate import run_eval
+
+        if not Path(data).is_file():
+            raise UsageError(f"--data {data}: no such file")
+        if layout not in ("auto", "text", "jsonl", "arc", "piqa", "hellaswag"):
+            raise UsageError(f"--layout {layout}: expected auto, text, jsonl, arc, piqa or hellaswag")
+        from adaflex.retrofit.data import read_mc, read_text
+
+        read_mc(data, layout, limit=1) if task is Task.mc else read_text(data, layout)  # layout errors first
+        m, tok = models.load(model, allow_bin=allow_bin)
+        res = run_eval(m, tok, task.value, data, layout=layout, limit=limit, seq_len=seq_len, stride=stride,
+                       context=context, continuation=continuation, batch_size=batch_size, label=task.value,
+                       depths=depths, query_agnostic=query_agnostic)
+        res["model"] = model
+        if format is Format.json:
+            emit_json(res)
+            return
+        rows = [["model", model], ["data", data], ["n", res["n"]], [res["metric"], res["value"]]]
+        if "acc_norm" in res:
+            rows.append(["acc_norm", res["acc_norm"]])
+        rows += [[k, res.get(k)] for k in COST_KEYS]
+        out.print(result_table(f"eval: {task.value}", ["figure", "value"], rows))

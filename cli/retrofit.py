@@ -1,0 +1,45 @@
+"""adaflex retrofit [MODEL] [--recipe FILE] [--out DIR] [--set KEY=VALUE ...] [--seed N] [--format human|json]"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import COST_KEYS, Format, emit_json, guard, log, out, result_table
+
+
+def retrofit(
+    model: str = typer.Argument(None, help="name (smollm2-135m), HF directory, export, or hub id"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="recipe file or packaged name (default quickstart)"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (resumable)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key: KEY=VALUE"),
+    seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    format: Format = typer.Option(Format.human, "--format"),
+):
+    """Apply a recipe's stages and report dense vs retrofitted, side by side."""
+    with guard():
+        from adaflex.retrofit.recipe import load_recipe, packaged, resolve_recipe_path
+        from adaflex.retrofit.run import run
+
+        path = resolve_recipe_path(recipe) if recipe else packaged("quickstart.yaml")
+        sets = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
+        rec = load_recipe(path, sets)
+        report = run(rec, model or rec.model, out=out_dir, log=log)
+        if format is Format.json:
+            emit_json(report)
+            return
+        rows = [[k, report["dense"].get(k), report["retrofitted"].get(k)] for k in COST_KEYS if k in report["dense"]]
+        out.print(result_table("cost (probe forward)", ["figure", "dense", "retrofitted"], rows))
+        if report["evals"]:
+            ev_rows = []
+            for e in report["evals"]:
+                d, r = e["dense"], e["retrofitted"]
+                ev_rows.append([e["name"], e["metric"], d["value"], r["value"], e["ratio"]])
+                if "acc_norm" in d:
+                    ratio = r["acc_norm"] / d["acc_norm"] if d["acc_norm"] else None
+                    ev_rows.append([e["name"], "acc_norm", d["acc_norm"], r["acc_norm"], ratio])
+            out.print(result_table("quality", ["eval", "metric", "dense", "retrofitted", "ratio"], ev_rows))
+        if report.get("run_dir"):
+            run_dir = report["run_dir"]
+            out.print(f"run directory: {run_dir}  (export with `adaflex export {run_dir} --out DIR`)")

@@ -1,0 +1,96 @@
+"""ShortGPT block influence and static block removal."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UsageError
+from ..evaluate import decoder_layers, reference_of
+from ..progress import progress
+from ..stage import StageContext, StageResult
+from .config import DropConfig
+
+# Removed blocks stay removed in the exported weights: nothing to redo at load time.
+BAKED = True
+
+
+@torch.no_grad()
+def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """BI_i = 1 − mean over tokens of cos(input of block i, output of block i)."""
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = 0
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(_mod, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            seen[i] = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double()
+
+        return fn
+
+    hooks = [blk.register_forward_hook(hook(i), with_kwargs=True) for i, blk in enumerate(layers)]
+    try:
+        for s in progress(range(0, windows.shape[0], batch_size), desc="block influence",
+                          total=-(-windows.shape[0] // batch_size)):
+            x = windows[s : s + batch_size]
+            model.get_decoder()(input_ids=x, use_cache=False)
+            for i, v in seen.items():
+                sums[i] += v
+            tokens += x.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return (1 - sums / tokens).tolist()
+
+
+def choose(influence: list[float], k: int, protect: list[int]) -> list[int]:
+    """The k blocks of lowest influence, never a protected one."""
+    order = sorted((i for i in range(len(influence)) if i not in protect), key=lambda i: influence[i])
+    if len(order) < k:
+        raise ValueError(f"only {len(order)} blocks may be removed, {k} asked")
+    return sorted(order[:k])
+
+
+def check(model, cfg: DropConfig, where: str) -> int:
+    """Settings that depend on the model: the number of blocks to remove and the protected indices."""
+    n = len(decoder_layers(model))
+    try:
+        k = cfg.count(n)
+        bad = [i for i in cfg.protect if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"protect: block {bad[0]} out of range 0..{n - 1}")
+        if n - len(set(cfg.protect)) < k:
+            raise ValueError(f"only {n - len(set(cfg.protect))} unprotected blocks, {k} to remove")
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+    return k
+
+
+def fit(ctx: StageContext, cfg: DropConfig) -> StageResult:
+    layers = decoder_layers(ctx.model)
+    k = check(ctx.model, cfg, f"recipe: stages.{ctx.index}.drop")
+    bi = block_influence(ctx.model, ctx.calibration)
+    removed = choose(bi, k, cfg.protect)
+    plan = {"num_layers": len(layers), "removed": removed, "kept": [i for i in range(len(layers)) if i not in removed],
+            "block_influence": bi}
+    return StageResult(plan=plan, metrics={"removed": removed})
+
+
+def apply(model, plan: dict, tensors: dict | None = None) -> None:
+    """Remove the planned blocks in place, re-indexing attention so cache slots stay contiguous."""
+    reference_of(model)  # pin the dense reference before the shape changes
+    layers = decoder_layers(model)
+    if len(layers) != plan["num_layers"]:
+        raise UsageError(f"drop plan is for {plan['num_layers']} blocks, the model has {len(layers)}")
+    kept = [layers[i] for i in plan["kept"]]
+    model.get_decoder().layers = torch.nn.ModuleList(kept)
+    for new, blk in enumerate(kept):
+        blk.self_attn.layer_idx = new
+        if hasattr(blk, "layer_idx"):
+            blk.layer_idx = new
+    cfg = model.config
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in plan["kept"]]
+    cfg.num_hidden_layers = len(kept)

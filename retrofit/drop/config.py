@@ -1,0 +1,28 @@
+"""Settings of the `drop` stage: static removal of whole blocks by block influence (ShortGPT)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..schema import Strict
+
+
+class DropConfig(Strict):
+    blocks: int | None = Field(None, ge=1, description="number of blocks to remove")
+    fraction: float | None = Field(None, gt=0, lt=1, description="share of blocks to remove (rounded)")
+    score: Literal["block_influence"] = "block_influence"
+    protect: list[int] = Field(default_factory=list, description="block indices never removed")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.blocks is None) == (self.fraction is None):
+            raise ValueError("give exactly one of 'blocks' or 'fraction'")
+        return self
+
+    def count(self, num_layers: int) -> int:
+        k = self.blocks if self.blocks is not None else round(self.fraction * num_layers)
+        if not 1 <= k < num_layers:
+            raise ValueError(f"cannot remove {k} of {num_layers} blocks")
+        return k

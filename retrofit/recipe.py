@@ -1,0 +1,230 @@
+"""The recipe: one strict pydantic model that drives the CLI and the Python API (design.md §5)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError, create_model
+
+from .errors import UsageError
+from .registry import METHODS, config_class
+from .schema import Strict
+
+
+def _existing_file(value: str) -> str:
+    path = Path(os.path.expandvars(os.path.expanduser(value)))
+    if not path.is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+DataPath = Annotated[str, AfterValidator(_existing_file)]
+Layout = Literal["auto", "text", "jsonl", "arc", "piqa", "hellaswag"]
+
+
+class CalibrationData(Strict):
+    path: DataPath
+    samples: int = Field(64, ge=1, description="number of calibration windows")
+    seq_len: int = Field(512, ge=8, le=32768, description="tokens per window (never taken from the config)")
+    layout: Layout = "auto"
+
+
+class DataConfig(Strict):
+    calibration: CalibrationData | None = None
+
+
+class Budget(Strict):
+    flops: float | None = Field(None, gt=0, le=1)
+    kv: float | None = Field(None, gt=0, le=1)
+    params: float | None = Field(None, gt=0)
+
+
+class EvalSpec(Strict):
+    task: Literal["perplexity", "mc", "passkey"]
+    data: DataPath
+    layout: Layout = "auto"
+    limit: int | None = Field(None, ge=1)
+    seq_len: int = Field(512, ge=8, description="window of strided perplexity")
+    stride: int | None = Field(None, ge=1, description="strided perplexity step (default: seq_len)")
+    context: int | None = Field(None, ge=1)
+    continuation: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    name: str | None = None
+
+    def label(self) -> str:
+        return self.name or f"{self.task}:{Path(self.data).stem}"
+
+
+def _stage_tag(value: Any) -> str | None:
+    if isinstance(value, dict) and len(value) == 1:
+        (key,) = value
+        return key if key in METHODS else None
+    return next(iter(value.model_fields_set), None) if isinstance(value, Strict) else None
+
+
+def _stage_entry_type():
+    # One single-key model per method; a callable discriminator picks it by the key, so the errors of a
+    # stage's settings point at `stages.N.method.key` and an unknown method gets one clear message.
+    members = [
+        Annotated[create_model(f"{name}_stage", __base__=Strict, **{name: (config_class(name), ...)}), Tag(name)]
+        for name in METHODS
+    ]
+    return Annotated[
+        Union[tuple(members)],  # noqa: UP007
+        Discriminator(
+            _stage_tag,
+            custom_error_type="unknown_stage",
+            custom_error_message=f"each stage is {{method: settings}} with method one of: {', '.join(METHODS)}",
+        ),
+    ]
+
+
+StageEntry = _stage_entry_type()
+
+
+class Recipe(Strict):
+    model: str | None = None
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    budget: Budget | None = None
+    stages: list[StageEntry] = Field(default_factory=list)
+    eval: list[EvalSpec] = Field(default_factory=list)
+
+    def stage_items(self) -> list[tuple[str, Strict]]:
+        """(method, settings) for each stage, in order."""
+        out = []
+        for entry in self.stages:
+            (name,) = type(entry).model_fields
+            out.append((name, getattr(entry, name)))
+        return out
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(yaml.safe_dump(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+# ---- loading, overrides and error reporting ----
+
+
+def format_errors(source: str, err: ValidationError) -> str:
+    """All errors on one line, each with its dotted path: `file: stages.0.drop.blocks: msg; ...`."""
+    parts = []
+    for e in err.errors():
+        loc = []
+        for item in e["loc"]:
+            if not loc or loc[-1] != item:  # the union tag repeats the stage name
+                loc.append(item)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{key}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def apply_override(raw: dict, assignment: str, source: str = "--set") -> None:
+    """Apply `KEY=VALUE` to a raw recipe dict. `prune.sparsity` addresses the first `prune` stage."""
+    if "=" not in assignment:
+        raise UsageError(f"{source} {assignment}: expected KEY=VALUE")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UsageError(f"{source} {assignment}: empty key part")
+    value = yaml.safe_load(text) if text.strip() else None
+    node: Any = raw
+    if parts[0] in METHODS and parts[0] not in Recipe.model_fields:
+        stages = raw.get("stages") or []
+        match = [s for s in stages if isinstance(s, dict) and parts[0] in s]
+        if not match:
+            raise UsageError(f"{source} {key}: the recipe has no '{parts[0]}' stage")
+        node = match[0]
+    elif parts[0] not in Recipe.model_fields:
+        raise UsageError(f"{source} {key}: unknown key '{parts[0]}'")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UsageError(f"{source} {key}: no item '{part}' in {'.'.join(parts[:i]) or 'recipe'}")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise UsageError(f"{source} {key}: '{'.'.join(parts[: i + 1])}' is not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UsageError(f"{source} {key}: no item '{last}'")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}:{where}: invalid YAML ({getattr(e, 'problem', None) or 'syntax error'})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict | Recipe, source: str = "recipe") -> Recipe:
+    if isinstance(raw, Recipe):
+        return raw
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(format_errors(source, e)) from None
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read, override and validate a recipe; `None` is the packaged quickstart."""
+    path = Path(path) if path is not None else packaged("quickstart.yaml")
+    raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, str(path))
+
+
+def recipes_root() -> Path:
+    return Path(str(resources.files("adaflex.recipes")))
+
+
+def packaged(name: str) -> Path:
+    """A recipe shipped with adaflex, by file name relative to the recipes folder."""
+    path = recipes_root() / name
+    if not path.is_file():
+        raise UsageError(f"{name}: no such packaged recipe (see `adaflex recipe list`)")
+    return path
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A path on disk, else a packaged recipe name (with or without .yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (name, f"{name}.yaml"):
+        if (recipes_root() / cand).is_file():
+            return recipes_root() / cand
+    raise UsageError(f"{name}: no such recipe file (nor a packaged recipe of that name)")
+
+
+def list_packaged() -> list[Path]:
+    root = recipes_root()
+    return sorted(p.relative_to(root) for p in root.rglob("*.yaml"))

@@ -1,0 +1,214 @@
+"""`adaflex retrofit`: apply a recipe's stages to a model and report dense vs retrofitted side by side.
+
+The run directory (design.md §4) doubles as the progress state: each finished evaluation and stage is
+written atomically under `state/`, so rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from . import io, models, registry
+from .data import read_mc, read_text
+from .errors import UsageError
+from .evaluate import cost_figures, probe_ids, reference_of, run_eval
+from .recipe import Recipe, validate
+from .stage import StageContext, StageResult
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. " * 64
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+
+    try:
+        return v("adaflex")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def preflight(recipe: Recipe) -> None:
+    """Read every data file the recipe names before anything is loaded or written (layout errors first)."""
+    cal = recipe.data.calibration
+    if cal is not None:
+        read_text(cal.path, cal.layout)
+    for ev in recipe.eval:
+        if ev.task == "mc":
+            read_mc(ev.data, ev.layout, limit=1)
+        else:
+            read_text(ev.data, ev.layout)
+
+
+def _apply_stage(model, method: str, plan: dict, tensors: dict) -> None:
+    registry.implementation(method).apply(model, plan, tensors)
+
+
+def _prefix(i: int, method: str) -> str:
+    return f"stages.{i}.{method}."
+
+
+def split_tensors(all_tensors: dict, i: int, method: str) -> dict:
+    p = _prefix(i, method)
+    return {k[len(p):]: v for k, v in all_tensors.items() if k.startswith(p)}
+
+
+def apply_plan(model, plan: dict, tensors: dict, only_runtime: bool = False) -> None:
+    """Re-apply stored stages; exports skip the ones whose effect is already baked into the weights."""
+    for i, st in enumerate(plan["stages"]):
+        impl = registry.implementation(st["method"])
+        if only_runtime and (getattr(impl, "BAKED", False) or st.get("baked")):  # merged by export
+            continue
+        impl.apply(model, st["plan"], split_tensors(tensors, i, st["method"]))
+
+
+def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
+    run_dir = Path(run_dir)
+    recipe = validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+    plan = json.loads((run_dir / "plan.json").read_text())
+    model, tok = models.load(plan.get("model") or recipe.model, allow_bin=allow_bin, dtype=dtype)
+    tpath = run_dir / "adaflex.safetensors"
+    tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    apply_plan(model, plan, tensors)
+    return model, tok
+
+
+def _evaluate(model, tok, recipe: Recipe, state: Path, tag: str, log) -> list[dict]:
+    results = []
+    for i, ev in enumerate(recipe.eval):
+        f = state / f"{tag}-eval-{i}.json"
+        if f.is_file():
+            results.append(json.loads(f.read_text()))
+            continue
+        log(f"{tag}: {ev.label()}")
+        res = run_eval(model, tok, ev.task, ev.data, layout=ev.layout, limit=ev.limit, seq_len=ev.seq_len,
+                       stride=ev.stride, context=ev.context, continuation=ev.continuation,
+                       batch_size=ev.batch_size, label=f"{tag} {ev.label()}")
+        res["name"] = ev.label()
+        io.write_json(f, res)
+        results.append(res)
+    return results
+
+
+def _probe(recipe: Recipe, tok) -> torch.Tensor:
+    cal = recipe.data.calibration
+    text = read_text(cal.path, cal.layout) if cal is not None else PROBE_TEXT
+    return probe_ids(tok, text)
+
+
+def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=None, *, model_name: str | None = None,
+        out: str | Path | None = None, log=None) -> dict:
+    """Python API of `adaflex retrofit`: returns the report; writes the run directory when `out` is given.
+
+    `model` may be a loaded model (with `tokenizer`) or a MODEL spec; the recipe's `model` is the fallback.
+    """
+    log = log or (lambda msg: print(f"adaflex: {msg}", file=sys.stderr))
+    if recipe is None or isinstance(recipe, (str, Path)):
+        from .recipe import load_recipe
+
+        recipe = load_recipe(recipe)
+    recipe = validate(recipe)
+    torch.manual_seed(recipe.seed)
+    preflight(recipe)
+    if model is None or isinstance(model, (str, Path)):
+        model_name = str(model) if model is not None else (recipe.model or models.DEFAULT_MODEL)
+        model, tokenizer = models.load(model_name)
+    elif tokenizer is None:
+        raise UsageError("run(): a loaded model needs its tokenizer")
+    for i, (method, cfg) in enumerate(recipe.stage_items()):  # settings that depend on the model, before writing
+        check = getattr(registry.implementation(method), "check", None)
+        if check is not None:
+            check(model, cfg, f"recipe: stages.{i}.{method}")
+    resolved = recipe.to_dict()
+    if model_name:
+        resolved["model"] = model_name
+    run_dir = Path(out) if out is not None else None
+    state = _open_run_dir(run_dir, resolved)
+
+    reference_of(model)
+    probe = _probe(recipe, tokenizer)
+    dense_cost = cost_figures(model, probe)
+    dense = _evaluate(model, tokenizer, recipe, state, "dense", log)
+
+    stages, all_tensors = [], {}
+    for i, (method, cfg) in enumerate(recipe.stage_items()):
+        f = state / f"stage-{i}.json"
+        tf = state / f"stage-{i}.safetensors"
+        if f.is_file():
+            done = json.loads(f.read_text())
+            result = StageResult(done["plan"], load_file(str(tf)) if tf.is_file() else {}, done.get("metrics", {}))
+            log(f"stage {i} ({method}): resumed from {f}")
+        else:
+            log(f"stage {i} ({method}): fitting")
+            ctx = StageContext(model, tokenizer, recipe, i, state / f"stage-{i}")
+            result = registry.implementation(method).fit(ctx, cfg)
+            if result.tensors:
+                io.save_tensors(tf, result.tensors)
+            io.write_json(f, {"method": method, "plan": result.plan, "metrics": result.metrics})
+        _apply_stage(model, method, result.plan, result.tensors)
+        stages.append({"method": method, "plan": result.plan, "metrics": result.metrics})
+        all_tensors.update({_prefix(i, method) + k: v for k, v in result.tensors.items()})
+
+    retro_cost = cost_figures(model, probe)
+    retro = _evaluate(model, tokenizer, recipe, state, "retrofitted", log)
+    plan = {"adaflex_version": version(), "model": resolved.get("model"), "recipe_sha256": recipe.sha256(),
+            "dense_reference": reference_of(model), "stages": stages}
+    report = _report(resolved, plan, dense_cost, retro_cost, dense, retro)
+    if run_dir is not None:
+        io.save_tensors(run_dir / "adaflex.safetensors", all_tensors, _metadata(plan))
+        io.write_json(run_dir / "plan.json", plan)
+        io.write_json(run_dir / "report.json", report)
+        report["run_dir"] = str(run_dir)
+    model.adaflex_plan = plan
+    return report
+
+
+def _metadata(plan: dict) -> dict[str, str]:
+    return {"format": "pt", "adaflex.version": plan["adaflex_version"], "adaflex.recipe_sha256": plan["recipe_sha256"],
+            "adaflex.base_model": str(plan.get("model"))}
+
+
+def _report(recipe: dict, plan: dict, dense_cost: dict, retro_cost: dict, dense: list, retro: list) -> dict:
+    evals = []
+    for d, r in zip(dense, retro, strict=True):
+        row = {"name": d["name"], "task": d["task"], "metric": d["metric"], "dense": d, "retrofitted": r,
+               "ratio": r["value"] / d["value"] if d["value"] else None}
+        evals.append(row)
+    head = retro[0] if retro else {"task": None, "metric": None, "value": None, "n": 0}
+    report = {"task": head["task"], "metric": head["metric"], "value": head["value"], "n": head["n"],
+              **{k: retro_cost[k] for k in retro_cost}, "tokens_per_s": head.get("tokens_per_s"),
+              "model": recipe.get("model"), "recipe_sha256": plan["recipe_sha256"],
+              "stages": [{"method": s["method"], **s["metrics"]} for s in plan["stages"]],
+              "dense": {**dense_cost, **({"value": dense[0]["value"]} if dense else {})},
+              "retrofitted": {**retro_cost, **({"value": head["value"]} if retro else {})},
+              "evals": evals}
+    return report
+
+
+def _open_run_dir(run_dir: Path | None, resolved: dict) -> Path | None:
+    """Create or resume a run directory; refuse one that holds a run of another recipe."""
+    if run_dir is None:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="adaflex-run-"))
+        import atexit
+
+        atexit.register(shutil.rmtree, tmp, True)
+        return tmp
+    recipe_file = run_dir / "recipe.yaml"
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    if recipe_file.is_file():
+        if yaml.safe_load(recipe_file.read_text()) != resolved:
+            raise UsageError(f"{run_dir}: holds a run of another recipe or model; choose another --out")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{run_dir}: exists and is not an adaflex run directory; choose another --out")
+    io.write_text(recipe_file, text)
+    (run_dir / "state").mkdir(exist_ok=True)
+    return run_dir / "state"
