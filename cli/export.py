@@ -16,7 +16,7 @@ def export(
 ):
     """Write a checkpoint that transformers loads dense and adaflex loads adaptive."""
     with guard():
-        from adaflex.retrofit.export import export as do_export
+        from adaflex.retrofit.checkpoint import export as do_export
 
         path = do_export(run_dir, out_dir, merge_adapters)
         out.print(f"exported to {path}")

@@ -8,7 +8,7 @@ from .recipe import Recipe, load_recipe
 
 
 def run(*args, **kwargs):
-    from .run import run as _run
+    from .pipeline import run as _run
 
     return _run(*args, **kwargs)
 
@@ -21,7 +21,7 @@ def load(path=None, **kwargs):
 
 
 def export(run_dir, out, merge_adapters: bool = False):
-    from .export import export as _export
+    from .checkpoint import export as _export
 
     return _export(run_dir, out, merge_adapters)
 

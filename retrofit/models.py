@@ -175,11 +175,11 @@ def load(spec: str | Path | None = None, *, allow_bin: bool = False, dtype=None)
         return load_hf(prepare(spec), dtype=dtype)
     path = Path(spec)
     if path.is_dir() and is_run_dir(path):
-        from .run import load_run
+        from .pipeline import load_run
 
         return load_run(path, allow_bin=allow_bin, dtype=dtype)
     if path.is_dir() and is_export_dir(path):
-        from .export import load_export
+        from .checkpoint import load_export
 
         return load_export(path, dtype=dtype)
     if not path.exists() and (spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1):

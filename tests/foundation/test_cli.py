@@ -102,9 +102,9 @@ def test_missing_embedded_package_prints_install_command(monkeypatch):
 def test_killed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
     import importlib
 
-    from adaflex.retrofit.run import run
+    from adaflex.retrofit.pipeline import run
 
-    export_mod = importlib.import_module("adaflex.retrofit.export")
+    export_mod = importlib.import_module("adaflex.retrofit.checkpoint")
 
     run({"data": {"calibration": {"path": WIKI, "samples": 2, "seq_len": 32}}, "stages": [{"drop": {"blocks": 1}}]},
         str(tiny_dir), out=tmp_path / "run")

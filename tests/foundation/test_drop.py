@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import adaflex.retrofit as af
 from adaflex.retrofit import load
 from adaflex.retrofit.drop.apply import apply, block_influence, choose
 from adaflex.retrofit.evaluate import cost_figures
-from adaflex.retrofit.export import export
-from adaflex.retrofit.run import run
+from adaflex.retrofit.pipeline import run
 
 RECIPE = {
     "data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 3, "seq_len": 48}},
@@ -51,7 +51,7 @@ def test_apply_removes_and_generates(tiny):
 
 
 def test_run_export_reload_roundtrip(tiny_dir, tmp_path):
-    report = run(RECIPE, str(tiny_dir), out=tmp_path / "run")
+    report = af.run(RECIPE, str(tiny_dir), out=tmp_path / "run")  # the Python API of design.md §5
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     removed = plan["stages"][0]["plan"]["removed"]
     assert len(removed) == 2 and report["layers_executed_mean"] == 2
@@ -59,7 +59,7 @@ def test_run_export_reload_roundtrip(tiny_dir, tmp_path):
     assert {"recipe.yaml", "plan.json", "adaflex.safetensors", "report.json"} <= {
         p.name for p in (tmp_path / "run").iterdir()}
 
-    export(tmp_path / "run", tmp_path / "exp")
+    af.export(tmp_path / "run", tmp_path / "exp")
     cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and cfg["adaflex"]["methods"] == ["drop"]
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()

@@ -54,7 +54,7 @@ def test_drop_retrofit_export_reload(smol, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from adaflex.retrofit import export, load
-    from adaflex.retrofit.run import run
+    from adaflex.retrofit.pipeline import run
 
     monkeypatch.setenv("ADAFLEX_CACHE", REAL_CACHE)
     recipe = {"model": "smollm2-135m",

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from . import io, models, registry
 from .errors import UsageError
-from .run import apply_plan, load_run, split_tensors, version
+from .pipeline import apply_plan, load_run, split_tensors, version
 
 
 def _dense_state(model) -> dict[str, torch.Tensor]:
