@@ -280,7 +280,7 @@ def cost_figures(model, probe_ids: torch.Tensor) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    kv_bytes = sum(
+    kv_bytes = cache.stored_bytes() if hasattr(cache, "stored_bytes") else sum(
         t.numel() * t.element_size()
         for layer in getattr(cache, "layers", [])
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None))

@@ -89,7 +89,7 @@ StageEntry = _stage_entry_type()
 
 class Recipe(Strict):
     model: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     budget: Budget | None = None
     stages: list[StageEntry] = Field(default_factory=list)

@@ -7,43 +7,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from tiny import ROOT, SHARED, byte_tokenizer, tiny_llama
+
 os.environ.setdefault("ADAFLEX_PROGRESS", "0")
-
-
-def byte_tokenizer():
-    """A 259-token byte-level tokenizer (256 bytes + 3 specials): no download, no training."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    for special in ("<unk>", "<s>", "</s>"):
-        vocab[special] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
-
-
-def tiny_llama(layers: int = 4, hidden: int = 64, seed: int = 0, vocab: int = 259):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 32,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=257,
-                      eos_token_id=258, pad_token_id=258)
-    model = LlamaForCausalLM(cfg)
-    # Random init leaves blocks close to identity; larger weights make each block matter in tests.
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return model.eval()
+__all__ = ["ROOT", "SHARED", "byte_tokenizer", "tiny_llama"]
 
 
 @pytest.fixture(scope="session")

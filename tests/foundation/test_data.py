@@ -8,7 +8,7 @@ import pytest
 
 from adaflex.retrofit.data import calibration_windows, detect_layout, read_mc, read_text
 from adaflex.retrofit.errors import UsageError
-from conftest import SHARED, byte_tokenizer
+from tiny import SHARED, byte_tokenizer
 
 
 def _jsonl(path, records):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED
+from tiny import SHARED
 
 pytestmark = [
     pytest.mark.real,

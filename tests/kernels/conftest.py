@@ -16,6 +16,7 @@ import tempfile
 
 import pytest
 import torch
+
 from adaflex.kernels._dispatch import interpreting, triton
 
 TOL = {  # (atol, rtol) of a Triton result against its torch reference

@@ -8,9 +8,10 @@ the launches the launchers make are recorded (on "meta" tensors: shapes, no data
 import inspect
 import sys
 
-import adaflex.kernels as K
 import pytest
 import torch
+
+import adaflex.kernels as K
 from adaflex.kernels._dispatch import interpreting, triton
 
 pytestmark = [

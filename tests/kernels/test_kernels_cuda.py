@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from adaflex.kernels import (
     add_rmsnorm_torch,
     add_rmsnorm_triton,

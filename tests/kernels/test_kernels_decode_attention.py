@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from adaflex.kernels import decode_attention, decode_attention_torch, decode_attention_triton
 
 

@@ -4,9 +4,10 @@ import subprocess
 import sys
 import textwrap
 
-import adaflex.kernels as K
 import pytest
 import torch
+
+import adaflex.kernels as K
 from adaflex.kernels import backend
 from adaflex.kernels._dispatch import interpreting
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from adaflex.kernels import compact_kv, compact_kv_torch, compact_kv_triton
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from adaflex.kernels import add_rmsnorm, add_rmsnorm_torch, add_rmsnorm_triton
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from adaflex.kernels import (
     gather_rows,
     gather_rows_torch,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from adaflex.kernels import shard_lora_linear, shard_lora_linear_torch, shard_lora_linear_triton
 
 

@@ -5,10 +5,11 @@ import math
 
 import numpy as np
 import pytest
-from adaflex.search.errors import InfeasibleBudget
-from adaflex.search.knapsack import additivity_report, allocate, spearman
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from adaflex.search.errors import InfeasibleBudget
+from adaflex.search.knapsack import additivity_report, allocate, spearman
 
 LEVELS = np.array([0.0, 0.25, 0.5, 0.75])
 

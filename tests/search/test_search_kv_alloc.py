@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from adaflex.search import kv_alloc as kv
-from adaflex.search.errors import InfeasibleBudget
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from adaflex.search import kv_alloc as kv
+from adaflex.search.errors import InfeasibleBudget
 
 
 @st.composite

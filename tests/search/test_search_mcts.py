@@ -5,6 +5,9 @@ import random
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from adaflex.search.mcts import (
     Node,
     PathSearch,
@@ -17,8 +20,6 @@ from adaflex.search.mcts import (
     select_child,
     ucb,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 class Counted:

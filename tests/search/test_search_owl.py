@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from adaflex.search.errors import InfeasibleBudget
-from adaflex.search.owl import outlier_ratio, owl_from_scores, owl_sparsities
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from adaflex.search.errors import InfeasibleBudget
+from adaflex.search.owl import outlier_ratio, owl_from_scores, owl_sparsities
 
 
 def test_paper_formula_equal_sizes():

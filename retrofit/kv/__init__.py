@@ -1,0 +1,8 @@
+"""Stage `kv`: per-layer KV-cache budgets (uniform, PyramidKV, CAKE, PrefixKV, searched) with selection
+policies (StreamingLLM, SnapKV, CAKE indicator) in a cache that really holds fewer bytes."""
+
+from .config import KVConfig
+
+METHOD = "kv"
+CONFIG = KVConfig
+IMPL = "adaflex.retrofit.kv.apply"

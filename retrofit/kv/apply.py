@@ -1,0 +1,299 @@
+"""Stage `kv`: install budgeted caches on a model, and fit the offline plans (PrefixKV, searched).
+
+`apply(model, plan)` is deterministic and cheap: it registers the attention function, switches the
+model to it and gives the model an `adaflex_make_cache` factory (used by the evaluator and by
+`generate()` when no cache is passed). Nothing is baked into the weights: an export carries the plan
+in its config block and `adaflex.retrofit.load` re-applies it.
+
+Allocations:
+    uniform, pyramid   computed for each prompt length at run time
+    cake               run time: per-prompt layer preferences, cascading eviction during prefill
+    prefixkv           offline: per calibration window, PrefixKV's shared attention-mass threshold gives
+                       per-layer retained fractions; their average is shipped as a static plan
+    searched           offline: coordinate search over per-layer fractions (contiguous layer groups),
+                       started from the best of uniform / pyramid / CAKE-average / PrefixKV, against the
+                       continuation NLL of the calibration windows through the compressed cache
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adaflex.search import kv_alloc
+
+from ..errors import UsageError
+from ..evaluate import decoder_layers, reference_of
+from ..progress import progress
+from ..stage import StageContext, StageResult
+from .attention import profile, register
+from .cache import BudgetedCache, KVSpec, storage_bytes_per_value
+from .config import KVConfig
+from .policies import layer_preference, make_policy
+from .replay import record_prefill, replay
+
+BAKED = False  # the plan is re-applied on load from the export's config block
+
+
+# ---- installing ----
+
+
+def spec_from(cfg: KVConfig, num_layers: int, fractions=None, model=None) -> KVSpec:
+    """The cache spec of a stage's settings; with `model`, the byte cost of the storage type is resolved."""
+    bpv = 1.0
+    if model is not None:
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        bpv = storage_bytes_per_value(cfg.storage, next(model.parameters()).dtype, head_dim)
+    return KVSpec(storage=cfg.storage, bytes_per_value=bpv, num_layers=num_layers,
+                  policy=make_policy(cfg.policy, cfg.kernel, cfg.gamma),
+                  budget=cfg.budget if cfg.tokens is None else None, tokens=cfg.tokens, allocation=cfg.allocation,
+                  sinks=cfg.sinks, window=cfg.window, recent=cfg.recent, floor=cfg.floor, beta=cfg.beta,
+                  tau1=cfg.tau1, tau2=cfg.tau2, decode=cfg.decode,
+                  fractions=None if fractions is None else [float(f) for f in fractions],
+                  extra={"query_agnostic": cfg.query_agnostic})
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+        model_kwargs["cache"] = self.adaflex_make_cache()
+    return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
+
+def install(model, spec: KVSpec) -> None:
+    """Make `model` run with budgeted caches of `spec` (evaluator, generate(), direct forward with one)."""
+    name = register()
+    model.config._attn_implementation = name
+    for mod in model.modules():  # sub-configs share the setting
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and cfg is not model.config:
+            cfg._attn_implementation = name
+    model.adaflex_kv = spec
+    model.adaflex_make_cache = lambda: BudgetedCache(spec)
+    model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+
+
+def uninstall(model) -> None:
+    model.config._attn_implementation = "sdpa"
+    for attr in ("adaflex_kv", "adaflex_make_cache", "_prepare_cache_for_generation"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+# ---- checks ----
+
+
+def check(model, cfg: KVConfig, where: str) -> int:
+    """Settings that depend on the model: the layer count of an explicit plan."""
+    n = len(decoder_layers(model))
+    if cfg.plan is not None and len(cfg.plan) != n:
+        raise UsageError(f"{where}.plan: has {len(cfg.plan)} per-layer fractions, the model has {n} layers")
+    return n
+
+
+def _check_budget_vs_length(cfg: KVConfig, length: int, where: str) -> None:
+    if cfg.tokens is None and cfg.budget * length < cfg.sinks + cfg.window:
+        raise UsageError(f"{where}.budget: {cfg.budget} of {length} tokens is {cfg.budget * length:.0f} tokens, "
+                         f"smaller than sinks + window = {cfg.sinks + cfg.window}")
+
+
+# ---- offline profiles ----
+
+
+@torch.no_grad()
+def attention_profiles(model, windows: torch.Tensor, window: int, tau1=1.0, tau2=1.0):
+    """Per calibration window and layer: PrefixKV's cumulative attention-mass curve and CAKE's preference."""
+    n = len(decoder_layers(model))
+    curves, prefs = [], []
+    for row in progress(range(windows.shape[0]), desc="kv profile", total=windows.shape[0]):
+        cur, pref = [None] * n, [0.0] * n
+
+        def watch(i, query, key, valid, scaling, groups, cur=cur, pref=pref):
+            q, k = query.shape[2], key.shape[2]
+            kk = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
+            mass = torch.zeros(k, dtype=torch.float64)
+            for s in range(0, q, 256):  # attention received by each key, all queries, head mean
+                qq = query[:, :, s:s + 256].float()
+                logits = torch.matmul(qq, kk.transpose(2, 3)) * scaling
+                qi = torch.arange(s, s + qq.shape[2])[:, None] + (k - q)
+                logits = logits.masked_fill(torch.arange(k)[None, :] > qi, float("-inf"))
+                mass += torch.softmax(logits, -1).sum(dim=2).mean(dim=1).sum(0).double()
+            cur[i] = kv_alloc.cumulative_mass(mass.numpy())
+            w = min(window, q)
+            qw = query[:, :, -w:].float()
+            logits = torch.matmul(qw, kk.transpose(2, 3)) * scaling
+            qi = torch.arange(q - w, q)[:, None] + (k - q)
+            probs = torch.softmax(logits.masked_fill(torch.arange(k)[None, :] > qi, float("-inf")), -1)
+            h, v = layer_preference(probs, window)
+            pref[i] = float(kv_alloc.cake_preference([h], [v], tau1, tau2)[0])
+
+        cache = model.adaflex_make_cache()
+        with profile(watch):
+            model.get_decoder()(input_ids=windows[row:row + 1], cache=cache, use_cache=True)
+        curves.append(cur)
+        prefs.append(pref)
+    return curves, np.array(prefs)
+
+
+def prefixkv_plan(curves, fraction: float, floor: int) -> np.ndarray:
+    """Average over windows of PrefixKV's per-layer retained fractions at a global `fraction`."""
+    plans = []
+    for cur in curves:
+        length = len(cur[0])
+        total = int(round(fraction * length * len(cur)))
+        total = max(total, min(floor, length) * len(cur))
+        counts = kv_alloc.prefixkv(cur, total, min_keep=min(floor, length))
+        plans.append(counts / length)
+    return kv_alloc.average_plans(plans)
+
+
+def cake_plan(prefs: np.ndarray, fraction: float, length: int, floor: int) -> np.ndarray:
+    plans = []
+    for p in prefs:
+        total = max(int(round(fraction * length * len(p))), min(floor, length) * len(p))
+        plans.append(kv_alloc.cake(p, total, lengths=length, min_keep=min(floor, length)) / length)
+    return kv_alloc.average_plans(plans)
+
+
+# ---- calibration objective ----
+
+
+@torch.no_grad()
+def continuation_nll(model, cache: BudgetedCache, record, continuation: torch.Tensor) -> tuple[float, int]:
+    """Sum of NLL of `continuation` [B, N] after a replayed (compressed) prefill, and the token count."""
+    out = model(input_ids=continuation, cache=cache, use_cache=True)
+    logits = torch.cat([record.logits[:, None], out.logits[:, :-1].float()], dim=1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), continuation.reshape(-1), reduction="sum")
+    return float(nll), continuation.numel()
+
+
+class CalibrationObjective:
+    """Mean continuation NLL over calibration windows for a per-layer plan; prefill recorded once."""
+
+    def __init__(self, model, windows: torch.Tensor, cfg: KVConfig):
+        t = windows.shape[1]
+        self.cont = max(8, t // 4)
+        self.ctx = t - self.cont
+        self.model, self.cfg = model, cfg
+        self.records = [(record_prefill(model, windows[i:i + 1, :self.ctx], window=cfg.window),
+                         windows[i:i + 1, self.ctx:]) for i in range(windows.shape[0])]
+        self.n = len(decoder_layers(model))
+        self.calls = 0
+
+    def __call__(self, fractions) -> float:
+        self.calls += 1
+        spec = spec_from(self.cfg, self.n, fractions, self.model)
+        tot, cnt = 0.0, 0
+        for rec, cont in self.records:
+            nll, c = continuation_nll(self.model, replay(spec, rec), rec, cont)
+            tot, cnt = tot + nll, cnt + c
+        return tot / cnt
+
+
+def _normalise(f: np.ndarray, mean: float, floor_frac: float) -> np.ndarray:
+    """Fractions in [floor, 1] with the given mean (water-filling over the layers)."""
+    n = len(f)
+    lo = np.full(n, min(floor_frac, mean))
+    return kv_alloc._fill(np.maximum(f, 1e-9), mean * n, lo, np.ones(n))
+
+
+def coordinate_search(objective, start: np.ndarray, mean: float, floor_frac: float, groups: int, trials: int,
+                      log=None) -> tuple[np.ndarray, float, list]:
+    """Greedy coordinate search: move budget between contiguous layer groups while the objective improves.
+
+    Each move scales one group by (1 + step) and renormalises to the same mean; steps shrink when a
+    full sweep finds nothing."""
+    n = len(start)
+    bounds = np.linspace(0, n, min(groups, n) + 1).round().astype(int)
+    best = _normalise(start, mean, floor_frac)
+    best_val = objective(best)
+    history = [best_val]
+    used, step = 1, 0.5
+    while used < trials and step > 0.05:
+        improved = False
+        for g in range(len(bounds) - 1):
+            for sign in (1, -1):
+                if used >= trials:
+                    break
+                cand = best.copy()
+                cand[bounds[g]:bounds[g + 1]] *= 1 + sign * step
+                cand = _normalise(cand, mean, floor_frac)
+                if np.allclose(cand, best, atol=1e-4):
+                    continue
+                val = objective(cand)
+                used += 1
+                history.append(val)
+                if val < best_val - 1e-6:
+                    best, best_val, improved = cand, val, True
+                    if log:
+                        log(f"searched: group {g} {'+' if sign > 0 else '-'}{step:.2f} -> {val:.4f}")
+        if not improved:
+            step /= 2
+    return best, best_val, history
+
+
+# ---- fit / apply ----
+
+
+def fit(ctx: StageContext, cfg: KVConfig) -> StageResult:
+    where = f"recipe: stages.{ctx.index}.kv"
+    n = check(ctx.model, cfg, where)
+    plan = {"num_layers": n, "config": cfg.model_dump(mode="json"), "fractions": cfg.plan}
+    metrics: dict = {"allocation": cfg.allocation, "policy": cfg.policy}
+    if cfg.plan is None and cfg.allocation in ("prefixkv", "searched"):
+        if ctx.recipe.data.calibration is None:
+            raise UsageError(f"{where}.allocation: '{cfg.allocation}' needs data.calibration (an offline plan)")
+        windows = ctx.calibration
+        _check_budget_vs_length(cfg, windows.shape[1], where)
+        samples = cfg.calibration_samples or min(8, windows.shape[0])
+        windows = windows[:samples]
+        length = windows.shape[1]
+        mean = cfg.budget if cfg.tokens is None else min(1.0, cfg.tokens / length)
+        install(ctx.model, spec_from(cfg.model_copy(update={"budget": 1.0, "tokens": None}), n))
+        try:
+            curves, prefs = attention_profiles(ctx.model, windows, cfg.window, cfg.tau1, cfg.tau2)
+            pkv = prefixkv_plan(curves, mean, cfg.floor)
+            plan["prefixkv"] = pkv.round(6).tolist()
+            plan["cake_average"] = cake_plan(prefs, mean, length, cfg.floor).round(6).tolist()
+            if cfg.allocation == "prefixkv":
+                fractions = pkv
+            else:
+                objective = CalibrationObjective(ctx.model, windows, cfg)
+                floor_frac = cfg.floor / objective.ctx
+                cands = {"uniform": np.full(n, mean), "pyramid": kv_alloc.pyramid(n, 10**6, beta=cfg.beta) / 10**6 * n
+                         * mean, "cake_average": np.array(plan["cake_average"]), "prefixkv": pkv}
+                scored = {k: objective(_normalise(v, mean, floor_frac)) for k, v in cands.items()}
+                start = min(scored, key=scored.get)
+                fractions, val, hist = coordinate_search(objective, cands[start], mean, floor_frac, cfg.groups,
+                                                         max(1, cfg.trials - len(cands)))
+                metrics.update({"search_start": start, "candidates_nll": scored, "searched_nll": val,
+                                "trials": objective.calls})
+        finally:
+            install(ctx.model, spec_from(cfg, n, model=ctx.model))
+        plan["fractions"] = [float(x) for x in np.asarray(fractions).round(6)]
+    elif ctx.recipe.data.calibration is not None:
+        _check_budget_vs_length(cfg, ctx.recipe.data.calibration.seq_len, where)
+    if plan["fractions"] is not None:
+        metrics["fractions_min"] = min(plan["fractions"])
+        metrics["fractions_max"] = max(plan["fractions"])
+    return StageResult(plan=plan, metrics=metrics)
+
+
+def apply(model, plan: dict, tensors: dict | None = None) -> None:
+    reference_of(model)
+    n = len(decoder_layers(model))
+    if plan.get("num_layers") != n:
+        raise UsageError(f"kv plan: num_layers is {plan.get('num_layers')}, the model has {n} layers")
+    cfg = KVConfig.model_validate(plan["config"])
+    fractions = plan.get("fractions")
+    if fractions is not None and len(fractions) != n:
+        raise UsageError(f"kv plan: fractions has {len(fractions)} entries, the model has {n} layers")
+    install(model, spec_from(cfg, n, fractions, model))
+
+
+def budget_tokens(spec: KVSpec, length: int) -> int:
+    return int(math.ceil(spec.total(length) / spec.num_layers))

@@ -1,0 +1,68 @@
+"""Settings of the `kv` stage: how much of the KV cache each layer keeps and which tokens.
+
+The budget is a fraction of the full cache (`budget`) or a token count per layer on average (`tokens`);
+it includes the attention sinks and the recent window, which are always kept."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..schema import Strict
+
+
+class KVConfig(Strict):
+    budget: float | None = Field(0.25, description="fraction of the full cache kept, in (0, 1]")
+    tokens: int | None = Field(None, ge=1, description="or: tokens kept per layer on average (replaces budget)")
+    allocation: Literal["uniform", "pyramid", "cake", "prefixkv", "searched"] = Field(
+        "uniform", description="how the global budget is spread over layers")
+    policy: Literal["streaming", "snapkv", "cake"] = Field(
+        "snapkv", description="which tokens a layer keeps: most recent (StreamingLLM), window attention "
+                              "(SnapKV), or CAKE's mean + gamma * variance indicator")
+    sinks: int = Field(4, ge=0, description="first tokens always kept (attention sinks)")
+    window: int = Field(32, ge=1, description="last tokens always kept; also the observation window of the scores")
+    recent: float = Field(0.0, ge=0, lt=1, description="extra share of each layer's budget kept as the most "
+                                                      "recent tokens (beyond `window`); the rest goes by score")
+    kernel: int = Field(7, ge=1, description="avg-pool width over key positions, so spans around a selected "
+                                             "token are kept whole (odd)")
+    gamma: float = Field(200.0, ge=0, description="cake indicator: weight of the attention variance")
+    tau1: float = Field(1.0, gt=0, description="cake allocation: temperature of the entropy term")
+    tau2: float = Field(1.0, gt=0, description="cake allocation: temperature of the variance term")
+    beta: float = Field(20.0, ge=1, description="pyramid: the last layer gets 1/beta of the mean budget")
+    min_keep: int = Field(0, ge=0, description="per-layer floor in tokens (never below sinks + window)")
+    storage: Literal["model", "float16", "bfloat16", "int8"] = Field(
+        "model", description="element type of the stored keys and values; the budget counts bytes, so "
+                              "float16 keeps twice the tokens of a float32 model, int8 (one scale per "
+                              "vector) nearly four times")
+    decode: bool = Field(True, description="keep each layer's size fixed while generating (evict as tokens "
+                                           "arrive); false: compress the prompt only and let the cache grow")
+    query_agnostic: bool = Field(False, description="default protocol of passkey evaluations of this model: "
+                                                    "compress the context before the question arrives")
+    # offline plans (prefixkv, searched)
+    calibration_samples: int | None = Field(None, ge=1, description="calibration windows profiled "
+                                                                     "(default min(8, data.calibration.samples))")
+    trials: int = Field(24, ge=1, description="searched: objective evaluations of the coordinate search")
+    groups: int = Field(6, ge=1, description="searched: layers move in this many contiguous groups")
+    plan: list[float] | None = Field(None, description="explicit per-layer fractions (overrides the allocation's "
+                                                        "offline plan; must have one entry per layer)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tokens is not None:
+            if self.tokens < self.sinks + self.window:
+                raise ValueError(f"tokens: {self.tokens} is smaller than sinks + window = {self.sinks + self.window}")
+        else:
+            if self.budget is None:
+                raise ValueError("budget: give a fraction in (0, 1] or `tokens`")
+            if not 0 < self.budget <= 1:
+                raise ValueError(f"budget: {self.budget} is not a fraction in (0, 1]")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel: {self.kernel} must be odd (the pooling is centred)")
+        if self.plan is not None and any(not 0 < f <= 1 for f in self.plan):
+            raise ValueError("plan: every per-layer fraction must lie in (0, 1]")
+        return self
+
+    @property
+    def floor(self) -> int:
+        return max(self.min_keep, self.sinks + self.window)

@@ -1,0 +1,109 @@
+"""Selection policies: small press-like objects that score the stored tokens of one layer.
+
+A policy turns the attention of the observation window (the last `window` queries of the prompt) into
+one score per stored key and KV head; the cache keeps the sinks and the recent window whatever the
+score, and the top-scored tokens for the rest of the layer's budget. Scores are pooled along the key
+axis (`kernel`) so a selected token brings its neighbours: SmolLM2 spells a number digit by digit,
+and keeping only the peak digit loses the rest of the span (methods.md, "KV budgets").
+
+    streaming   StreamingLLM: recency only (sinks + the most recent tokens); needs no attention
+    snapkv      SnapKV: mean attention of the window queries, avg-pooled, averaged over a GQA group
+    cake        CAKE's indicator: mean + gamma * variance of the window attention, pooled, GQA-averaged
+
+During decoding (fixed size) every attention-scored policy keeps a running mean of the attention each
+stored token receives (CAKE decodes with the mean only); StreamingLLM stays purely positional.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Centred average pooling along the last axis (odd kernel, edges averaged over what exists)."""
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])
+    out = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return out.reshape(shape)
+
+
+def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hq, ...] -> [B, Hkv, ...]: average the query heads that share a KV head."""
+    if groups == 1:
+        return x
+    b, hq = x.shape[:2]
+    return x.reshape(b, hq // groups, groups, *x.shape[2:]).mean(dim=2)
+
+
+@dataclass
+class Policy:
+    """Base: scores [B, Hkv, K] from window probabilities [B, Hq, w, K] (rows sum to 1 over valid keys)."""
+
+    kernel: int = 7
+    name: str = "base"
+    needs_attention: bool = True
+
+    def score(self, probs: torch.Tensor | None, groups: int, length: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def running(self, probs: torch.Tensor, groups: int) -> torch.Tensor:
+        """Per-key attention received from new queries [B, Hkv, K] (decoding updates)."""
+        return group_mean(probs.mean(dim=2), groups)
+
+
+@dataclass
+class StreamingLLM(Policy):
+    name: str = "streaming"
+    needs_attention: bool = False
+
+    def score(self, probs, groups, length):
+        # the stored order is chronological: later is better
+        return torch.arange(length, dtype=torch.float32)
+
+
+@dataclass
+class SnapKV(Policy):
+    name: str = "snapkv"
+
+    def score(self, probs, groups, length):
+        return group_mean(pool(probs.mean(dim=2), self.kernel), groups)
+
+
+@dataclass
+class CakeIndicator(Policy):
+    name: str = "cake"
+    gamma: float = 200.0
+
+    def score(self, probs, groups, length):
+        mean = probs.mean(dim=2)
+        var = probs.var(dim=2, unbiased=False) if probs.shape[2] > 1 else torch.zeros_like(mean)
+        return group_mean(pool(mean + self.gamma * var, self.kernel), groups)
+
+
+def make_policy(name: str, kernel: int = 7, gamma: float = 200.0) -> Policy:
+    if name == "streaming":
+        return StreamingLLM(kernel=kernel)
+    if name == "snapkv":
+        return SnapKV(kernel=kernel)
+    if name == "cake":
+        return CakeIndicator(kernel=kernel, gamma=gamma)
+    raise ValueError(f"policy: unknown '{name}' (streaming, snapkv, cake)")
+
+
+def layer_preference(probs: torch.Tensor, window: int) -> tuple[float, float]:
+    """CAKE's layer statistics from the window attention: (entropy H, variance V).
+
+    A is the window attention restricted to the keys before the window and renormalised; H sums the
+    entropy of each window query's row, V sums over keys the variance across window queries; both are
+    averaged over batch rows and heads."""
+    k = probs.shape[-1]
+    pre = probs[..., : max(1, k - window)].double()
+    a = pre / pre.sum(-1, keepdim=True).clamp_min(1e-30)
+    h = -(a * torch.log(a.clamp_min(1e-30))).sum(-1).sum(-1)  # [B, Hq]
+    v = a.var(dim=2, unbiased=False).sum(-1) if a.shape[2] > 1 else torch.zeros_like(h)
+    return float(h.mean()), float(v.mean())

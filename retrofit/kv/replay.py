@@ -1,0 +1,70 @@
+"""Prefill once, compress many ways: a recorded full prefill replayed into budgeted caches.
+
+Compression happens right after each layer's attention, so the prefill's hidden states never depend
+on the budget: only what the cache keeps does. `record_prefill` runs the prompt once with a full cache
+and keeps each layer's keys, values, padding and last-window queries; `replay(spec, record)` feeds them
+layer by layer through the same decisions a live prefill takes (cascading included, so the measured
+peak bytes are those of a live run) and returns the compressed cache, ready for continuation or decoding.
+Searches and benchmarks use it to score many budgets and policies at the cost of one prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import profile, register, window_probs
+from .cache import BudgetedCache, KVSpec, active_layer
+from .policies import StreamingLLM
+
+
+@dataclass
+class PrefillRecord:
+    keys: list  # per layer [B, Hkv, T, D]
+    values: list
+    valid: list  # per layer [B, 1 or Hkv, T] bool or None
+    queries: list  # per layer [B, Hq, w, D]: the last w queries (after RoPE)
+    scaling: float
+    groups: int
+    seen: int
+    logits: torch.Tensor | None = None  # last position's logits
+
+
+@torch.no_grad()
+def record_prefill(model, input_ids, attention_mask=None, window: int = 32) -> PrefillRecord:
+    """Run the prompt once through a full budgeted cache and keep what replays need."""
+    register()
+    if getattr(model.config, "_attn_implementation", None) != "adaflex_kv":
+        raise RuntimeError("record_prefill needs a model with the kv stage applied")
+    n = model.config.num_hidden_layers
+    cache = BudgetedCache(KVSpec(num_layers=n, policy=StreamingLLM(), budget=1.0))
+    queries, meta = [None] * n, {}
+
+    def watch(i, query, key, valid, scaling, groups):
+        queries[i] = query[:, :, -min(window, query.shape[2]):].clone()
+        meta.update(scaling=scaling, groups=groups)
+
+    with profile(watch):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+    layers = cache.layers
+    return PrefillRecord([x.keys for x in layers], [x.values for x in layers],
+                         [None if bool(x.valid.all()) else x.valid for x in layers], queries,
+                         meta["scaling"], meta["groups"], layers[0].seen, out.logits[:, -1].float())
+
+
+def replay(spec: KVSpec, record: PrefillRecord) -> BudgetedCache:
+    """A cache holding what a live prefill with `spec` would have kept."""
+    cache = BudgetedCache(spec)
+    for i, layer in enumerate(cache.layers):
+        k, _ = layer.update(record.keys[i], record.values[i])  # as a live prefill stores them
+        active_layer(k)
+        if record.valid[i] is not None:
+            layer.valid = record.valid[i].expand(k.shape[0], k.shape[1], -1).clone()
+        q = record.queries[i]
+        w = cache.probe_queries(layer, record.seen)
+        valid = None if record.valid[i] is None else record.valid[i][:, :1]
+        probs = window_probs(q, k, valid, record.scaling, min(w, q.shape[2]), record.groups) if w else None
+        cache.after_attention(layer, probs, record.groups)
+    return cache

@@ -1,0 +1,305 @@
+"""Stage `shards`: check, fit (draw indices, train), apply (re-install from plan + tensors), export.
+
+Tensors of the stage (stored under `stages.{i}.shards.` in adaflex.safetensors):
+    mos:  pool.{type}.a [e·L·l, d_in/l], pool.{type}.b [e·L·l, d_out/l]   (each pool once)
+          index.{type}.a / index.{type}.b [L, r, l] in the smallest integer dtype
+    lora: lora.{type}.a [L, r, d_in], lora.{type}.b [L, d_out, r]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..evaluate import decoder_layers
+from ..stage import StageContext, StageResult
+from . import indices as ix
+from .config import ShardsConfig
+from .layer import (
+    DTYPES,
+    LoraDelta,
+    MoSDelta,
+    ShardPool,
+    adapted,
+    attach,
+    disabled,
+    index_dtype,
+    merge_all,
+    remove_all,
+)
+from .train import CachedTeacher, heal, windows_for
+
+# Adapters are re-installed from adaflex.safetensors at load time (unless an export merged them).
+BAKED = False
+
+
+def _linear(block: nn.Module, target: str) -> nn.Linear | None:
+    for name, mod in block.named_modules():
+        if name.rsplit(".", 1)[-1] == target and isinstance(mod, nn.Linear):
+            return mod
+    return None
+
+
+def targets_of(model, targets: list[str]) -> dict[str, list[nn.Linear]]:
+    return {t: [_linear(blk, t) for blk in decoder_layers(model)] for t in targets}
+
+
+def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) per target type, the same in every block (else a UsageError)."""
+    out = {}
+    for t, mods in targets_of(model, cfg.targets).items():
+        if any(m is None for m in mods):
+            raise UsageError(f"{where}.targets: '{t}' is not a linear of every decoder block")
+        dims = {(m.in_features, m.out_features) for m in mods}
+        if len(dims) != 1:
+            raise UsageError(f"{where}.targets: '{t}' has different shapes across blocks {sorted(dims)}")
+        out[t] = dims.pop()
+    return out
+
+
+def check(model, cfg: ShardsConfig, where: str) -> dict[str, tuple[int, int]]:
+    """Settings that depend on the model: targets present, l divides every dim, pools large enough."""
+    dims = shapes(model, cfg, where)
+    if cfg.method != "mos":
+        return dims
+    n_sh, n_layers = cfg.shards_per_vector, len(decoder_layers(model))
+    for t, (d_in, d_out) in dims.items():
+        if d_in % n_sh or d_out % n_sh:
+            g = math.gcd(*[d for pair in dims.values() for d in pair])
+            raise UsageError(f"{where}.shards_per_vector: {n_sh} does not divide {t}'s dims {d_in}×{d_out} "
+                             f"(valid: divisors of {g})")
+    why = ix.feasibility(n_layers, cfg.rank, cfg.equivalent_rank, n_sh, cfg.private_rank, cfg.subset_selection)
+    if why:
+        raise UsageError(f"{where}.rank: {why} ({n_layers} layers; set subset_selection: false to draw with "
+                         "replacement, or raise equivalent_rank)")
+    return dims
+
+
+def trainable_params(plan: dict) -> int:
+    n = plan["num_layers"]
+    per_rank = sum(d_in + d_out for d_in, d_out in plan["shapes"].values())
+    return (plan["equivalent_rank"] if plan["method"] == "mos" else plan["rank"]) * n * per_rank
+
+
+def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> dict:
+    dims = check(model, cfg, where)
+    n = len(decoder_layers(model))
+    plan = {"method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "scaling": cfg.alpha / cfg.rank,
+            "dropout": cfg.dropout, "dtype": cfg.dtype, "targets": list(cfg.targets), "num_layers": n,
+            "shapes": {t: list(d) for t, d in dims.items()}}
+    if cfg.method == "mos":
+        pool = ix.pool_size(n, cfg.equivalent_rank, cfg.shards_per_vector)
+        plan.update({"equivalent_rank": cfg.equivalent_rank, "shards_per_vector": cfg.shards_per_vector,
+                     "private_rank": cfg.private_rank, "pool_shards": pool,
+                     "index_dtype": str(index_dtype(pool)).removeprefix("torch."),
+                     "subset_selection": cfg.subset_selection, "pair_dissociation": cfg.pair_dissociation,
+                     "vector_sharding": cfg.vector_sharding})
+    plan["trainable_params"] = trainable_params(plan)
+    return plan
+
+
+def init_tensors(plan: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh adapter tensors: A Kaiming-uniform (fan = full d_in), B zero, MoS indices drawn from `seed`."""
+    dtype = DTYPES[plan["dtype"]]
+    g = torch.Generator().manual_seed(seed)
+    n, r, out = plan["num_layers"], plan["rank"], {}
+    for k, (t, (d_in, d_out)) in enumerate(plan["shapes"].items()):
+        bound = 1 / math.sqrt(d_in)
+        if plan["method"] == "mos":
+            n_sh, pool = plan["shards_per_vector"], plan["pool_shards"]
+            out[f"pool.{t}.a"] = (torch.rand(pool, d_in // n_sh, generator=g) * 2 * bound - bound).to(dtype)
+            out[f"pool.{t}.b"] = torch.zeros(pool, d_out // n_sh, dtype=dtype)
+            a, b = ix.draw(n, r, plan["equivalent_rank"], n_sh, plan["private_rank"], subset=plan["subset_selection"],
+                           dissociate=plan["pair_dissociation"], shard=plan["vector_sharding"],
+                           seed=seed * 7 + k)
+            idt = index_dtype(pool)
+            out[f"index.{t}.a"], out[f"index.{t}.b"] = a.to(idt), b.to(idt)
+        else:
+            out[f"lora.{t}.a"] = (torch.rand(n, r, d_in, generator=g) * 2 * bound - bound).to(dtype)
+            out[f"lora.{t}.b"] = torch.zeros(n, d_out, r, dtype=dtype)
+    return out
+
+
+def install(model, plan: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the adapters of `plan` on the model, with their values from `tensors` (copied)."""
+    n = len(decoder_layers(model))
+    if n != plan["num_layers"]:
+        raise UsageError(f"shards plan is for {plan['num_layers']} blocks, the model has {n}")
+    missing = [k for k in _tensor_names(plan) if k not in tensors]
+    if missing:
+        raise UsageError(f"shards: adapter tensors missing: {', '.join(missing[:3])}")
+    remove_all(model)
+    dtype = DTYPES[plan["dtype"]]
+    ref = next(model.parameters())
+    dev = ref.device
+    pools = nn.ModuleDict()
+    scale, drop = plan["scaling"], plan["dropout"]
+    for t, mods in targets_of(model, plan["targets"]).items():
+        d_in, d_out = plan["shapes"][t]
+        if plan["method"] == "mos":
+            pool = ShardPool(plan["pool_shards"], d_in, d_out, plan["shards_per_vector"], dtype).to(dev)
+            with torch.no_grad():
+                pool.pool_a.copy_(tensors[f"pool.{t}.a"])
+                pool.pool_b.copy_(tensors[f"pool.{t}.b"])
+            pools[t] = pool
+            ia, ib = tensors[f"index.{t}.a"].long().to(dev), tensors[f"index.{t}.b"].long().to(dev)
+            for i, m in enumerate(mods):
+                attach(m, MoSDelta(pool, ia[i], ib[i], scale, drop))
+        else:
+            a, b = tensors[f"lora.{t}.a"], tensors[f"lora.{t}.b"]
+            for i, m in enumerate(mods):
+                attach(m, LoraDelta(a[i].to(dev, dtype), b[i].to(dev, dtype), scale, drop))
+    if len(pools):
+        model.adaflex_shards = pools
+
+
+def _tensor_names(plan: dict) -> list[str]:
+    kinds = ("pool", "index") if plan["method"] == "mos" else ("lora",)
+    return [f"{k}.{t}.{s}" for t in plan["targets"] for k in kinds for s in ("a", "b")]
+
+
+@torch.no_grad()
+def collect(model, plan: dict) -> dict[str, torch.Tensor]:
+    """The stage's tensors from the installed adapters: pools once, indices in their small dtype."""
+    out = {}
+    for t, mods in targets_of(model, plan["targets"]).items():
+        deltas = [m.adaflex_delta for m in mods]
+        if plan["method"] == "mos":
+            pool = model.adaflex_shards[t]
+            out[f"pool.{t}.a"] = pool.pool_a.detach().cpu().clone()
+            out[f"pool.{t}.b"] = pool.pool_b.detach().cpu().clone()
+            idt = getattr(torch, plan["index_dtype"])
+            out[f"index.{t}.a"] = torch.stack([d.idx_a for d in deltas]).cpu().to(idt)
+            out[f"index.{t}.b"] = torch.stack([d.idx_b for d in deltas]).cpu().to(idt)
+        else:
+            out[f"lora.{t}.a"] = torch.stack([d.adaflex_a.detach() for d in deltas]).cpu()
+            out[f"lora.{t}.b"] = torch.stack([d.adaflex_b.detach() for d in deltas]).cpu()
+    return out
+
+
+def lora_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A [r, d_in], B [d_out, r]) of every installed adapter: the exact rank-r LoRA."""
+    out = {}
+    with torch.no_grad():
+        for name, m in adapted(model):
+            a, b = m.adaflex_delta.factors()
+            out[name] = (a.detach().clone(), b.detach().clone())
+    return out
+
+
+# ---- teacher ----
+
+
+def _teacher(ctx: StageContext, cfg: ShardsConfig, log):
+    model = ctx.model
+    if cfg.loss == "lm":
+        return None
+    if cfg.teacher == "input":
+        def fn(_which, ids):
+            with disabled(model):
+                return model(input_ids=ids, use_cache=False).logits
+        return CachedTeacher(fn)
+    from .. import models
+
+    source = getattr(model, "name_or_path", None) or ""
+    try:
+        if source and Path(source).is_dir() and (Path(source) / "config.json").is_file():
+            teacher, _ = models.load_hf(source, dtype=next(model.parameters()).dtype)
+        elif ctx.recipe.model:
+            teacher, _ = models.load(ctx.recipe.model, dtype=next(model.parameters()).dtype)
+            source = ctx.recipe.model
+        else:
+            raise UsageError("no model source known")
+    except UsageError as e:
+        raise UsageError(f"recipe: stages.{ctx.index}.shards.teacher: cannot reload the dense model ({e}); "
+                         "set teacher: input to distil from this stage's input model") from None
+    teacher.to(next(model.parameters()).device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    log(f"shards: teacher is the dense model reloaded from {source}")
+
+    def fn(_which, ids):
+        return teacher(input_ids=ids, use_cache=False).logits
+    return CachedTeacher(fn)
+
+
+def fingerprint(plan: dict, cfg: ShardsConfig, seed: int, windows: torch.Tensor) -> str:
+    h = hashlib.sha256(json.dumps([plan, cfg.model_dump(mode="json"), seed], sort_keys=True).encode())
+    h.update(windows.numpy().tobytes())
+    return h.hexdigest()
+
+
+def fit(ctx: StageContext, cfg: ShardsConfig) -> StageResult:
+    import sys
+
+    where = f"recipe: stages.{ctx.index}.shards"
+
+    def log(msg: str) -> None:
+        print(f"adaflex: {msg}", file=sys.stderr)
+
+    plan = make_plan(ctx.model, cfg, where)
+    tensors = init_tensors(plan, ctx.seed)
+    metrics: dict = {"adapter": cfg.method, "trainable_params": plan["trainable_params"]}
+    if cfg.steps:
+        cal = ctx.calibration
+        if cfg.holdout >= cal.shape[0]:
+            raise UsageError(f"{where}.holdout: {cfg.holdout} of {cal.shape[0]} calibration windows leaves none "
+                             "to train on")
+        train_w = windows_for(cal[: cal.shape[0] - cfg.holdout], cfg.seq_len)
+        hold_w = windows_for(cal[cal.shape[0] - cfg.holdout :], cfg.seq_len) if cfg.holdout else None
+        state_dir = Path(ctx.state_dir) if ctx.state_dir is not None else None
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        install(ctx.model, plan, tensors)
+        try:
+            teacher = _teacher(ctx, cfg, log)
+            metrics.update(heal(ctx.model, train_w, cfg, teacher, seed=ctx.seed, state_dir=state_dir,
+                                fingerprint=fingerprint(plan, cfg, ctx.seed, train_w), holdout=hold_w, log=log))
+            tensors = collect(ctx.model, plan)
+        finally:
+            remove_all(ctx.model)
+    metrics["adapter_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+    return StageResult(plan=plan, tensors=tensors, metrics=metrics)
+
+
+def apply(model, plan: dict, tensors: dict | None = None) -> None:
+    """Install the trained adapters (deterministic: plan + tensors only)."""
+    install(model, plan, tensors or {})
+    for name, p in model.named_parameters():
+        if "adaflex" in name:
+            p.requires_grad_(False)
+
+
+# ---- export ----
+
+
+def export_extra(model, plan: dict, tensors: dict, out_dir: Path, merge: bool) -> dict:
+    """Called by `adaflex export` with the restored model. Merged: ΔW goes into the base weights (the
+    stage is then baked: load does not re-install it). Otherwise write `out_dir/lora/`, the exact rank-r
+    peft LoRA of the adapters (ΔW = B·A·alpha/r, the same as the MoS one)."""
+    if merge:
+        merge_all(model)
+        return {"baked": True}
+    write_peft_lora(model, plan, Path(out_dir) / "lora")
+    return {"baked": False, "peft_lora": "lora"}
+
+
+def write_peft_lora(model, plan: dict, out: Path) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = LoraConfig(r=plan["rank"], lora_alpha=plan["alpha"], lora_dropout=plan["dropout"], bias="none",
+                     target_modules=list(plan["targets"]), task_type="CAUSAL_LM")
+    cfg.save_pretrained(str(out))
+    weights = {}
+    for name, (a, b) in lora_factors(model).items():
+        weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
+        weights[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

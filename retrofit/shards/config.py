@@ -1,0 +1,69 @@
+"""Settings of the `shards` stage: adapter shape (MoS or LoRA) and the healing loop."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..schema import Strict
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ShardsConfig(Strict):
+    # --- the adapter ---
+    method: Literal["mos", "lora"] = Field("mos", description="mos: shared shard pools; lora: plain LoRA")
+    rank: int = Field(8, ge=1, description="active rank r of every layer's adapter")
+    equivalent_rank: int = Field(1, ge=1, description="mos: budget e; parameters = those of a rank-e LoRA")
+    shards_per_vector: int = Field(4, ge=1, description="mos: l shards per rank vector (divides every dim)")
+    private_rank: int = Field(0, ge=0, description="mos: p rank vectors per layer drawn from its private pool")
+    subset_selection: bool = Field(True, description="mos: a layer's shards drawn without replacement")
+    pair_dissociation: bool = Field(True, description="mos: A and B indices drawn independently")
+    vector_sharding: bool = Field(True, description="mos: each of a vector's l shards drawn on its own")
+    targets: list[Target] = Field(default_factory=lambda: list(TARGETS), min_length=1,
+                                  description="projections adapted (short names q, k, ..., down accepted)")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: ΔW = B·A·alpha/r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input while training")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the adapter parameters")
+    # --- the healing loop ---
+    loss: Literal["kl", "lm"] = Field("kl", description="kl: distil the dense teacher's logits; lm: next token")
+    teacher: Literal["dense", "input"] = Field(
+        "dense", description="dense: the original model reloaded; input: this stage's input model, adapters off")
+    temperature: float = Field(1.0, gt=0)
+    steps: int = Field(100, ge=0, description="optimizer steps (0: adapters stay at their zero ΔW)")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = Field(0, ge=0, description="linear warm-up steps, then cosine decay to 10%")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    seq_len: int | None = Field(None, ge=8, description="training window (default: the calibration seq_len)")
+    holdout: int = Field(0, ge=0, description="calibration windows kept out of training to measure KL/loss")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(10, ge=1, description="steps between resumable checkpoints in the run dir")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _long_names(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            v = [f"{t}_proj" if isinstance(t, str) and f"{t}_proj" in TARGETS else t for t in v]
+            if len(set(v)) != len(v):
+                raise ValueError("targets: duplicate projection")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.method != "mos":
+            return self
+        r, e, p = self.rank, self.equivalent_rank, self.private_rank
+        if e > r:
+            raise ValueError(f"equivalent_rank {e} exceeds rank {r} (MoS saves r/e; e > r costs more than LoRA)")
+        if p > r or p > e:
+            raise ValueError(f"private_rank {p} must not exceed rank {r} nor equivalent_rank {e}")
+        if p == e and r > p:
+            raise ValueError(f"private_rank {p} = equivalent_rank leaves no public pool for the other {r - p} "
+                             "rank vectors")
+        return self

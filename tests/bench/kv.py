@@ -1,0 +1,251 @@
+"""KV budgets benchmark on SmolLM2-135M (a script, not collected by pytest).
+
+    nice python tests/bench/kv.py [--contexts 1024,2048] [--budgets 0.1,0.25,0.5] [--windows 4]
+        [--continuation 128] [--trials 10] [--depths 0.1,0.3,0.5,0.7,0.9] [--out runs/bench-kv.json]
+
+For each context length: continuation perplexity on WikiText-2 dev (prefill C tokens through the cache,
+compressed to the budget, then score the next `--continuation` tokens, window after window) and
+passkey accuracy (query-aware: question inside the prompt; query-agnostic: context compressed before
+the question arrives), for every policy x allocation at every budget, plus the full cache.
+
+Each prompt is prefilled once with a full cache and replayed into every budgeted cache (replay.py):
+compression happens after each layer's attention, so this is exactly what a live prefill keeps (a
+test checks it), peak KV bytes included. `kv_bytes_ratio` is measured from the tensors the cache holds
+after the prefill; `peak_kv_mb` is the most KV the cache held at once during the prefill (a live
+prefill also holds the layer being computed, which the replay counts the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data" / "wikitext2_dev.txt"
+
+POLICIES = ["streaming", "snapkv", "cake"]
+ALLOCATIONS = ["uniform", "pyramid", "cake", "prefixkv", "searched"]
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--contexts", default="1024,2048")
+    ap.add_argument("--budgets", default="0.1,0.25,0.5")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    ap.add_argument("--windows", type=int, default=4, help="perplexity windows per context length")
+    ap.add_argument("--continuation", type=int, default=128)
+    ap.add_argument("--trials", type=int, default=10, help="passkey trials per protocol and context length")
+    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--batch", type=int, default=2, help="passkey prompts per prefill")
+    ap.add_argument("--calibration", type=int, default=4, help="calibration windows of the offline plans")
+    ap.add_argument("--cal-len", type=int, default=512)
+    ap.add_argument("--search-trials", type=int, default=16)
+    ap.add_argument("--kernel", type=int, default=7)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--recent", type=float, default=0.0)
+    ap.add_argument("--variants", default="", help="extra configs: name:key=value/key=value;... "
+                                                   "e.g. hybrid:policy=snapkv/allocation=cake/kernel=15/recent=0.5")
+    ap.add_argument("--no-passkey", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a shared CPU)")
+    ap.add_argument("--out", default="runs/bench-kv.json")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from adaflex.retrofit import models
+    from adaflex.retrofit.data import calibration_windows
+    from adaflex.retrofit.kv.apply import (
+        CalibrationObjective,
+        _normalise,
+        attention_profiles,
+        cake_plan,
+        coordinate_search,
+        install,
+        prefixkv_plan,
+        spec_from,
+    )
+    from adaflex.retrofit.kv.config import KVConfig
+    from adaflex.retrofit.kv.passkey import build_prompt
+    from adaflex.retrofit.kv.replay import record_prefill, replay
+    from adaflex.search import kv_alloc
+
+    t_start = time.perf_counter()
+    model, tok = models.load(a.model)
+    n = model.config.num_hidden_layers
+    text = DATA.read_text()
+    ids = tok(text, add_special_tokens=False).input_ids
+    base = dict(kernel=a.kernel, window=a.window, sinks=a.sinks, recent=a.recent)
+    install(model, spec_from(KVConfig(budget=1.0, **base), n))
+    budgets = [float(b) for b in a.budgets.split(",")]
+    contexts = [int(c) for c in a.contexts.split(",")]
+    depths = [float(d) for d in a.depths.split(",")]
+
+    configs = [(p, al, base) for p in a.policies.split(",") for al in a.allocations.split(",")]
+    for item in filter(None, a.variants.split(";")):
+        name, _, body = item.partition(":")
+        kw = dict(base)
+        for pair in filter(None, body.split("/")):
+            k, v = pair.split("=")
+            kw[k] = v
+        configs.append((name, kw.pop("allocation", "uniform"), kw))
+
+    # ---- offline plans (prefixkv, searched) on calibration windows ----
+    plans: dict = {}
+    need_plans = any(al in ("prefixkv", "searched") for _, al, _ in configs)
+    if need_plans:
+        cal = calibration_windows(tok, text, a.calibration, a.cal_len, 0, str(DATA))
+        curves, prefs = attention_profiles(model, cal, a.window)
+        for b in budgets:
+            plans[("prefixkv", b)] = prefixkv_plan(curves, b, a.sinks + a.window)
+            plans[("cake_avg", b)] = cake_plan(prefs, b, a.cal_len, a.sinks + a.window)
+        log(f"profiles done ({time.perf_counter() - t_start:.0f}s)")
+        for pol, al, kw in configs:
+            if al != "searched":
+                continue
+            for b in budgets:
+                cfg = KVConfig(budget=b, policy=kw.get("policy", pol) if pol not in POLICIES else pol,
+                               **{k: v for k, v in kw.items() if k != "policy"})
+                obj = CalibrationObjective(model, cal, cfg)
+                floor = cfg.floor / obj.ctx
+                cands = {"uniform": [b] * n, "pyramid": kv_alloc.pyramid(n, 10**6, beta=cfg.beta) / 10**6 * n * b,
+                         "cake_average": plans[("cake_avg", b)], "prefixkv": plans[("prefixkv", b)]}
+                scored = {k: obj(_normalise(torch.as_tensor(v).numpy(), b, floor)) for k, v in cands.items()}
+                start = min(scored, key=scored.get)
+                best, val, _ = coordinate_search(obj, torch.as_tensor(cands[start]).numpy(), b, floor, 6,
+                                                 max(1, a.search_trials - 4))
+                plans[(pol, "searched", b)] = best
+                log(f"searched {pol} @ {b}: start {start} {scored[start]:.4f} -> {val:.4f} ({obj.calls} calls)")
+        install(model, spec_from(KVConfig(budget=1.0, **base), n))
+
+    def make_spec(pol, al, kw, b):
+        kw = dict(kw)
+        policy = kw.pop("policy", pol if pol in POLICIES else "snapkv")
+        conv = {"recent": float, "gamma": float, "tau1": float, "tau2": float, "storage": str}
+        cfg = KVConfig(budget=b, policy=policy, allocation=al if al != "searched" else "uniform",
+                       **{k: conv.get(k, int)(v) if isinstance(v, str) else v for k, v in kw.items()})
+        fr = None
+        if al == "prefixkv":
+            fr = plans[("prefixkv", b)]
+        elif al == "searched":
+            fr = plans[(pol, "searched", b)]
+        return spec_from(cfg, n, fr, model)
+
+    rows = []
+    full_spec = spec_from(KVConfig(budget=1.0, **base), n)
+    entries = [("full", "-", base, 1.0)] + [(p, al, kw, b) for b in budgets for p, al, kw in configs]
+
+    for C in contexts:
+        span = C + a.continuation
+        starts = list(range(0, len(ids) - span, span))[: a.windows]
+        stats = {i: {"nll": 0.0, "cnt": 0, "kv": 0.0, "peak": 0, "pk_aware": 0, "pk_agn": 0,
+                     "by_depth": {}} for i in range(len(entries))}
+        full_bytes = None
+        # perplexity
+        for w, s in enumerate(starts):
+            x = torch.tensor([ids[s:s + span]])
+            rec = record_prefill(model, x[:, :C], window=a.window)
+            cont = x[:, C:]
+            full_bytes = sum(k.numel() * k.element_size() * 2 for k in rec.keys)
+            for i, (pol, al, kw, b) in enumerate(entries):
+                spec = full_spec if pol == "full" else make_spec(pol, al, kw, b)
+                cache = replay(spec, rec)
+                st = stats[i]
+                st["kv"] += cache.stored_bytes() / full_bytes / len(starts)
+                st["peak"] = max(st["peak"], cache.peak_bytes)
+                with torch.no_grad():
+                    out = model(input_ids=cont, cache=cache, use_cache=True)
+                logits = torch.cat([rec.logits[:, None], out.logits[:, :-1].float()], 1)
+                st["nll"] += float(torch.nn.functional.cross_entropy(logits[0], cont[0], reduction="sum"))
+                st["cnt"] += cont.numel()
+            log(f"C={C} ppl window {w + 1}/{len(starts)} ({time.perf_counter() - t_start:.0f}s)")
+        # passkey
+        if not a.no_passkey:
+            import random
+
+            rng = random.Random(0)
+            cases = []
+            for t in range(a.trials):
+                key = str(rng.randint(10000, 99999))
+                d = depths[t % len(depths)]
+                st0 = rng.randint(0, len(ids) - C - 1)
+                ctx, q = build_prompt(tok, ids[st0:st0 + C], C, d, key)
+                cases.append((d, key, ctx, q))
+            steps = len(tok(" 12345", add_special_tokens=False).input_ids) + 1
+            for agnostic in (False, True):
+                for c0 in range(0, len(cases), a.batch):
+                    chunk = cases[c0:c0 + a.batch]
+                    ctx = torch.tensor([c[2] for c in chunk])
+                    q = torch.tensor([c[3] for c in chunk])
+                    rec = record_prefill(model, ctx if agnostic else torch.cat([ctx, q], 1), window=a.window)
+                    for i, (pol, al, kw, b) in enumerate(entries):
+                        spec = full_spec if pol == "full" else make_spec(pol, al, kw, b)
+                        cache = replay(spec, rec)
+                        with torch.no_grad():
+                            if agnostic:
+                                cache.frozen = True
+                                out = model(input_ids=q, cache=cache, use_cache=True, logits_to_keep=1)
+                                logit = out.logits[:, -1]
+                            else:
+                                logit = rec.logits
+                            toks = []
+                            for s in range(steps):
+                                nxt = logit.argmax(-1)
+                                toks.append(nxt)
+                                if s + 1 < steps:
+                                    logit = model(input_ids=nxt[:, None], cache=cache, use_cache=True).logits[:, -1]
+                        gen = torch.stack(toks, 1)
+                        for (d, key, _, _), row in zip(chunk, gen, strict=True):
+                            ans = tok.decode(row.tolist(), skip_special_tokens=True)
+                            digits = "".join(ch for ch in ans.strip().split(" ")[0] if ch.isdigit()) if ans else ""
+                            ok = int(digits.startswith(key))
+                            stats[i]["pk_agn" if agnostic else "pk_aware"] += ok
+                            if not agnostic:
+                                bd = stats[i]["by_depth"].setdefault(str(d), [0, 0])
+                                bd[0] += ok
+                                bd[1] += 1
+                    log(f"C={C} passkey {'agnostic' if agnostic else 'aware'} {c0 + len(chunk)}/{len(cases)} "
+                        f"({time.perf_counter() - t_start:.0f}s)")
+        for i, (pol, al, kw, b) in enumerate(entries):
+            st = stats[i]
+            rows.append({"context": C, "budget": b, "policy": pol, "allocation": al,
+                         "perplexity": math.exp(st["nll"] / st["cnt"]), "kv_bytes_ratio": st["kv"],
+                         "peak_kv_mb": st["peak"] / 2**20,
+                         "passkey": None if a.no_passkey else st["pk_aware"] / a.trials,
+                         "passkey_agnostic": None if a.no_passkey else st["pk_agn"] / a.trials,
+                         "by_depth": {d: h / m for d, (h, m) in st["by_depth"].items()},
+                         "variant": {k: v for k, v in kw.items() if base.get(k) != v} or None})
+        full = next(r for r in rows if r["context"] == C and r["policy"] == "full")
+        for r in rows:
+            if r["context"] == C:
+                r["ppl_ratio"] = r["perplexity"] / full["perplexity"]
+                r["passkey_ratio"] = (r["passkey"] / full["passkey"]) if full.get("passkey") else None
+    elapsed = time.perf_counter() - t_start
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {"args": vars(a), "seconds": elapsed, "peak_rss_mb": peak_rss, "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1, default=str))
+    print("| ctx | budget | policy | allocation | ppl | ×full | passkey | agnostic | kv_bytes_ratio | peak KV MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pk = "—" if r["passkey"] is None else f"{r['passkey']:.2f}"
+        ag = "—" if r["passkey_agnostic"] is None else f"{r['passkey_agnostic']:.2f}"
+        print(f"| {r['context']} | {r['budget']:.2f} | {r['policy']} | {r['allocation']} | {r['perplexity']:.2f} | "
+              f"{r['ppl_ratio']:.3f} | {pk} | {ag} | {r['kv_bytes_ratio']:.3f} | {r['peak_kv_mb']:.1f} |")
+    print(f"total {elapsed:.0f}s, peak RSS {peak_rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

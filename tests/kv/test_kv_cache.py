@@ -1,0 +1,161 @@
+"""The budgeted cache: exact at full budget, per-layer masks, chunked scoring, generate() with padding,
+real byte savings, replay == live prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from adaflex.retrofit.evaluate import cost_figures
+from adaflex.retrofit.kv.apply import install, spec_from
+from adaflex.retrofit.kv.cache import BudgetedCache
+from adaflex.retrofit.kv.config import KVConfig
+from adaflex.retrofit.kv.replay import record_prefill, replay
+from tiny import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def _install(model, **kw):
+    kw = {"sinks": 2, "window": 8, **kw}
+    spec = spec_from(KVConfig(**kw), model.config.num_hidden_layers)
+    install(model, spec)
+    return spec
+
+
+@torch.no_grad()
+def test_full_budget_equals_dynamic_cache(model):
+    x = torch.randint(0, 250, (2, 70))
+    ref = model(x, cache=DynamicCache(config=model.config), use_cache=True).logits
+    _install(model, budget=1.0)
+    c = model.adaflex_make_cache()
+    assert isinstance(c, BudgetedCache)
+    out = model(x, cache=c, use_cache=True).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert all(layer.stored == 70 and layer.seen == 70 for layer in c.layers)
+    # chunked prefill through the cache == one shot
+    c = model.adaflex_make_cache()
+    parts = [model(x[:, s:e], cache=c, use_cache=True).logits for s, e in ((0, 31), (31, 32), (32, 70))]
+    assert (torch.cat(parts, 1) - ref).abs().max() < 5e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("alloc", ["pyramid", "cake"])
+def test_chunked_and_stepwise_scoring_agree_with_layers_of_different_lengths(model, alloc):
+    x = torch.randint(0, 250, (2, 90))
+    _install(model, budget=0.3, allocation=alloc, policy="snapkv", decode=False)
+    one = model.adaflex_make_cache()
+    model(x[:, :64], cache=one, use_cache=True)
+    lengths = [layer.stored for layer in one.layers]
+    assert len(set(lengths)) > 1 and all(n < 64 for n in lengths)
+    a = model(x[:, 64:], cache=one, use_cache=True).logits
+    step = model.adaflex_make_cache()
+    model(x[:, :64], cache=step, use_cache=True)
+    b = torch.cat([model(x[:, t:t + 1], cache=step, use_cache=True).logits for t in range(64, 90)], 1)
+    chunk = model.adaflex_make_cache()
+    model(x[:, :64], cache=chunk, use_cache=True)
+    c = torch.cat([model(x[:, s:s + 9], cache=chunk, use_cache=True).logits for s in (64, 73, 82)], 1)[:, :26]
+    assert (a - b).abs().max() < 5e-5 and (a - c).abs().max() < 5e-5
+    assert [layer.seen for layer in one.layers] == [90] * 4
+
+
+@torch.no_grad()
+def test_replay_equals_live_prefill(model):
+    x = torch.randint(0, 250, (2, 80))
+    _install(model, budget=1.0)
+    rec = record_prefill(model, x[:, :60], window=8)
+    for policy, alloc in (("streaming", "pyramid"), ("snapkv", "cake"), ("cake", "uniform")):
+        spec = _install(model, budget=0.3, allocation=alloc, policy=policy)
+        live = model.adaflex_make_cache()
+        model(x[:, :60], cache=live, use_cache=True)
+        a = model(x[:, 60:], cache=live, use_cache=True).logits
+        rep = replay(spec, rec)
+        b = model(x[:, 60:], cache=rep, use_cache=True).logits
+        assert torch.equal(a, b) and live.peak_bytes == rep.peak_bytes
+
+
+@torch.no_grad()
+def test_generate_batches_with_padding(model):
+    a, b = torch.randint(0, 250, (1, 40)), torch.randint(0, 250, (1, 30))
+    ids = torch.full((2, 40), 258)
+    ids[0], ids[1, 10:] = a[0], b[0]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :10] = 0
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 258}
+    _install(model, budget=1.0)
+    g = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(g[0, 40:], model.generate(a, **kw)[0, 40:])
+    assert torch.equal(g[1, 40:], model.generate(b, **kw)[0, 30:])
+    # compressed: the unpadded row keeps exactly what it keeps alone (counts come from the padded length)
+    _install(model, budget=0.4, policy="cake", allocation="pyramid")
+    cache = model.adaflex_make_cache()
+    g = model.generate(ids, attention_mask=mask, cache=cache, **kw)
+    assert torch.equal(g[0, 40:], model.generate(a, **kw)[0, 40:])
+    # decoding keeps each layer's size fixed; padding never survives while real tokens are evicted
+    assert [layer.stored for layer in cache.layers] == [layer.capacity for layer in cache.layers]
+    assert all(layer.seen == 40 + 11 for layer in cache.layers)
+    kept = cache.layers[0].kept_lengths()
+    assert torch.equal(kept[0], kept[1])  # row 1's padding went first
+
+
+@torch.no_grad()
+def test_generate_uses_budgeted_cache_without_being_asked(model):
+    _install(model, budget=0.25, policy="streaming")
+    seen = []
+    orig = model.adaflex_make_cache
+
+    def factory():
+        seen.append(orig())
+        return seen[-1]
+
+    model.adaflex_make_cache = factory
+    model.generate(torch.randint(0, 250, (1, 64)), max_new_tokens=4, do_sample=False, pad_token_id=258)
+    assert seen and all(layer.stored == 16 for layer in seen[0].layers)
+
+
+@torch.no_grad()
+def test_stored_bytes_really_shrink(model):
+    probe = torch.randint(0, 250, (2, 128))
+    _install(model, budget=1.0)
+    assert cost_figures(model, probe)["kv_bytes_ratio"] == pytest.approx(1.0)
+    _install(model, budget=0.25, policy="snapkv")
+    assert cost_figures(model, probe)["kv_bytes_ratio"] == pytest.approx(0.25)
+    _install(model, budget=0.1, policy="cake", allocation="cake")
+    c = model.adaflex_make_cache()
+    model(probe, cache=c, use_cache=True)
+    full = 4 * 2 * 2 * 2 * 128 * 16 * 4  # layers, k+v, rows, kv heads, tokens, head dim, fp32
+    assert c.stored_bytes() == pytest.approx(0.1 * full, rel=0.02)
+    # cascading keeps the peak near the budget plus one uncompressed layer
+    assert c.peak_bytes <= 0.1 * full + full / 4 + 1024
+
+
+@torch.no_grad()
+def test_query_agnostic_freeze_appends_only(model):
+    _install(model, budget=0.25, policy="snapkv")
+    c = model.adaflex_make_cache()
+    model(torch.randint(0, 250, (1, 64)), cache=c, use_cache=True)
+    c.frozen = True
+    model(torch.randint(0, 250, (1, 5)), cache=c, use_cache=True)
+    assert [layer.stored for layer in c.layers] == [21] * 4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("storage, tokens_kept", [("float16", 0.5), ("int8", 0.25 / ((1 + 4 / 16) / 4))])
+def test_storage_types_count_in_the_byte_budget(model, storage, tokens_kept):
+    x = torch.randint(0, 250, (2, 128))
+    _install(model, budget=1.0)
+    ref = model(x, cache=model.adaflex_make_cache(), use_cache=True).logits
+    spec = spec_from(KVConfig(budget=0.25, storage=storage, sinks=2, window=8), 4, model=model)
+    install(model, spec)
+    c = model.adaflex_make_cache()
+    out = model(x, cache=c, use_cache=True).logits
+    # the prefill already attends over the stored (rounded) values: close to full precision, not equal
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    assert c.layers[0].stored == round(128 * min(1.0, tokens_kept))
+    assert cost_figures(model, x)["kv_bytes_ratio"] == pytest.approx(0.25, abs=0.01)
+    nxt = model(x[:, :8], cache=c, use_cache=True).logits  # decoding reads the stored (rounded) values
+    assert torch.isfinite(nxt).all()

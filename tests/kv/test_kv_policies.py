@@ -1,0 +1,94 @@
+"""Policies keep the sinks and the recent window, evict padding first, keep spans; allocations respect
+the budget and the floors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaflex.retrofit.kv.cache import BudgetedCache, KVSpec
+from adaflex.retrofit.kv.policies import make_policy, pool
+
+
+def _filled_cache(policy: str, allocation="uniform", budget=0.25, layers=3, rows=2, heads=2, T=64, pad=0, **kw):
+    spec = KVSpec(num_layers=layers, policy=make_policy(policy, kernel=kw.pop("kernel", 5)), budget=budget,
+                  allocation=allocation, sinks=4, window=8, floor=12, **kw)
+    cache = BudgetedCache(spec)
+    torch.manual_seed(0)
+    for layer in cache.layers:
+        k = torch.zeros(rows, heads, T, 4)
+        k[..., 0] = torch.arange(T, dtype=torch.float32)  # the key remembers its position
+        layer.update(k, k.clone())
+        if pad:
+            layer.valid[1, :, :pad] = False
+    return cache
+
+
+def _probs(rows, hq, w, T, hot=None):
+    logits = torch.randn(rows, hq, w, T)
+    if hot is not None:
+        logits[..., hot] += 8.0
+    return torch.softmax(logits, -1)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "cake"])
+def test_every_policy_keeps_sinks_and_window(policy):
+    cache = _filled_cache(policy)
+    for layer in cache.layers:
+        cache.after_attention(layer, _probs(2, 4, 8, 64), groups=2)
+        pos = layer.keys[..., 0].long()  # [B, H, K]
+        assert layer.stored == 16 and layer.capacity == 16
+        for p in list(range(4)) + list(range(56, 64)):
+            assert (pos == p).any(-1).all(), (policy, p)
+        assert torch.all(pos[..., 1:] > pos[..., :-1])  # chronological order kept
+    if policy == "streaming":
+        assert cache.layers[0].keys[0, 0, :, 0].long().tolist() == [0, 1, 2, 3] + list(range(52, 64))
+
+
+def test_scored_policies_keep_the_hot_span():
+    for policy in ("snapkv", "cake"):
+        cache = _filled_cache(policy, kernel=5, budget=0.3)
+        layer = cache.layers[0]
+        cache.after_attention(layer, _probs(2, 4, 8, 64, hot=30), groups=2)
+        pos = layer.keys[0, 0, :, 0].long().tolist()
+        assert {28, 29, 30, 31, 32} <= set(pos), (policy, pos)
+
+
+def test_padding_goes_first_and_sinks_are_the_first_real_tokens():
+    cache = _filled_cache("snapkv", pad=20)
+    layer = cache.layers[0]
+    cache.after_attention(layer, _probs(2, 4, 8, 64), groups=2)
+    pos = layer.keys[1, 0, :, 0].long()
+    assert (pos >= 20).all() and {20, 21, 22, 23} <= set(pos.tolist())
+    assert bool(layer.valid.all())
+    assert layer.kept_lengths().tolist() == [[16, 16], [16, 16]]
+
+
+def test_pool_is_centred_average():
+    x = torch.zeros(1, 1, 9)
+    x[..., 4] = 3.0
+    y = pool(x, 3)
+    assert y[0, 0].tolist() == pytest.approx([0, 0, 0, 1, 1, 1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "pyramid", "cake"])
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+def test_allocations_respect_budget_and_floor(allocation, budget):
+    cache = _filled_cache("snapkv", allocation=allocation, budget=budget, layers=4, T=200)
+    for layer in cache.layers:
+        cache.after_attention(layer, _probs(2, 4, 8, 200, hot=layer.layer_idx * 40), groups=2)
+    sizes = [layer.stored for layer in cache.layers]
+    assert sum(sizes) == round(max(budget * 200, 12)) * 4
+    assert min(sizes) >= 12
+    if allocation != "uniform":
+        assert len(set(sizes)) > 1
+
+
+def test_static_plan_and_token_budget():
+    spec = KVSpec(num_layers=4, policy=make_policy("snapkv"), budget=0.25, fractions=[0.4, 0.3, 0.2, 0.1],
+                  sinks=4, window=8, floor=12)
+    counts = spec.static_counts(400)
+    assert counts.sum() == 400 and counts[0] > counts[-1] and counts.min() >= 12
+    spec = KVSpec(num_layers=4, policy=make_policy("snapkv"), budget=None, tokens=50, sinks=4, window=8, floor=12)
+    assert spec.static_counts(400).tolist() == [50] * 4
+    assert spec.static_counts(30).tolist() == [30] * 4  # nothing to evict yet

@@ -1,0 +1,82 @@
+"""The healing loop: KL to the dense teacher goes down, LoRA runs through the same loop, resume is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaflex.retrofit.drop.apply import apply as drop_apply
+from adaflex.retrofit.shards.apply import collect
+from adaflex.retrofit.shards.config import ShardsConfig
+from adaflex.retrofit.shards.train import heal, mean_loss
+from tiny import tiny_llama
+
+from .helpers import adapt
+
+
+def _setup(method="mos", **kw):
+    torch.manual_seed(0)
+    teacher = tiny_llama()
+    student = tiny_llama()
+    drop_apply(student, {"num_layers": 4, "kept": [0, 1, 2], "removed": [3]})
+    windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    settings = {"method": method, "rank": 4, "equivalent_rank": 2, "shards_per_vector": 4, "steps": 12,
+                "lr": 1e-2, "batch_size": 4, "dropout": 0.0, "checkpoint_every": 4}
+    settings.update(kw)
+    cfg, plan, _ = adapt(student, random_b=False, **{k: v for k, v in settings.items()
+                                                        if k in ("method", "rank", "equivalent_rank",
+                                                                 "shards_per_vector", "dropout")})
+    cfg = ShardsConfig(**settings)
+
+    def fn(_which, ids):
+        return teacher(input_ids=ids, use_cache=False).logits
+
+    return student, windows, cfg, plan, fn
+
+
+@pytest.mark.parametrize("method", ["mos", "lora"])
+def test_shards_training_reduces_kl(method):
+    student, windows, cfg, _, teacher = _setup(method)
+    ids = torch.arange(windows.shape[0])
+    base = {n: p.detach().clone() for n, p in student.named_parameters() if "adaflex" not in n}
+    before = mean_loss(student, windows, ids, teacher, cfg)
+    metrics = heal(student, windows, cfg, teacher, seed=0)
+    after = mean_loss(student, windows, ids, teacher, cfg)
+    assert after < 0.9 * before, (before, after)
+    assert metrics["train_tokens"] == 12 * 4 * 32 and metrics["train_tokens_per_s"] > 0
+    assert all(torch.equal(p, base[n]) for n, p in student.named_parameters() if "adaflex" not in n)
+
+
+def test_shards_lm_loss_option_trains():
+    student, windows, cfg, _, _ = _setup("mos", loss="lm", steps=6)
+    before = mean_loss(student, windows, torch.arange(8), None, cfg)
+    heal(student, windows, cfg, None, seed=0)
+    assert mean_loss(student, windows, torch.arange(8), None, cfg) < before
+
+
+def test_shards_resume_from_checkpoint_is_exact(tmp_path):
+    student, windows, cfg, plan, teacher = _setup("mos", dropout=0.1, steps=8)
+    heal(student, windows, cfg, teacher, seed=5, state_dir=tmp_path / "full", fingerprint="f")
+    full = collect(student, plan)
+
+    student, windows, cfg, plan, teacher = _setup("mos", dropout=0.1, steps=8)
+    calls = {"n": 0}
+
+    def flaky(which, ids):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the 7th step dies: the checkpoint of step 4 is on disk
+            raise KeyboardInterrupt
+        return teacher(which, ids)
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(student, windows, cfg, flaky, seed=5, state_dir=tmp_path / "cut", fingerprint="f")
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    student, windows, cfg, plan, teacher = _setup("mos", dropout=0.1, steps=8)  # a fresh process
+    seen = []
+    m = heal(student, windows, cfg, teacher, seed=5, state_dir=tmp_path / "cut", fingerprint="f", log=seen.append)
+    assert m["resumed_at"] == 4 and any("resumed at step 4" in s for s in seen)
+    for k, v in collect(student, plan).items():
+        torch.testing.assert_close(v, full[k], atol=1e-6, rtol=1e-5)
+    # a checkpoint of other settings is not reused
+    student, windows, cfg, plan, teacher = _setup("mos", dropout=0.1, steps=8)
+    assert heal(student, windows, cfg, teacher, seed=5, state_dir=tmp_path / "cut", fingerprint="g")["resumed_at"] == 0
