@@ -123,7 +123,11 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     elif tokenizer is None:
         raise UsageError("run(): a loaded model needs its tokenizer")
     for i, (method, cfg) in enumerate(recipe.stage_items()):  # settings that depend on the model, before writing
-        check = getattr(registry.implementation(method), "check", None)
+        impl = registry.implementation(method)
+        needs = getattr(impl, "needs_calibration", None)
+        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+            raise UsageError(f"recipe: data.calibration: required by stages.{i}.{method}")
+        check = getattr(impl, "check", None)
         if check is not None:
             check(model, cfg, f"recipe: stages.{i}.{method}")
     resolved = recipe.to_dict()

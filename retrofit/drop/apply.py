@@ -68,6 +68,10 @@ def check(model, cfg: DropConfig, where: str) -> int:
     return k
 
 
+def needs_calibration(cfg: DropConfig) -> bool:
+    return True  # block influence is measured on calibration text
+
+
 def fit(ctx: StageContext, cfg: DropConfig) -> StageResult:
     layers = decoder_layers(ctx.model)
     k = check(ctx.model, cfg, f"recipe: stages.{ctx.index}.drop")

@@ -239,14 +239,16 @@ def coordinate_search(objective, start: np.ndarray, mean: float, floor_frac: flo
 # ---- fit / apply ----
 
 
+def needs_calibration(cfg: KVConfig) -> bool:
+    return cfg.plan is None and cfg.allocation in ("prefixkv", "searched")
+
+
 def fit(ctx: StageContext, cfg: KVConfig) -> StageResult:
     where = f"recipe: stages.{ctx.index}.kv"
     n = check(ctx.model, cfg, where)
     plan = {"num_layers": n, "config": cfg.model_dump(mode="json"), "fractions": cfg.plan}
     metrics: dict = {"allocation": cfg.allocation, "policy": cfg.policy}
-    if cfg.plan is None and cfg.allocation in ("prefixkv", "searched"):
-        if ctx.recipe.data.calibration is None:
-            raise UsageError(f"{where}.allocation: '{cfg.allocation}' needs data.calibration (an offline plan)")
+    if needs_calibration(cfg):
         windows = ctx.calibration
         _check_budget_vs_length(cfg, windows.shape[1], where)
         samples = cfg.calibration_samples or min(8, windows.shape[0])

@@ -176,6 +176,10 @@ def targets_from_units(model, units: list[Unit], unit_levels: list) -> tuple[lis
 # ---- fit ----
 
 
+def needs_calibration(cfg: PruneConfig) -> bool:
+    return cfg.score == "wanda" or cfg.allocation in ("owl", "dp")
+
+
 def fit(ctx: StageContext, cfg: PruneConfig) -> StageResult:
     model = ctx.model
     where = f"recipe: stages.{ctx.index}.prune"
@@ -183,7 +187,7 @@ def fit(ctx: StageContext, cfg: PruneConfig) -> StageResult:
     layers = decoder_layers(model)
     L = len(layers)
     t0 = time.perf_counter()
-    need_data = cfg.score == "wanda" or cfg.allocation in ("owl", "dp")
+    need_data = needs_calibration(cfg)
     windows = ctx.calibration if need_data else None
     cap = capture(model, windows, cfg.batch_size) if need_data else None
     extra, metrics = {}, {}

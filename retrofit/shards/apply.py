@@ -63,6 +63,10 @@ def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[i
     return out
 
 
+def needs_calibration(cfg: ShardsConfig) -> bool:
+    return True  # the adapters heal on calibration text
+
+
 def check(model, cfg: ShardsConfig, where: str) -> dict[str, tuple[int, int]]:
     """Settings that depend on the model: targets present, l divides every dim, pools large enough."""
     dims = shapes(model, cfg, where)

@@ -133,3 +133,12 @@ def test_models_list_and_recipe_show():
     assert res.exit_code == 0 and "smollm2-135m" in res.stdout
     res = runner.invoke(app, ["recipe", "show", "quickstart", "--set", "drop.blocks=4"])
     assert res.exit_code == 0 and "blocks: 4" in res.stdout
+
+
+def test_stage_without_calibration_writes_nothing(tiny_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - drop: {blocks: 1}\n")
+    out = tmp_path / "out"
+    _one_line_error(runner.invoke(app, ["retrofit", str(tiny_dir), "--recipe", str(recipe), "--out", str(out)]), 2,
+                    "data.calibration", "stages.0.drop")
+    assert not out.exists()

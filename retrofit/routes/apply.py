@@ -1,0 +1,178 @@
+"""Stage `routes`: check, fit (MCTS labels -> routers -> dial), apply (re-attach routers from the tensors)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import AdaflexError, UsageError
+from ..evaluate import decoder_layers, reference_of
+from ..stage import StageContext, StageResult
+from .config import RoutesConfig
+from .label import BlockRunner, fingerprint, keep, label_all, load_examples, summary
+from .router import Routers
+from .runtime import FixedPolicy, RouterPolicy, install, path_counts, runtime_of, uninstall
+from .train import teacher_features, train_routers
+
+# Routers are re-attached at load time from adaflex.safetensors; the exported weights stay dense.
+BAKED = False
+FALLBACK_ENV = "ADAFLEX_ROUTES_FALLBACK"  # set to "dense" to run a routed model without its routers
+
+
+def check(model, cfg: RoutesConfig, where: str) -> tuple[int, int]:
+    """Model-dependent settings: the fixed path's blocks and the budget against the model's depth."""
+    L, d = len(decoder_layers(model)), model.config.hidden_size
+    if cfg.path is not None:
+        path_counts(cfg.path, L, f"{where}.path")
+    if cfg.max_executed is not None and cfg.max_executed > 2 * L:
+        raise UsageError(f"{where}.max_executed: {cfg.max_executed} is more than 2 x {L} blocks")
+    if cfg.path is None:
+        from ..data import MC_LAYOUTS, detect_layout, read_mc
+
+        for p in cfg.train:
+            if detect_layout(p) in MC_LAYOUTS:
+                read_mc(p, limit=1)
+    return L, d
+
+
+def _log(msg: str) -> None:
+    print(f"adaflex: {msg}", file=sys.stderr)
+
+
+@torch.no_grad()
+def executed_mean(model, prompts: list[torch.Tensor], pad: int = 0, batch: int = 8) -> float:
+    """Mean blocks executed per prompt under the installed routes (prefill decisions, left padding)."""
+    rt = runtime_of(model)
+    total, n = 0, 0
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s : s + batch]
+        width = max(p.shape[1] for p in chunk)
+        x = torch.full((len(chunk), width), pad, dtype=torch.long)
+        m = torch.zeros_like(x)
+        for r, p in enumerate(chunk):
+            x[r, width - p.shape[1]:] = p[0]
+            m[r, width - p.shape[1]:] = 1
+        model.get_decoder()(input_ids=x, attention_mask=m, use_cache=False)
+        total += int(rt.last_routes.sum())
+        n += len(chunk)
+    return total / max(1, n)
+
+
+def calibrate_dial(model, routers: Routers, windows: int, prompts, budget: float | None, pad: int,
+                   steps: int = 12) -> tuple[float, float]:
+    """The largest dial p in [-1, 0] whose mean executed blocks on `prompts` is within the budget."""
+    def mean_at(p):
+        install(model, RouterPolicy(routers, windows, p), routers)
+        try:
+            return executed_mean(model, prompts, pad)
+        finally:
+            uninstall(model)
+
+    at0 = mean_at(0.0)
+    if budget is None or at0 <= budget:
+        return 0.0, at0
+    lo, hi, lo_mean = -1.0, 0.0, 1.0  # p = -1 skips every block but the last one: within any budget >= 1
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        m = mean_at(mid)
+        if m <= budget:
+            lo, lo_mean = mid, m
+        else:
+            hi = mid
+    if lo == -1.0:
+        lo_mean = mean_at(lo)
+    return lo, lo_mean
+
+
+def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
+    model, tok = ctx.model, ctx.tokenizer
+    where = f"recipe: stages.{ctx.index}.routes"
+    L, d = check(model, cfg, where)
+    base = {"num_layers": L, "hidden_size": d, "windows": cfg.windows, "bottleneck": cfg.bottleneck,
+            "fallback_dense": cfg.fallback_dense, "max_executed": cfg.max_executed}
+    if cfg.path is not None:
+        path_counts(cfg.path, L, f"{where}.path")
+        return StageResult({**base, "policy": "path", "path": list(cfg.path), "dial": 0.0},
+                           metrics={"executed": len(cfg.path)})
+    paths = list(cfg.train)
+    if not paths:
+        cal = ctx.recipe.data.calibration
+        if cal is None:
+            raise UsageError(f"{where}.train: give MCTS data files (or data.calibration)")
+        paths = [cal.path]
+    examples = load_examples(cfg, tok, paths, ctx.seed)
+    if not examples:
+        raise UsageError(f"{where}.train: no usable example in {paths}")
+    state = Path(ctx.state_dir) if ctx.state_dir is not None else Path(".adaflex-routes")
+    folder = Path(cfg.labels_dir) if cfg.labels_dir else state / "labels"
+    fp = fingerprint(cfg, model, paths, ctx.seed)
+    _log(f"routes: MCTS over {len(examples)} examples x {cfg.simulations} simulations ({L} blocks)")
+    records = label_all(model, examples, cfg, folder, fp, ctx.seed, log=_log)
+    stats = summary(records, L)
+    kept = keep(records, cfg.min_fix_share, ctx.seed)
+    if not kept:
+        raise AdaflexError(f"{where}: MCTS found no correct path for any example; raise simulations or examples")
+    by_index = {ex.index: ex for ex in examples}
+    runner = BlockRunner(model)
+    feats, wmask = teacher_features(runner, [by_index[r["index"]].prompt for r in kept],
+                                    [tuple(r["label"]) for r in kept], cfg.windows)
+    labels = torch.tensor([r["counts"] for r in kept], dtype=torch.long)
+    routers, tstats = train_routers(feats, wmask, labels, cfg, ctx.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompts = [ex.prompt for ex in examples[: cfg.calibrate_examples]]
+    if cfg.dial == "auto":
+        dial, calibrated = calibrate_dial(model, routers, cfg.windows, prompts, cfg.max_executed, pad)
+    else:
+        install(model, RouterPolicy(routers, cfg.windows, cfg.dial), routers)
+        calibrated = executed_mean(model, prompts, pad)
+        uninstall(model)
+        dial = float(cfg.dial)
+    metrics = {**stats, "kept": len(kept), **tstats, "dial": dial, "calibrated_executed_mean": calibrated}
+    _log(f"routes: {stats['labelled']}/{stats['examples']} labelled, {len(kept)} kept; block evaluations "
+         f"{stats['block_evals']} vs {stats['block_evals_naive']} naive ({stats['prefix_reuse_saving']:.0%} saved); "
+         f"dial {dial:.3f} -> {calibrated:.2f} blocks")
+    plan = {**base, "policy": "routers", "dial": dial, "labels": stats}
+    tensors = {f"router.{k}": v.detach().clone() for k, v in routers.state_dict().items()}
+    return StageResult(plan, tensors, metrics)
+
+
+def routers_from(tensors: dict, plan: dict) -> Routers | None:
+    sd = {k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")}
+    if not sd:
+        return None
+    L, d = plan["num_layers"], plan["hidden_size"]
+    n_blocks = len({k.split(".")[1] for k in sd})
+    w = sd.get("blocks.0.0.weight")
+    if n_blocks != L or w is None or w.shape[1] != d:
+        got_d = None if w is None else w.shape[1]
+        raise UsageError(f"routes: routers saved for {n_blocks} blocks of width {got_d}; "
+                         f"the plan says {L} of width {d}")
+    routers = Routers(L, d, w.shape[0])
+    try:
+        routers.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UsageError(f"routes: router weights do not fit ({str(e).splitlines()[0]})") from None
+    return routers.eval()
+
+
+def apply(model, plan: dict, tensors: dict | None = None) -> None:
+    """Install the routed runtime: a fixed path, or the routers stored in `tensors` with the plan's dial."""
+    reference_of(model)
+    L, d = len(decoder_layers(model)), model.config.hidden_size
+    if plan["num_layers"] != L or plan["hidden_size"] != d:
+        raise UsageError(f"routes: routers saved for a model with {plan['num_layers']} blocks of width "
+                         f"{plan['hidden_size']}; this model has {L} blocks of width {d}")
+    if plan.get("policy") == "path":
+        install(model, FixedPolicy(counts=path_counts(plan["path"], L, "routes.path")))
+        return
+    routers = routers_from(tensors or {}, plan)
+    if routers is None:
+        if plan.get("fallback_dense") or os.environ.get(FALLBACK_ENV) == "dense":
+            _log("routes: router weights missing; running the dense model (fallback asked for)")
+            return
+        raise UsageError("routes: router weights missing from adaflex.safetensors; set routes.fallback_dense=true "
+                         f"or {FALLBACK_ENV}=dense to run the dense model instead")
+    install(model, RouterPolicy(routers, plan.get("windows", 8), plan.get("dial", 0.0)), routers)

@@ -1,0 +1,86 @@
+"""Settings of the `routes` stage (fixed keys: `max_executed`, `simulations`, `examples`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, field_validator
+
+from ..schema import Strict
+
+
+def _existing_file(value: str) -> str:
+    if not Path(os.path.expandvars(os.path.expanduser(value))).is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+DataPath = Annotated[str, AfterValidator(_existing_file)]  # as in recipe.py (which imports the registry)
+
+
+class RoutesConfig(Strict):
+    # budget and search (fixed keys)
+    max_executed: int | None = Field(None, ge=1, description="blocks executed per example, on average (the dial "
+                                      "is calibrated to it; also caps each label when label_cap is true)")
+    label_cap: bool = Field(False, description="labels must execute <= max_executed blocks (needs deep searches: "
+                                               "a path L-k deep is >= k/2 expansions below the root)")
+    simulations: int = Field(50, ge=1, description="MCTS simulations per example")
+    examples: int = Field(256, ge=1, description="training examples to label")
+    # data
+    train: list[DataPath] = Field(default_factory=list,
+                                  description="MCTS data: ARC/PIQA/HellaSwag JSONL or text (default: data.calibration)")
+    text_len: int = Field(64, ge=8, description="tokens per text example (first half prompt, second half scored)")
+    max_tokens: int = Field(256, ge=8, description="longest context kept for a multiple-choice example")
+    # MCTS (search/mcts.py)
+    c: float = Field(1.8, ge=0, description="UCB exploration constant")
+    lam: float = Field(3.0, ge=0, description="length penalty")
+    epsilon: float = Field(0.1, ge=0, le=1, description="random-child probability")
+    min_saving: int = Field(2, ge=1, description="early stop once a correct path saves this many blocks")
+    early_stop: bool = True
+    text_tolerance: float = Field(0.05, ge=0, description="text: a path is correct if its loss <= dense * (1 + tol)")
+    min_fix_share: float = Field(0.3, ge=0, le=1, description="share of kept examples where routing fixes dense")
+    prefix_cache: int = Field(512, ge=1, description="hidden states kept for prefix reuse per example")
+    shard: str | None = Field(None, description="'i/n': label only examples with index % n == i")
+    labels_dir: str | None = Field(None, description="folder for labels shared by shard workers (default: stage state)")
+    # routers
+    bottleneck: int = Field(32, ge=1)
+    windows: int = Field(8, ge=1, description="mean-pooling windows over the prompt (min(windows, T))")
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(16, ge=1)
+    warmup: int = Field(500, ge=0, description="warm-up steps (at most a tenth of all steps)")
+    gamma: float = Field(2.0, ge=0, description="focal loss exponent")
+    beta: float = Field(0.999, ge=0, lt=1, description="effective-number class weights")
+    dial: float | Literal["auto"] = Field("auto", description="p in [-1, 1]: <0 towards skip, >0 towards repeat; "
+                                                              "auto: the largest p in [-1, 0] meeting max_executed")
+    calibrate_examples: int = Field(32, ge=1, description="prompts used to calibrate the auto dial")
+    # static use and failure policy
+    path: list[int] | None = Field(None, description="a fixed path for every input (no search, no routers)")
+    fallback_dense: bool = Field(False, description="run dense when the router weights are missing")
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v):
+        if v is None:
+            return v
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", v)
+        if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+            raise ValueError(f"shard must be 'i/n' with 0 <= i < n, got {v!r}")
+        return f"{int(m.group(1))}/{int(m.group(2))}"
+
+    @field_validator("dial")
+    @classmethod
+    def _dial(cls, v):
+        if v != "auto" and not -1.0 <= v <= 1.0:
+            raise ValueError(f"dial must lie in [-1, 1] or be 'auto', got {v}")
+        return v
+
+    def shard_of(self) -> tuple[int, int]:
+        if self.shard is None:
+            return 0, 1
+        i, n = self.shard.split("/")
+        return int(i), int(n)

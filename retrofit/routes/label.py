@@ -1,0 +1,284 @@
+"""MCTS labelling of training examples (search/mcts.py), with prefix hidden-state reuse, sharding, resume.
+
+Rewards:
+  * multiple choice: 1 when the correct choice has the highest summed log-likelihood under the path,
+    else 0 (each choice is a row context + choice; the LM head runs only on the choice tokens);
+  * text: dense NLL / path NLL of the scored second half of a window; a path is correct when its NLL is
+    within `text_tolerance` of dense (success = 1 / (1 + tol)).
+Block evaluations are counted: a path reuses the hidden states of its longest prefix already computed
+for this example (a trie of states, at most `prefix_cache` kept), so blocks before the first changed
+position are not recomputed; the naive count (every path from the embeddings) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaflex.search.mcts import enrich, search_path
+
+from ..data import MC_LAYOUTS, calibration_windows, detect_layout, read_mc, read_text
+from ..errors import AdaflexError, UsageError
+from ..evaluate import _encode_pair, decoder_layers
+from ..progress import progress
+
+
+@dataclass
+class Example:
+    index: int
+    kind: str  # "mc" or "text"
+    rows: torch.Tensor  # [R, T] token ids, right-padded
+    prompt: torch.Tensor  # [1, P] prompt tokens the routers read at prefill
+    targets: list  # per row: (positions LongTensor, token ids LongTensor)
+    label: int = 0  # mc: index of the correct choice
+
+
+def load_examples(cfg, tokenizer, paths: list[str], seed: int) -> list[Example]:
+    """`cfg.examples` examples drawn (seeded) from the training files, in a fixed order."""
+    pool: list[tuple[str, object]] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for path in paths:
+        layout = detect_layout(path)
+        if layout in MC_LAYOUTS:
+            pool += [("mc", it) for it in read_mc(path, layout)]
+        else:
+            text = read_text(path, layout)
+            n = max(1, min(4096, len(tokenizer(text[:400000]).input_ids) // cfg.text_len))
+            wins = calibration_windows(tokenizer, text, n, cfg.text_len, seed, path)
+            pool += [("text", w) for w in wins]
+    rng = random.Random(seed)
+    rng.shuffle(pool)
+    out = []
+    for kind, item in pool[: cfg.examples]:
+        i = len(out)
+        if kind == "mc":
+            pairs = [_encode_pair(tokenizer, item.context, ch) for ch in item.choices]
+            ctx = pairs[0][0][-cfg.max_tokens:]
+            if len(ctx) < 2 or any(not c for _, c in pairs):
+                continue
+            seqs = [ctx + c for _, c in pairs]
+            width = max(len(s) for s in seqs)
+            rows = torch.full((len(seqs), width), pad, dtype=torch.long)
+            targets = []
+            for r, (s, (_, cont)) in enumerate(zip(seqs, pairs, strict=True)):
+                rows[r, : len(s)] = torch.tensor(s)
+                pos = torch.arange(len(ctx) - 1, len(s) - 1)
+                targets.append((pos, torch.tensor(cont)))
+            # the evaluator's prefill holds the context but its last token (which starts the choices)
+            out.append(Example(i, "mc", rows, torch.tensor([ctx[:-1]]), targets, item.label))
+        else:
+            w = item
+            half = len(w) // 2
+            out.append(Example(i, "text", w[None], w[None, :half], [(torch.arange(half - 1, len(w) - 1), w[half:])]))
+    return out
+
+
+class BlockRunner:
+    """Runs the decoder block by block on fixed inputs, with the kwargs the model itself passes to its
+    blocks (captured from one call, so any Llama-style model works)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.blocks = decoder_layers(model)
+        self.head = model.get_output_embeddings()
+        self.evaluations = 0  # block calls
+
+    @torch.no_grad()
+    def inputs(self, ids: torch.Tensor):
+        captured = {}
+
+        class _Stop(Exception):
+            pass
+
+        def hook(_mod, args, kwargs):
+            captured["h"] = args[0] if args else kwargs.pop("hidden_states")
+            captured["kw"] = dict(kwargs)
+            raise _Stop
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.decoder(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        kw = captured["kw"]
+        kw.pop("hidden_states", None)
+        return captured["h"], kw
+
+    @torch.no_grad()
+    def block(self, b: int, h: torch.Tensor, kw: dict) -> torch.Tensor:
+        self.evaluations += 1
+        out = self.blocks[b](h, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def logprobs(self, h: torch.Tensor, targets) -> list[float]:
+        """Summed log-probability of each row's target tokens (head only at the scored positions)."""
+        hn = self.decoder.norm(h)
+        out = []
+        for r, (pos, tok) in enumerate(targets):
+            logp = torch.log_softmax(self.head(hn[r, pos]).float(), -1)
+            out.append(logp[torch.arange(len(tok)), tok].sum().item())
+        return out
+
+
+class PathScorer:
+    """Reward of a path for one example, reusing the states of computed prefixes (trie, LRU-capped)."""
+
+    def __init__(self, runner: BlockRunner, ex: Example, cfg):
+        self.runner, self.ex, self.cfg = runner, ex, cfg
+        self.h0, self.kw = runner.inputs(ex.rows)
+        self.states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.computed = 0
+        self.naive = 0
+        self.dense_nll = None
+
+    def hidden(self, path: tuple) -> torch.Tensor:
+        self.naive += len(path)
+        h, k = self.h0, 0
+        for i in range(len(path), 0, -1):
+            if path[:i] in self.states:
+                h, k = self.states[path[:i]], i
+                self.states.move_to_end(path[:i])
+                break
+        for i in range(k, len(path)):
+            h = self.runner.block(path[i], h, self.kw)
+            self.computed += 1
+            self.states[path[: i + 1]] = h
+            if len(self.states) > self.cfg.prefix_cache:
+                self.states.popitem(last=False)
+        return h
+
+    def __call__(self, path: tuple) -> float:
+        lp = self.runner.logprobs(self.hidden(path), self.ex.targets)
+        if self.ex.kind == "mc":
+            return 1.0 if max(range(len(lp)), key=lp.__getitem__) == self.ex.label else 0.0
+        nll = -lp[0] / len(self.ex.targets[0][1])
+        if self.dense_nll is None:  # the dense path is always scored first
+            self.dense_nll = nll
+        return self.dense_nll / max(nll, 1e-9)
+
+
+def success_of(ex: Example, cfg) -> float:
+    return 0.5 if ex.kind == "mc" else 1.0 / (1.0 + cfg.text_tolerance)
+
+
+def label_example(runner: BlockRunner, ex: Example, cfg, num_layers: int, seed: int) -> dict:
+    scorer = PathScorer(runner, ex, cfg)
+    res = search_path(scorer, num_layers, simulations=cfg.simulations, c=cfg.c, lam=cfg.lam, epsilon=cfg.epsilon,
+                      success=success_of(ex, cfg),
+                      max_executed=cfg.max_executed if cfg.label_cap else None, min_saving=cfg.min_saving,
+                      early_stop=cfg.early_stop, seed=seed)
+    return {"index": ex.index, "label": list(res.label) if res.label is not None else None,
+            "counts": list(res.counts) if res.counts is not None else None, "fixed": res.fixed,
+            "dense_correct": res.dense_correct, "evaluations": res.evaluations, "simulations": res.simulations,
+            "block_evals": scorer.computed, "block_evals_naive": scorer.naive}
+
+
+def fingerprint(cfg, model, paths: list[str], seed: int) -> str:
+    # `examples` is left out: example i is the same whatever the count, so a run may grow or shrink its set
+    keys = {k: getattr(cfg, k) for k in ("max_executed", "label_cap", "simulations", "text_len", "max_tokens", "c",
+                                        "lam", "epsilon", "min_saving", "early_stop", "text_tolerance")}
+    keys.update(paths=[str(p) for p in paths], seed=seed, L=len(decoder_layers(model)),
+                d=model.config.hidden_size, model=str(getattr(model.config, "_name_or_path", "")))
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shard_file(folder: Path, i: int, n: int) -> Path:
+    return folder / f"labels-{i}-of-{n}.jsonl"
+
+
+def read_labels(path: Path) -> dict[int, dict]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interruption is redone
+            done[rec["index"]] = rec
+    return done
+
+
+class ShardPending(AdaflexError):
+    """This worker's shard is labelled; training waits for the other shards."""
+
+    exit_code = 1
+
+
+def label_all(model, examples: list[Example], cfg, folder: Path, fp: str, seed: int, log=print) -> list[dict]:
+    """Label this worker's shard (resuming from its file), then return every shard's labels when all are
+    done; raise ShardPending when other shards still miss examples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "labels-meta.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
+        raise UsageError(f"{folder}: holds labels of other settings, data or model; choose another labels_dir")
+    meta.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    i, n = cfg.shard_of()
+    mine = shard_file(folder, i, n)
+    done = read_labels(mine)
+    todo = [ex for ex in examples if ex.index % n == i and ex.index not in done]
+    if done:
+        log(f"routes: resuming labelling, {len(done)} examples of shard {i}/{n} already labelled")
+    runner = BlockRunner(model)
+    L = len(runner.blocks)
+    with open(mine, "a") as f:
+        for ex in progress(todo, desc=f"MCTS labels {i}/{n}"):
+            rec = label_example(runner, ex, cfg, L, seed * 1_000_003 + ex.index)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    records = {}
+    missing = []
+    for j in range(n):
+        got = read_labels(shard_file(folder, j, n))
+        want = [ex.index for ex in examples if ex.index % n == j]
+        if any(k not in got for k in want):
+            missing.append(j)
+        records.update(got)
+    if missing:
+        raise ShardPending(f"routes: shard {i}/{n} labelled in {folder}; shards {missing} still running; "
+                           "rerun any worker once they finish to train the routers")
+    return [records[ex.index] for ex in examples]
+
+
+def summary(records: list[dict], num_layers: int) -> dict:
+    labelled = [r for r in records if r["label"] is not None]
+    naive = sum(r["block_evals_naive"] for r in records)
+    computed = sum(r["block_evals"] for r in records)
+    return {
+        "examples": len(records),
+        "labelled": len(labelled),
+        "fixes": sum(r["fixed"] for r in records),
+        "dense_correct": sum(r["dense_correct"] for r in records),
+        "label_executed_mean": (sum(len(r["label"]) for r in labelled) / len(labelled)) if labelled else None,
+        "path_evaluations": sum(r["evaluations"] for r in records),
+        "block_evals": computed,
+        "block_evals_naive": naive,
+        "prefix_reuse_saving": (1 - computed / naive) if naive else 0.0,
+        "label_class_share": _class_share(labelled, num_layers),
+    }
+
+
+def _class_share(labelled: list[dict], L: int) -> list[float]:
+    counts = [0, 0, 0]
+    for r in labelled:
+        for c in r["counts"]:
+            counts[c] += 1
+    total = max(1, sum(counts))
+    return [round(c / total, 4) for c in counts]
+
+
+def keep(records: list[dict], min_fix_share: float, seed: int) -> list[dict]:
+    """Dr.LLM's enrichment; when no example is fixed, every labelled example is kept (reported)."""
+    kept = enrich(records, min_fix_share, seed)
+    if not kept:
+        kept = [r for r in records if r["label"] is not None]
+    return kept

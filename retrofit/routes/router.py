@@ -1,0 +1,72 @@
+"""Per-block routers: a bottleneck MLP over windowed mean-pooled prompt states, 3 classes.
+
+Class 0 skips the block, 1 executes it, 2 executes it twice. The prompt (valid tokens only) is split
+into min(windows, T) equal windows; the router runs on each window mean and the logits are averaged.
+The dial p in [-1, 1] adds p * DIAL_SCALE nats to the repeat class and removes as much from the skip
+class (p < 0 leans towards skipping, p > 0 towards repeating, 0 is the trained router).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SKIP, EXECUTE, REPEAT = 0, 1, 2
+DIAL_SCALE = 8.0
+
+
+def make_mlp(width: int, bottleneck: int) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(width, bottleneck), nn.GELU(), nn.Linear(bottleneck, 3))
+    for m in (mlp[0], mlp[2]):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+    return mlp
+
+
+class Routers(nn.Module):
+    """One router per block (`blocks[b]`); attached to a decoder as `adaflex_router`."""
+
+    def __init__(self, num_layers: int, width: int, bottleneck: int = 32):
+        super().__init__()
+        self.num_layers, self.width, self.bottleneck = num_layers, width, bottleneck
+        self.blocks = nn.ModuleList(make_mlp(width, bottleneck) for _ in range(num_layers))
+
+    def logits(self, b: int, pooled: torch.Tensor, wmask: torch.Tensor) -> torch.Tensor:
+        """pooled [B, W, d], wmask [B, W] (1 for real windows) -> logits [B, 3] averaged over windows."""
+        out = self.blocks[b](pooled.to(self.blocks[b][0].weight.dtype)).float()
+        w = wmask.float()
+        return (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+
+
+def window_weights(valid: torch.Tensor, windows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooling matrix for windowed means over the valid tokens of each row.
+
+    valid: [B, T] bool (prompt tokens; padding False). Returns weights [B, W, T] (rows sum to 1 for real
+    windows) and wmask [B, W]; row r uses min(W, n_r) windows of (almost) equal size, in token order.
+    """
+    valid = valid.bool()
+    B, T = valid.shape
+    n = valid.sum(1)  # tokens per row
+    w_r = torch.minimum(n, torch.full_like(n, windows)).clamp_min(1)
+    idx = valid.long().cumsum(1) - 1  # rank of each valid token within its row
+    win = torch.div(idx * w_r[:, None], n.clamp_min(1)[:, None], rounding_mode="floor")
+    onehot = torch.zeros(B, windows, T)
+    rows, cols = valid.nonzero(as_tuple=True)
+    onehot[rows, win[rows, cols], cols] = 1.0
+    counts = onehot.sum(2)
+    wmask = counts > 0
+    weights = onehot / counts.clamp_min(1)[..., None]
+    return weights, wmask
+
+
+def pool(h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Window means [B, W, d] of hidden states h [B, T, d] (weights [B, W, T])."""
+    return torch.einsum("bwt,btd->bwd", weights.to(h.dtype), h)
+
+
+def decide(logits: torch.Tensor, dial: float = 0.0) -> torch.Tensor:
+    """Class per row from router logits [B, 3] after the dial shift."""
+    if dial:
+        shift = torch.tensor([-dial * DIAL_SCALE, 0.0, dial * DIAL_SCALE], device=logits.device)
+        logits = torch.log_softmax(logits.float(), -1) + shift
+    return logits.argmax(-1)

@@ -1,0 +1,70 @@
+"""MCTS labelling: rewards, prefix reuse counts, sharding and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaflex.retrofit.routes.config import RoutesConfig
+from adaflex.retrofit.routes.label import BlockRunner, PathScorer, ShardPending, label_all, label_example, load_examples
+from adaflex.retrofit.routes.runtime import FixedPolicy, forced_paths, install, path_counts, uninstall
+from adaflex.search.mcts import prefix_reuse
+from tiny import byte_tokenizer, tiny_llama
+
+ARC = "../shared/data/arc_easy_train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_llama(), byte_tokenizer()
+
+
+def test_prefix_reuse_counts_and_rewards_match_runtime(setup):
+    model, tok = setup
+    cfg = RoutesConfig(examples=2, simulations=12, train=[ARC], early_stop=False, max_tokens=40)
+    ex = load_examples(cfg, tok, [ARC], seed=0)[0]
+    runner = BlockRunner(model)
+    rec = label_example(runner, ex, cfg, 4, seed=1)
+    assert rec["block_evals_naive"] > rec["block_evals"] > 0
+    # the scorer's count is exactly the trie count of search/mcts.py for the paths it evaluated
+    scorer = PathScorer(runner, ex, cfg)
+    paths = [(0, 1, 2, 3), (0, 1, 3), (0, 2, 3), (0, 1, 1, 2, 3), (1, 2, 3)]
+    rewards = [scorer(p) for p in paths]
+    pr = prefix_reuse(paths, mode="trie")
+    assert (scorer.computed, scorer.naive) == (pr.computed, pr.naive) == (13, 18)
+    # the reward of a path is the runtime's answer under that path
+    with torch.no_grad():
+        for p, r in zip(paths, rewards, strict=True):
+            install(model, FixedPolicy(counts=path_counts(p, 4)))
+            try:
+                logits = model(ex.rows, use_cache=False).logits
+            finally:
+                uninstall(model)
+            lp = [torch.log_softmax(logits[i, pos], -1)[torch.arange(len(t)), t].sum().item()
+                  for i, (pos, t) in enumerate(ex.targets)]
+            assert r == float(max(range(len(lp)), key=lp.__getitem__) == ex.label)
+    with forced_paths(model, [paths[1]]):
+        pass  # forcing without a call leaves nothing behind
+    assert not hasattr(model, "adaflex_routes_runtime") or model.adaflex_routes_runtime._forced is None
+
+
+def test_sharded_labelling_resumes(setup, tmp_path):
+    model, tok = setup
+    base = dict(examples=3, simulations=3, train=[ARC], max_tokens=32)
+    exs = load_examples(RoutesConfig(**base), tok, [ARC], seed=0)
+    with pytest.raises(ShardPending, match="shards \\[1\\]"):
+        label_all(model, exs, RoutesConfig(**base, shard="0/2"), tmp_path, "fp", 0, log=lambda m: None)
+    f0 = tmp_path / "labels-0-of-2.jsonl"
+    assert len(f0.read_text().splitlines()) == 2  # examples 0 and 2
+    recs = label_all(model, exs, RoutesConfig(**base, shard="1/2"), tmp_path, "fp", 0, log=lambda m: None)
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    stamp = f0.read_text()
+    again = label_all(model, exs, RoutesConfig(**base, shard="0/2"), tmp_path, "fp", 0, log=lambda m: None)
+    assert f0.read_text() == stamp and again == recs  # resumed: nothing relabelled
+    from adaflex.retrofit.errors import UsageError
+
+    with pytest.raises(UsageError, match="other settings"):
+        label_all(model, exs, RoutesConfig(**base), tmp_path, "other", 0)
+    assert json.loads((tmp_path / "labels-meta.json").read_text())["fingerprint"] == "fp"

@@ -1,0 +1,191 @@
+"""Execution by path: dense equality, manual composition, mixed-path batches, cache slots, generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaflex.retrofit.data import MCItem
+from adaflex.retrofit.errors import UsageError
+from adaflex.retrofit.evaluate import choice_logliks, cost_figures
+from adaflex.retrofit.routes.runtime import FixedPolicy, RandomPolicy, forced_paths, install, path_counts, uninstall
+from tiny import byte_tokenizer, tiny_llama
+
+PATHS = [[0, 2, 2, 3], [1, 3], [0, 1, 1, 2, 3, 3]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def manual(model, path, x):
+    """Logits of `x` along `path`: the model's own embeddings, blocks in path order, norm and head."""
+    dec = model.model
+    cap = {}
+
+    class Stop(Exception):
+        pass
+
+    def hook(_m, args, kwargs):
+        cap["h"], cap["kw"] = args[0], kwargs
+        raise Stop
+
+    handle = dec.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        dec(input_ids=x, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    h = cap["h"]
+    for b in path:
+        h = dec.layers[b](h, **cap["kw"])
+    return model.lm_head(dec.norm(h))
+
+
+@torch.no_grad()
+def test_dense_path_equals_unmodified_model(model):
+    x = torch.randint(0, 250, (2, 10))
+    ref = model(x).logits
+    ref_gen = model.generate(x, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(x))
+    install(model, FixedPolicy(counts=(1, 1, 1, 1)))
+    try:
+        assert torch.equal(model(x).logits, ref)
+        out = model.generate(x, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(x))
+        assert torch.equal(out, ref_gen)
+    finally:
+        uninstall(model)
+    assert torch.equal(model(x).logits, ref)  # uninstall restores the plain forward
+
+
+@torch.no_grad()
+def test_any_path_equals_manual_composition_mixed_batch(model):
+    x = torch.randint(0, 250, (3, 12))
+    want = [manual(model, p, x[i : i + 1])[0] for i, p in enumerate(PATHS)]
+    install(model, FixedPolicy(counts=(1, 1, 1, 1)))
+    try:
+        with forced_paths(model, PATHS):
+            got = model(x, use_cache=False).logits
+        for i in range(3):
+            torch.testing.assert_close(got[i], want[i], atol=1e-5, rtol=1e-5)
+        # same path for the whole batch: exact
+        install(model, FixedPolicy(counts=path_counts(PATHS[0], 4)))
+        torch.testing.assert_close(model(x[:1]).logits[0], want[0], atol=0, rtol=0)
+    finally:
+        uninstall(model)
+
+
+@torch.no_grad()
+def test_generate_routed_batch_equals_per_row(model):
+    x = torch.randint(0, 250, (3, 9))
+    install(model, FixedPolicy(counts=(1, 1, 1, 1)))
+    try:
+        with forced_paths(model, PATHS):
+            batch = model.generate(x, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(x))
+        for i, p in enumerate(PATHS):
+            with forced_paths(model, [p]):
+                row = model.generate(x[i : i + 1], max_new_tokens=8, do_sample=False,
+                                     attention_mask=torch.ones_like(x[i : i + 1]))
+            assert torch.equal(batch[i], row[0])
+    finally:
+        uninstall(model)
+
+
+@torch.no_grad()
+def test_repeat_has_own_cache_slot_and_decode_matches_full(model):
+    x = torch.randint(0, 250, (3, 14))
+    install(model, FixedPolicy(counts=(1, 1, 1, 1)))
+    try:
+        from transformers import DynamicCache
+
+        with forced_paths(model, PATHS):
+            full = model(x, use_cache=False).logits
+            cache = DynamicCache(config=model.config)
+            model(x[:, :8], cache=cache, use_cache=True)
+        # routes stay fixed for the decode steps (no forcing any more)
+        steps = [model(x[:, t : t + 1], cache=cache, use_cache=True).logits[:, 0] for t in range(8, 14)]
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:14], atol=1e-5, rtol=1e-5)
+        L = 4
+        assert len(cache.layers) == 2 * L
+        assert cache.layers[L + 2].keys.shape[0] == 1  # only row 0 repeats block 2
+        assert cache.layers[L + 1].keys.shape[0] == 1 and cache.layers[L + 3].keys.shape[0] == 1  # row 2
+        assert cache.layers[1].keys.shape[0] == 2  # rows 1 and 2 run block 1
+        assert cache.get_seq_length() == 14
+        assert cache.adaflex_routes.tolist() == [list(path_counts(p, L)) for p in PATHS]
+        # row selection (beam/contrastive style) keeps each row's slots
+        cache.batch_select_indices(torch.tensor([2, 0]))
+        nxt = torch.randint(0, 250, (2, 1))
+        got = model(nxt, cache=cache, use_cache=True).logits[:, 0]
+        with forced_paths(model, [PATHS[2], PATHS[0]]):
+            ref = model(torch.cat([x[[2, 0]], nxt], 1), use_cache=False).logits[:, -1]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    finally:
+        uninstall(model)
+
+
+@torch.no_grad()
+def test_skipped_blocks_not_called_and_cost_counts_rows(model):
+    calls = [0] * 4
+    hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + a[0].shape[0]))
+             for i, blk in enumerate(model.model.layers)]
+    install(model, FixedPolicy(counts=(1, 1, 1, 1)))
+    try:
+        with forced_paths(model, PATHS):
+            model(torch.randint(0, 250, (3, 6)), use_cache=False)
+        assert calls == [2, 3, 3, 4]  # rows running each block, repeats counted twice
+        calls[:] = [0] * 4
+        install(model, FixedPolicy(counts=path_counts([1, 3], 4)))
+        model(torch.randint(0, 250, (2, 6)), use_cache=False)
+        assert calls == [0, 2, 0, 2]
+        c = cost_figures(model, torch.randint(0, 250, (2, 16)))
+        assert c["layers_executed_mean"] == 2 and c["kv_bytes_ratio"] == pytest.approx(0.5)
+    finally:
+        for h in hooks:
+            h.remove()
+        uninstall(model)
+
+
+@torch.no_grad()
+def test_evaluator_reuses_prefill_routes_per_row(model):
+    tok = byte_tokenizer()
+    items = [MCItem(f"Question {i}: which?{' pad' * i}\nAnswer:", (" yes", " no", " maybe"), i % 3) for i in range(4)]
+    install(model, RandomPolicy(4, 1.5, seed=3))
+    try:
+        together, _ = choice_logliks(model, tok, items, batch_size=12, show_progress=False)
+        routes_batch = model.adaflex_routes_runtime.last_routes
+        assert routes_batch.shape[0] == 12  # the continuation pass carried the prefill's routes per row
+    finally:
+        uninstall(model)
+    # the same decisions one item at a time give the same scores
+    install(model, RandomPolicy(4, 1.5, seed=3))
+    rt = model.adaflex_routes_runtime
+    decided = []
+    orig = rt.policy.prepare
+    rt.policy.prepare = lambda valid: decided.append(orig(valid)) or decided[-1]
+    try:
+        choice_logliks(model, tok, items, batch_size=12, show_progress=False)
+        rows = [r for batch in decided for r in batch]
+    finally:
+        uninstall(model)
+    # items are batched by context length (longest first): map each to its routed path
+    order = sorted(range(4), key=lambda i: -len(items[i].context))
+    install(model, FixedPolicy(counts=(1, 1, 1, 1)))
+    try:
+        for pos, i in enumerate(order):
+            with forced_paths(model, [tuple(b for b, c in enumerate(rows[pos]) for _ in range(c))]):
+                alone, _ = choice_logliks(model, tok, [items[i]], batch_size=3, show_progress=False)
+            torch.testing.assert_close(torch.tensor(alone[0]), torch.tensor(together[i]), atol=1e-4, rtol=1e-4)
+    finally:
+        uninstall(model)
+
+
+def test_bad_paths_are_usage_errors():
+    with pytest.raises(UsageError, match="out of range"):
+        path_counts([0, 4], 4)
+    with pytest.raises(UsageError, match="at least one"):
+        path_counts([], 4)
+    with pytest.raises(UsageError, match="at most twice"):
+        path_counts([1, 1, 1], 4)
+    with pytest.raises(UsageError, match="in order"):
+        path_counts([2, 1], 4)

@@ -1,0 +1,46 @@
+"""Routers: window pooling, class weights, focal loss, schedule, and learning a toy labelling."""
+
+from __future__ import annotations
+
+import torch
+
+from adaflex.retrofit.routes.config import RoutesConfig
+from adaflex.retrofit.routes.router import decide, window_weights
+from adaflex.retrofit.routes.train import class_weights, focal_loss, lr_at, train_routers
+
+
+def test_window_weights_equal_windows_and_padding():
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    w, m = window_weights(valid, windows=8)
+    assert m.sum(1).tolist() == [4, 6]  # min(8, T) windows
+    assert torch.allclose(w.sum(2)[m], torch.ones(10))
+    assert w[0, :, :2].abs().sum() == 0  # padding never pooled
+    w2, m2 = window_weights(torch.ones(1, 16, dtype=torch.bool), windows=8)
+    assert m2.sum() == 8 and torch.allclose(w2[0, 0, :2], torch.full((2,), 0.5))
+
+
+def test_class_weights_focal_and_schedule():
+    labels = torch.tensor([[1, 0], [1, 1], [1, 1], [0, 1]])
+    w = class_weights(labels, 0.999)
+    assert w[0, 2] == 0 and w[0, 0] > w[0, 1]  # rarer class weighs more, absent class 0
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    easy = focal_loss(logits, torch.tensor([0, 1]), torch.ones(3), 2.0)
+    hard = focal_loss(logits, torch.tensor([1, 0]), torch.ones(3), 2.0)
+    assert hard > 10 * easy
+    assert lr_at(0, 100, 10) == 0.1 and lr_at(10, 100, 10) == 1.0 and lr_at(100, 100, 10) < 1e-9
+    # the dial leans to skip below zero and to repeat above
+    lg = torch.tensor([[0.0, 1.0, 0.0]])
+    assert decide(lg, 0.0).item() == 1 and decide(lg, -0.5).item() == 0 and decide(lg, 0.5).item() == 2
+
+
+def test_routers_learn_a_toy_labelling():
+    torch.manual_seed(0)
+    N, L, W, d = 96, 3, 4, 16
+    feats = torch.randn(N, L, W, d)
+    wmask = torch.ones(N, W, dtype=torch.bool)
+    s = feats[..., 0].mean(2)  # [N, L]
+    labels = torch.where(s > 0.3, 0, torch.where(s < -0.6, 2, 1))
+    cfg = RoutesConfig(epochs=40, batch_size=48, lr=0.03, warmup=0, bottleneck=16)
+    routers, stats = train_routers(feats, wmask, labels, cfg, seed=0)
+    assert stats["train_acc"] > 0.9, stats
+    assert stats["train_skip_recall"] > 0.8, stats
