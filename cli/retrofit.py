@@ -19,8 +19,8 @@ def retrofit(
 ):
     """Apply a recipe's stages and report dense vs retrofitted, side by side."""
     with guard():
-        from adaflex.retrofit.recipe import load_recipe, packaged, resolve_recipe_path
         from adaflex.retrofit.pipeline import run
+        from adaflex.retrofit.recipe import load_recipe, packaged, resolve_recipe_path
 
         path = resolve_recipe_path(recipe) if recipe else packaged("quickstart.yaml")
         sets = list(overrides) + ([f"seed={seed}"] if seed is not None else [])

@@ -46,3 +46,15 @@ def _cwd_root(monkeypatch, tmp_path):
     """Run from the repo root (recipes name ../shared/data/...), with a private adaflex cache."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("ADAFLEX_CACHE", os.environ.get("ADAFLEX_TEST_CACHE", str(tmp_path / "cache")))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny-model matmuls gain nothing from more, and on a shared CPU extra OpenMP threads
+    spin-wait on each other (a tiny decode step went from ~1 s to ~10 ms)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

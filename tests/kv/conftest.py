@@ -1,13 +1,8 @@
-"""KV tests run many small forwards: one intra-op thread avoids OpenMP spin-waits on a shared CPU
-(a tiny decode step goes from ~1 s to ~10 ms when the cores are oversubscribed)."""
+"""These tests run many small forwards of the tiny model: one thread each (see tests/conftest.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
