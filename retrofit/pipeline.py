@@ -47,10 +47,6 @@ def preflight(recipe: Recipe) -> None:
             read_text(ev.data, ev.layout)
 
 
-def _apply_stage(model, method: str, plan: dict, tensors: dict) -> None:
-    registry.implementation(method).apply(model, plan, tensors)
-
-
 def _prefix(i: int, method: str) -> str:
     return f"stages.{i}.{method}."
 
@@ -156,7 +152,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
             if result.tensors:
                 io.save_tensors(tf, result.tensors)
             io.write_json(f, {"method": method, "plan": result.plan, "metrics": result.metrics})
-        _apply_stage(model, method, result.plan, result.tensors)
+        registry.implementation(method).apply(model, result.plan, result.tensors)
         stages.append({"method": method, "plan": result.plan, "metrics": result.metrics})
         all_tensors.update({_prefix(i, method) + k: v for k, v in result.tensors.items()})
 
