@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from adaflex.kernels import shard_lora_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -97,24 +101,30 @@ class LoraDelta(_Delta):
         return self.adaflex_a, self.adaflex_b
 
 
-def _hook(mod, args, out):
-    delta = mod.adaflex_delta
+def _adapted_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    delta = linear.adaflex_delta
     if not delta.enabled:
-        return out
-    return out + delta(args[0])
+        return F.linear(x, linear.weight, linear.bias)
+    if isinstance(delta, MoSDelta) and not (delta.training and isinstance(delta.dropout, nn.Dropout)):
+        # inference (or training without dropout): one fused shard-LoRA kernel where Triton runs (the
+        # dispatcher takes the torch reference on CPU and whenever autograd needs gradients)
+        p = delta.pool
+        return shard_lora_linear(x, linear.weight, p.pool_a, delta.idx_a, p.pool_b, delta.idx_b, delta.scale,
+                                 linear.bias)
+    return F.linear(x, linear.weight, linear.bias) + delta(x)
 
 
 def attach(linear: nn.Linear, delta: _Delta) -> None:
     detach(linear)
     delta.train(linear.training)  # a new module starts in training mode: follow the model's
     linear.adaflex_delta = delta
-    linear._adaflex_hook = linear.register_forward_hook(_hook)
+    # an instance-level forward (not a hook) so the fused kernel can replace the base matmul too;
+    # forward hooks (cost counting, calibration) still see the linear's input and output
+    linear.forward = partial(_adapted_forward, linear)
 
 
 def detach(linear: nn.Module) -> None:
-    handle = linear.__dict__.pop("_adaflex_hook", None)
-    if handle is not None:
-        handle.remove()
+    linear.__dict__.pop("forward", None)
     if "adaflex_delta" in linear._modules:
         del linear._modules["adaflex_delta"]
 

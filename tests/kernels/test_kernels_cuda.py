@@ -17,6 +17,7 @@ from adaflex.kernels import (
     shard_lora_linear_torch,
     shard_lora_linear_triton,
 )
+from adaflex.kernels.shard_lora import STRATEGIES
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -58,12 +59,14 @@ def test_shard_lora(cuda, gen, close, dtype, tokens):
     idx_a = torch.randint(0, 24, (r, n_shards), device=cuda, generator=gen)
     idx_b = torch.randint(0, 24, (r, n_shards), device=cuda, generator=gen)
     bias = torch.randn(d_out, device=cuda, generator=gen).to(dtype)
-    out = shard_lora_linear_triton(x, w, pool_a, idx_a, pool_b, idx_b, 2.0, bias)
     ref = shard_lora_linear_torch(x, w, pool_a, idx_a, pool_b, idx_b, 2.0, bias)
-    if dtype == torch.float32:  # both sides run the base matmul in cuBLAS, which may use TF32
-        torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
-    else:
-        close(out, ref)
+    for strategy in (None, *STRATEGIES):  # None: the timed pick
+        out = shard_lora_linear_triton(x, w, pool_a, idx_a, pool_b, idx_b, 2.0, bias, strategy=strategy)
+        if dtype == torch.float32:  # the reference's cuBLAS matmul may use TF32
+            torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+        else:  # fused strategies round once, the reference three times: half precision's tolerance x2
+            atol, rtol = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}[dtype]
+            torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=lambda m, s=strategy: f"{s}: {m}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,3 +88,25 @@ def test_add_rmsnorm(cuda, gen, close, dtype, hidden):
     ref_normed, ref_res = add_rmsnorm_torch(x, res, w, 1e-5)
     assert torch.equal(new_res, ref_res)
     close(normed, ref_normed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mos_linear_cuda(cuda, monkeypatch, dtype):
+    # the shards stage's adapted linear takes the fused kernel on the GPU, with the torch path's result
+    from adaflex.retrofit.shards.layer import MoSDelta, ShardPool, attach
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 1536).eval().to(cuda, dtype)
+    pool = ShardPool(30, 576, 1536, 4)
+    pool.reset_parameters()
+    torch.nn.init.normal_(pool.pool_b, std=0.05)
+    pool.to(cuda)  # fp32 pools, as training keeps them; the kernel reads them in the activation dtype
+    attach(lin, MoSDelta(pool, torch.randint(0, 30, (8, 4), device=cuda), torch.randint(0, 30, (8, 4), device=cuda),
+                         2.0, 0.0))
+    x = torch.randn(4, 33, 576, device=cuda, dtype=dtype)
+    with torch.no_grad():
+        fused = lin(x)
+        monkeypatch.setenv("ADAFLEX_KERNELS", "torch")
+        ref = lin(x)
+    atol = {torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    torch.testing.assert_close(fused, ref, atol=atol, rtol=atol)

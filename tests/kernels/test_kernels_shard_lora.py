@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from adaflex.kernels import shard_lora_linear, shard_lora_linear_torch, shard_lora_linear_triton
+from adaflex.kernels.shard_lora import STRATEGIES
 
 
 def _problem(dtype, d_in=96, d_out=72, r=6, n_shards=4, n_a=10, n_b=11, seed=0):
@@ -37,13 +38,14 @@ def test_reference_is_lora_with_assembled_factors():
     torch.testing.assert_close(shard_lora_linear_torch(x, w, pool_a, idx_a, pool_b, idx_b, 0.75, bias), expect)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,with_bias", [((37,), True), ((2, 9), False)])
-def test_triton_matches_reference(interpret, close, dtype, lead, with_bias):
+def test_triton_matches_reference(interpret, close, strategy, dtype, lead, with_bias):
     w, pool_a, idx_a, pool_b, idx_b, bias = _problem(dtype)
     x = torch.randn(*lead, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = bias if with_bias else None
-    out = shard_lora_linear_triton(x, w, pool_a, idx_a, pool_b, idx_b, 2.0, bias)
+    out = shard_lora_linear_triton(x, w, pool_a, idx_a, pool_b, idx_b, 2.0, bias, strategy=strategy)
     ref = shard_lora_linear_torch(x, w, pool_a, idx_a, pool_b, idx_b, 2.0, bias)
     assert out.shape == (*lead, 72) and out.dtype == dtype
     close(out, ref)
@@ -56,3 +58,29 @@ def test_rank_16_one_shard_via_dispatcher(interpret, close):
     x = torch.randn(3, 64)
     close(shard_lora_linear(x, w, pool_a, idx_a, pool_b, idx_b, 0.5, bias),
           shard_lora_linear_torch(x, w, pool_a, idx_a, pool_b, idx_b, 0.5, bias))
+
+
+def test_mos_linear_runs_the_fused_kernel(interpret, close, monkeypatch):
+    # a MoS-adapted nn.Linear in inference takes the Triton kernel, with the result of the torch path
+    from adaflex.kernels import shard_lora as mod
+    from adaflex.retrofit.shards.layer import MoSDelta, ShardPool, attach, detach
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 72).eval()
+    pool = ShardPool(10, 96, 72, 4)
+    pool.reset_parameters()
+    torch.nn.init.normal_(pool.pool_b)  # B = 0 at init would hide the low-rank term
+    attach(lin, MoSDelta(pool, torch.randint(0, 10, (6, 4)), torch.randint(0, 10, (6, 4)), 0.5, 0.0))
+    x = torch.randn(2, 5, 96)
+    calls = []
+    real = mod.shard_lora_linear_triton
+    monkeypatch.setattr(mod, "shard_lora_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        fused = lin(x)
+        monkeypatch.setenv("ADAFLEX_KERNELS", "torch")
+        ref = lin(x)
+        detach(lin)
+        base = lin(x)
+    assert calls == [1]
+    close(fused, ref)
+    assert not torch.allclose(ref, base)  # the adapter contributes
