@@ -5,7 +5,7 @@ and DP (+Wanda, RD-pruning ratios). Calibration on ARC-Easy train questions, Wik
 on 512-token windows. The calibration capture, the dense statistics and the distortion curves are
 measured once and reused across targets (curves are cached in --cache, so a rerun skips them).
 
-    nice python tests/bench/prune.py --windows 40 --out runs/bench-prune.json
+    python tests/bench/prune.py --out runs/bench-prune.json   # ~15 min on 2 idle cores
 
 Prints a table (perplexity, search seconds, additivity rank correlation) and writes JSON results.
 """
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "owl", "dp"],
                     choices=["magnitude", "wanda", "owl", "dp", "dp-depth"])
-    ap.add_argument("--windows", type=int, default=40, help="WikiText-2 dev windows of 512 tokens to score")
+    ap.add_argument("--windows", type=int, default=16, help="WikiText-2 dev windows of 512 tokens to score")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows (ARC-Easy train)")
     ap.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     ap.add_argument("--curve-samples", type=int, default=2, help="calibration windows used for DP curves")
