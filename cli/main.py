@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, export, models, recipe, retrofit
+from . import evaluate, export, models, recipe, retrofit, search
 
 app = typer.Typer(
     name="adaflex",
@@ -14,6 +14,7 @@ app = typer.Typer(
     help="Retrofit pretrained causal LMs with adaptive compute.",
 )
 app.command("retrofit")(retrofit.retrofit)
+app.command("search")(search.search)
 app.command("export")(export.export)
 app.command("eval")(evaluate.evaluate)
 app.add_typer(recipe.app, name="recipe")

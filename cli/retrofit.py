@@ -40,6 +40,12 @@ def retrofit(
                     ratio = r["acc_norm"] / d["acc_norm"] if d["acc_norm"] else None
                     ev_rows.append([e["name"], "acc_norm", d["acc_norm"], r["acc_norm"], ratio])
             out.print(result_table("quality", ["eval", "metric", "dense", "retrofitted", "ratio"], ev_rows))
+        if report.get("after_each_stage"):  # a composed recipe: what each stage adds to cost and quality
+            keys = ["perplexity", "flops_ratio", "kv_bytes_ratio", "layers_executed_mean", "sparsity",
+                    "trainable_params"]
+            rows = [[a["stage"], *[a.get(k) for k in keys]] for a in report["after_each_stage"]]
+            title = f"after each stage ({report['after_each_stage'][0]['protocol']}; cost on the probe)"
+            out.print(result_table(title, ["after", *keys], rows))
         if report.get("run_dir"):
             run_dir = report["run_dir"]
             out.print(f"run directory: {run_dir}  (export with `adaflex export {run_dir} --out DIR`)")

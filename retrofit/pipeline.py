@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from . import io, models, registry
+from .contribution import Contributions
 from .data import read_mc, read_text
 from .errors import UsageError
 from .evaluate import cost_figures, probe_ids, reference_of, run_eval
@@ -137,6 +138,10 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     dense_cost = cost_figures(model, probe)
     dense = _evaluate(model, tokenizer, recipe, state, "dense", log)
 
+    # a composed recipe reports each stage's contribution: quality and cost after every stage
+    contrib = Contributions(recipe, tokenizer, probe) if len(recipe.stages) > 1 else None
+    after = [_measured(state / "dense-after.json", lambda: contrib.measure(model, "dense"))] if contrib else []
+
     stages, all_tensors = [], {}
     for i, (method, cfg) in enumerate(recipe.stage_items()):
         f = state / f"stage-{i}.json"
@@ -154,6 +159,8 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
             io.write_json(f, {"method": method, "plan": result.plan, "metrics": result.metrics})
         registry.implementation(method).apply(model, result.plan, result.tensors)
         stages.append({"method": method, "plan": result.plan, "metrics": result.metrics})
+        if contrib:
+            after.append(_measured(state / f"stage-{i}-after.json", lambda m=method: contrib.measure(model, m)))
         all_tensors.update({_prefix(i, method) + k: v for k, v in result.tensors.items()})
 
     retro_cost = cost_figures(model, probe)
@@ -161,6 +168,8 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     plan = {"adaflex_version": version(), "model": resolved.get("model"), "recipe_sha256": recipe.sha256(),
             "dense_reference": reference_of(model), "stages": stages}
     report = _report(resolved, plan, dense_cost, retro_cost, dense, retro)
+    if after:
+        report["after_each_stage"] = after
     if run_dir is not None:
         io.save_tensors(run_dir / "adaflex.safetensors", all_tensors, _metadata(plan))
         io.write_json(run_dir / "plan.json", plan)
@@ -168,6 +177,14 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         report["run_dir"] = str(run_dir)
     model.adaflex_plan = plan
     return report
+
+
+def _measured(path: Path, measure) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    res = measure()
+    io.write_json(path, res)
+    return res
 
 
 def _metadata(plan: dict) -> dict[str, str]:

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError,
 from .errors import UsageError
 from .registry import METHODS, config_class
 from .schema import Strict
+from .search_space import SearchSection
 
 
 def _existing_file(value: str) -> str:
@@ -94,6 +95,7 @@ class Recipe(Strict):
     budget: Budget | None = None
     stages: list[StageEntry] = Field(default_factory=list)
     eval: list[EvalSpec] = Field(default_factory=list)
+    search: SearchSection | None = None  # what `adaflex search` may change (retrofit ignores it)
 
     def stage_items(self) -> list[tuple[str, Strict]]:
         """(method, settings) for each stage, in order."""

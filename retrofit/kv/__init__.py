@@ -1,5 +1,5 @@
 """Stage `kv`: per-layer KV-cache budgets (uniform, PyramidKV, CAKE, PrefixKV, searched) with selection
-policies (StreamingLLM, SnapKV, CAKE indicator) in a cache that really holds fewer bytes."""
+policies (StreamingLLM, SnapKV, CAKE indicator, H2O, mix) in a cache that really holds fewer bytes."""
 
 from .config import KVConfig
 

@@ -64,6 +64,29 @@ def window_probs(query, key, key_valid, scaling: float, w: int, groups: int) -> 
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
+def received_mass(query, key, key_valid, scaling: float, groups: int, chunk: int = 256) -> torch.Tensor:
+    """Attention each key received, summed over all queries and averaged over a GQA group: [B, Hkv, K].
+
+    Same masking as the attention itself; queries go `chunk` at a time so memory stays [B, Hq, chunk, K]."""
+    q, k = query.shape[2], key.shape[2]
+    kk = _repeat_heads(key.float(), groups).transpose(2, 3)
+    if key_valid is not None and key_valid.shape[1] > 1:
+        key_valid = _repeat_heads(key_valid, groups)
+    total = query.new_zeros(query.shape[0], query.shape[1], k, dtype=torch.float32)
+    for s in range(0, q, chunk):
+        e = min(q, s + chunk)
+        logits = torch.matmul(query[:, :, s:e].float(), kk) * scaling
+        i = torch.arange(s, e, device=query.device)[:, None]
+        mask = (torch.arange(k, device=query.device)[None, :] <= i + (k - q))[None, None]
+        if key_valid is not None:
+            mask = mask & key_valid[:, :, None, :]
+        total += torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0).sum(dim=2)
+    if groups == 1:
+        return total
+    b, hq = total.shape[:2]
+    return total.reshape(b, hq // groups, groups, k).mean(dim=2)
+
+
 def adaflex_kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                          **kwargs):
     """query [B, Hq, q, D], key/value [B, Hkv, K, D]; attention_mask: key padding [B, kv] bool or None."""
@@ -96,7 +119,8 @@ def adaflex_kv_attention(module, query, key, value, attention_mask, dropout: flo
         owner = layer.owner
         w = owner.probe_queries(layer, q)
         probs = window_probs(query, key, valid, scaling, w, groups) if w else None
-        owner.after_attention(layer, probs, groups)
+        mass = received_mass(query, key, valid, scaling, groups) if owner.wants_mass(layer) else None
+        owner.after_attention(layer, probs, groups, mass)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -127,6 +127,8 @@ class BudgetedLayer(DynamicLayer):
         self.seen = 0
         self.valid: torch.Tensor | None = None  # [B, H, K] bool
         self.scores: torch.Tensor | None = None  # [B, H, K] float32 (attention-scored policies)
+        self.mass: torch.Tensor | None = None  # [B, H, K] attention received, summed over prompt queries (h2o, mix)
+        self.mass_queries = 0
         self.capacity: int | None = None  # fixed size once compressed
         self.heads_uniform = True  # valid is the same for every KV head of a row
         self._returned = None
@@ -193,6 +195,7 @@ class BudgetedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen, self.valid, self.scores, self.capacity, self.heads_uniform = 0, None, None, None, True
+        self.mass, self.mass_queries = None, 0
         self.keys = self.values = self.k_scale = self.v_scale = None
         self.is_initialized = False
 
@@ -208,6 +211,8 @@ class BudgetedLayer(DynamicLayer):
         self.valid = self.valid[..., :-n]
         if self.scores is not None:
             self.scores = self.scores[..., :-n]
+        if self.mass is not None:  # the removed queries' attention stays summed in: a small bias, no error
+            self.mass = self.mass[..., :-n]
         self.seen -= n
 
     def _rows(self, fn) -> None:
@@ -216,6 +221,8 @@ class BudgetedLayer(DynamicLayer):
         self.keys, self.values, self.valid = fn(self.keys), fn(self.values), fn(self.valid)
         if self.scores is not None:
             self.scores = fn(self.scores)
+        if self.mass is not None:
+            self.mass = fn(self.mass)
         if self.k_scale is not None:
             self.k_scale, self.v_scale = fn(self.k_scale), fn(self.v_scale)
 
@@ -327,11 +334,24 @@ class BudgetedCache(Cache):
             return min(spec.window, q) if need else 0
         return min(q, 256) if spec.policy.needs_attention else 0
 
-    def after_attention(self, layer: BudgetedLayer, probs: torch.Tensor | None, groups: int) -> None:
-        """probs: [B, Hq, w, K] attention of the last w new queries over the layer's stored keys."""
+    def wants_mass(self, layer: BudgetedLayer) -> bool:
+        """Whether `after_attention` needs the attention every new query gave (prompt not compressed yet)."""
+        spec = self.spec
+        return spec.policy.needs_mass and not (spec.is_full or self.frozen) and layer.capacity is None
+
+    def after_attention(self, layer: BudgetedLayer, probs: torch.Tensor | None, groups: int,
+                        mass: torch.Tensor | None = None) -> None:
+        """probs: [B, Hq, w, K] attention of the last w new queries over the layer's stored keys; mass:
+        [B, Hkv, K] attention the keys received, summed over this forward's new queries (`wants_mass`)."""
         spec = self.spec
         if spec.is_full or self.frozen:
             return
+        if mass is not None:  # a prompt may arrive in chunks: keep summing until it is compressed
+            old = layer.mass
+            if old is not None:
+                mass = mass.clone()
+                mass[..., : old.shape[-1]] += old
+            layer.mass, layer.mass_queries = mass, layer.mass_queries + layer._fresh
         if layer.capacity is None:
             self._prefill(layer, probs, groups)
         else:
@@ -343,7 +363,9 @@ class BudgetedCache(Cache):
         if total >= k * spec.num_layers:
             return  # nothing to evict yet: stays uncompressed, later forwards reconsider
         if spec.policy.needs_attention:
-            layer.scores = spec.policy.score(probs, groups, k).float()
+            mass = None if layer.mass is None else layer.mass / max(1, layer.mass_queries)
+            layer.scores = spec.policy.score(probs, groups, k, mass).float()
+            layer.mass = None  # decisions from here on use the running scores
         if spec.allocation == "cake" and spec.fractions is None:
             self._cascade(layer, probs, total)
             return

@@ -17,9 +17,10 @@ class KVConfig(Strict):
     tokens: int | None = Field(None, ge=1, description="or: tokens kept per layer on average (replaces budget)")
     allocation: Literal["uniform", "pyramid", "cake", "prefixkv", "searched"] = Field(
         "uniform", description="how the global budget is spread over layers")
-    policy: Literal["streaming", "snapkv", "cake"] = Field(
+    policy: Literal["streaming", "snapkv", "cake", "h2o", "mix"] = Field(
         "snapkv", description="which tokens a layer keeps: most recent (StreamingLLM), window attention "
-                              "(SnapKV), or CAKE's mean + gamma * variance indicator")
+                              "(SnapKV), CAKE's mean + gamma * variance indicator, attention received from "
+                              "every prompt query (h2o), or the max of snapkv and h2o (mix)")
     sinks: int = Field(4, ge=0, description="first tokens always kept (attention sinks)")
     window: int = Field(32, ge=1, description="last tokens always kept; also the observation window of the scores")
     recent: float = Field(0.0, ge=0, lt=1, description="extra share of each layer's budget kept as the most "

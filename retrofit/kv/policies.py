@@ -9,6 +9,10 @@ and keeping only the peak digit loses the rest of the span (methods.md, "KV budg
     streaming   StreamingLLM: recency only (sinks + the most recent tokens); needs no attention
     snapkv      SnapKV: mean attention of the window queries, avg-pooled, averaged over a GQA group
     cake        CAKE's indicator: mean + gamma * variance of the window attention, pooled, GQA-averaged
+    h2o         heavy hitters (H2O at prefill): mean attention each key received from *every* prompt query,
+                not pooled (single tokens; pooling measured worse for continuation perplexity)
+    mix         max(snapkv's pooled window score, h2o's score): spans around what the last queries (a
+                question) look at, for retrieval, and the prompt's heavy hitters, for continuation
 
 During decoding (fixed size) every attention-scored policy keeps a running mean of the attention each
 stored token receives (CAKE decodes with the mean only); StreamingLLM stays purely positional.
@@ -47,8 +51,10 @@ class Policy:
     kernel: int = 7
     name: str = "base"
     needs_attention: bool = True
+    needs_mass: bool = False  # wants the attention received from every prompt query (`mass`)
 
-    def score(self, probs: torch.Tensor | None, groups: int, length: int) -> torch.Tensor:
+    def score(self, probs: torch.Tensor | None, groups: int, length: int, mass=None) -> torch.Tensor:
+        """mass: [B, Hkv, K] mean attention each key received from all prompt queries (needs_mass only)."""
         raise NotImplementedError
 
     def running(self, probs: torch.Tensor, groups: int) -> torch.Tensor:
@@ -61,7 +67,7 @@ class StreamingLLM(Policy):
     name: str = "streaming"
     needs_attention: bool = False
 
-    def score(self, probs, groups, length):
+    def score(self, probs, groups, length, mass=None):
         # the stored order is chronological: later is better
         return torch.arange(length, dtype=torch.float32)
 
@@ -70,7 +76,7 @@ class StreamingLLM(Policy):
 class SnapKV(Policy):
     name: str = "snapkv"
 
-    def score(self, probs, groups, length):
+    def score(self, probs, groups, length, mass=None):
         return group_mean(pool(probs.mean(dim=2), self.kernel), groups)
 
 
@@ -79,10 +85,29 @@ class CakeIndicator(Policy):
     name: str = "cake"
     gamma: float = 200.0
 
-    def score(self, probs, groups, length):
+    def score(self, probs, groups, length, mass=None):
         mean = probs.mean(dim=2)
         var = probs.var(dim=2, unbiased=False) if probs.shape[2] > 1 else torch.zeros_like(mean)
         return group_mean(pool(mean + self.gamma * var, self.kernel), groups)
+
+
+@dataclass
+class H2O(Policy):
+    name: str = "h2o"
+    needs_mass: bool = True
+
+    def score(self, probs, groups, length, mass=None):
+        return mass
+
+
+@dataclass
+class Mix(Policy):
+    name: str = "mix"
+    needs_mass: bool = True
+
+    def score(self, probs, groups, length, mass=None):
+        # both are attention shares over the same keys (rows sum to ~1), so their max is comparable
+        return torch.maximum(group_mean(pool(probs.mean(dim=2), self.kernel), groups), mass)
 
 
 def make_policy(name: str, kernel: int = 7, gamma: float = 200.0) -> Policy:
@@ -92,7 +117,11 @@ def make_policy(name: str, kernel: int = 7, gamma: float = 200.0) -> Policy:
         return SnapKV(kernel=kernel)
     if name == "cake":
         return CakeIndicator(kernel=kernel, gamma=gamma)
-    raise ValueError(f"policy: unknown '{name}' (streaming, snapkv, cake)")
+    if name == "h2o":
+        return H2O(kernel=kernel)
+    if name == "mix":
+        return Mix(kernel=kernel)
+    raise ValueError(f"policy: unknown '{name}' (streaming, snapkv, cake, h2o, mix)")
 
 
 def layer_preference(probs: torch.Tensor, window: int) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import profile, register, window_probs
+from .attention import profile, received_mass, register, window_probs
 from .cache import BudgetedCache, KVSpec, active_layer
 from .policies import StreamingLLM
 
@@ -29,20 +29,24 @@ class PrefillRecord:
     groups: int
     seen: int
     logits: torch.Tensor | None = None  # last position's logits
+    mass: list | None = None  # per layer [B, Hkv, T]: attention received from all prompt queries (h2o, mix)
 
 
 @torch.no_grad()
-def record_prefill(model, input_ids, attention_mask=None, window: int = 32) -> PrefillRecord:
-    """Run the prompt once through a full budgeted cache and keep what replays need."""
+def record_prefill(model, input_ids, attention_mask=None, window: int = 32, mass: bool = True) -> PrefillRecord:
+    """Run the prompt once through a full budgeted cache and keep what replays need (`mass`: also the
+    attention every key received, for the h2o and mix policies; one more Q·Kᵀ per layer)."""
     register()
     if getattr(model.config, "_attn_implementation", None) != "adaflex_kv":
         raise RuntimeError("record_prefill needs a model with the kv stage applied")
     n = model.config.num_hidden_layers
     cache = BudgetedCache(KVSpec(num_layers=n, policy=StreamingLLM(), budget=1.0))
-    queries, meta = [None] * n, {}
+    queries, masses, meta = [None] * n, [None] * n, {}
 
     def watch(i, query, key, valid, scaling, groups):
         queries[i] = query[:, :, -min(window, query.shape[2]):].clone()
+        if mass:
+            masses[i] = received_mass(query, key, valid, scaling, groups)
         meta.update(scaling=scaling, groups=groups)
 
     with profile(watch):
@@ -51,7 +55,8 @@ def record_prefill(model, input_ids, attention_mask=None, window: int = 32) -> P
     layers = cache.layers
     return PrefillRecord([x.keys for x in layers], [x.values for x in layers],
                          [None if bool(x.valid.all()) else x.valid for x in layers], queries,
-                         meta["scaling"], meta["groups"], layers[0].seen, out.logits[:, -1].float())
+                         meta["scaling"], meta["groups"], layers[0].seen, out.logits[:, -1].float(),
+                         masses if mass else None)
 
 
 def replay(spec: KVSpec, record: PrefillRecord) -> BudgetedCache:
@@ -66,5 +71,10 @@ def replay(spec: KVSpec, record: PrefillRecord) -> BudgetedCache:
         w = cache.probe_queries(layer, record.seen)
         valid = None if record.valid[i] is None else record.valid[i][:, :1]
         probs = window_probs(q, k, valid, record.scaling, min(w, q.shape[2]), record.groups) if w else None
-        cache.after_attention(layer, probs, record.groups)
+        mass = None
+        if cache.wants_mass(layer):
+            if record.mass is None:
+                raise ValueError(f"policy {spec.policy.name} needs a record made with mass=True")
+            mass = record.mass[i]
+        cache.after_attention(layer, probs, record.groups, mass)
     return cache

@@ -1,12 +1,15 @@
 """KV budgets benchmark on SmolLM2-135M (a script, not collected by pytest).
 
     nice python tests/bench/kv.py [--contexts 1024,2048] [--budgets 0.1,0.25,0.5] [--windows 4]
-        [--continuation 128] [--trials 10] [--depths 0.1,0.3,0.5,0.7,0.9] [--out runs/bench-kv.json]
+        [--continuation 128] [--trials 5] [--depths 0.1,0.3,0.5,0.7,0.9] [--grid] [--out runs/bench-kv.json]
 
 For each context length: continuation perplexity on WikiText-2 dev (prefill C tokens through the cache,
-compressed to the budget, then score the next `--continuation` tokens, window after window) and
+compressed to the budget, then score the next `--continuation` tokens; `--windows` windows in one batch) and
 passkey accuracy (query-aware: question inside the prompt; query-agnostic: context compressed before
-the question arrives), for every policy x allocation at every budget, plus the full cache.
+the question arrives), for StreamingLLM, SnapKV, PyramidKV, CAKE, PrefixKV, H2O, mix + CAKE (the kv recipe's
+default), mix + searched plan and the int8 quantization row at every budget, plus the full cache (`--grid`:
+every policy x allocation instead). The defaults took over 20 minutes on a shared 2-core machine; the cost is mostly
+the prefills (passkey prompts, one batch of `--batch` per protocol) and one continuation per row.
 
 Each prompt is prefilled once with a full cache and replayed into every budgeted cache (replay.py):
 compression happens after each layer's attention, so this is exactly what a live prefill keeps (a
@@ -30,8 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "wikitext2_dev.txt"
 
-POLICIES = ["streaming", "snapkv", "cake"]
-ALLOCATIONS = ["uniform", "pyramid", "cake", "prefixkv", "searched"]
+POLICIES = ["streaming", "snapkv", "cake", "h2o", "mix"]
+ALLOCATIONS = ["uniform", "pyramid", "cake", "prefixkv"]
+# StreamingLLM, SnapKV, PyramidKV, CAKE, PrefixKV, H2O, then adaflex's default (mix + CAKE) and its searched plan
+CONFIGS = ["streaming/uniform", "snapkv/uniform", "snapkv/pyramid", "cake/cake", "snapkv/prefixkv", "h2o/uniform",
+           "mix/cake", "mix/searched"]
 
 
 def log(msg):
@@ -45,20 +51,23 @@ def main(argv=None):
     ap.add_argument("--budgets", default="0.1,0.25,0.5")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
-    ap.add_argument("--windows", type=int, default=4, help="perplexity windows per context length")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="policy/allocation pairs (without --grid)")
+    ap.add_argument("--grid", action="store_true", help="every --policies x --allocations pair instead")
+    ap.add_argument("--searched", default="mix", help="with --grid: policies that also get the searched allocation")
+    ap.add_argument("--windows", type=int, default=4, help="perplexity windows per context length (one batch)")
     ap.add_argument("--continuation", type=int, default=128)
-    ap.add_argument("--trials", type=int, default=10, help="passkey trials per protocol and context length")
+    ap.add_argument("--trials", type=int, default=5, help="passkey trials per protocol and context length")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    ap.add_argument("--batch", type=int, default=2, help="passkey prompts per prefill")
-    ap.add_argument("--calibration", type=int, default=4, help="calibration windows of the offline plans")
+    ap.add_argument("--batch", type=int, default=5, help="passkey prompts per prefill")
+    ap.add_argument("--calibration", type=int, default=2, help="calibration windows of the offline plans")
     ap.add_argument("--cal-len", type=int, default=512)
-    ap.add_argument("--search-trials", type=int, default=16)
-    ap.add_argument("--kernel", type=int, default=7)
+    ap.add_argument("--search-trials", type=int, default=10)
+    ap.add_argument("--kernel", type=int, default=15, help="pooling width (15 keeps 5-digit spans whole)")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=float, default=0.0)
-    ap.add_argument("--variants", default="", help="extra configs: name:key=value/key=value;... "
-                                                   "e.g. hybrid:policy=snapkv/allocation=cake/kernel=15/recent=0.5")
+    ap.add_argument("--variants", default="mix+int8:policy=mix/allocation=cake/storage=int8",
+                    help="extra configs: name:key=value/key=value;... (default: the int8 quantization row)")
     ap.add_argument("--no-passkey", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a shared CPU)")
     ap.add_argument("--out", default="runs/bench-kv.json")
@@ -93,7 +102,11 @@ def main(argv=None):
     contexts = [int(c) for c in a.contexts.split(",")]
     depths = [float(d) for d in a.depths.split(",")]
 
-    configs = [(p, al, base) for p in a.policies.split(",") for al in a.allocations.split(",")]
+    if a.grid:  # every policy x allocation
+        configs = [(p, al, base) for p in a.policies.split(",") for al in a.allocations.split(",")]
+        configs += [(p, "searched", base) for p in filter(None, a.searched.split(","))]
+    else:  # one row per published method, ours, and the quantization row
+        configs = [(p, al, base) for p, _, al in (c.partition("/") for c in filter(None, a.configs.split(",")))]
     for item in filter(None, a.variants.split(";")):
         name, _, body = item.partition(":")
         kw = dict(base)
@@ -153,24 +166,26 @@ def main(argv=None):
         stats = {i: {"nll": 0.0, "cnt": 0, "kv": 0.0, "peak": 0, "pk_aware": 0, "pk_agn": 0,
                      "by_depth": {}} for i in range(len(entries))}
         full_bytes = None
-        # perplexity
-        for w, s in enumerate(starts):
-            x = torch.tensor([ids[s:s + span]])
-            rec = record_prefill(model, x[:, :C], window=a.window)
-            cont = x[:, C:]
-            full_bytes = sum(k.numel() * k.element_size() * 2 for k in rec.keys)
-            for i, (pol, al, kw, b) in enumerate(entries):
-                spec = full_spec if pol == "full" else make_spec(pol, al, kw, b)
-                cache = replay(spec, rec)
-                st = stats[i]
-                st["kv"] += cache.stored_bytes() / full_bytes / len(starts)
-                st["peak"] = max(st["peak"], cache.peak_bytes)
-                with torch.no_grad():
-                    out = model(input_ids=cont, cache=cache, use_cache=True)
-                logits = torch.cat([rec.logits[:, None], out.logits[:, :-1].float()], 1)
-                st["nll"] += float(torch.nn.functional.cross_entropy(logits[0], cont[0], reduction="sum"))
-                st["cnt"] += cont.numel()
-            log(f"C={C} ppl window {w + 1}/{len(starts)} ({time.perf_counter() - t_start:.0f}s)")
+        # perplexity: all windows in one batch (as `adaflex eval` batches them); allocations are per layer,
+        # shared by the rows of a batch
+        x = torch.tensor([ids[s:s + span] for s in starts])
+        rec = record_prefill(model, x[:, :C], window=a.window)
+        cont = x[:, C:]
+        full_bytes = sum(k.numel() * k.element_size() * 2 for k in rec.keys)
+        for i, (pol, al, kw, b) in enumerate(entries):
+            spec = full_spec if pol == "full" else make_spec(pol, al, kw, b)
+            cache = replay(spec, rec)
+            st = stats[i]
+            st["kv"] = cache.stored_bytes() / full_bytes
+            st["peak"] = cache.peak_bytes / len(starts)  # per sequence
+            with torch.no_grad():
+                out = model(input_ids=cont, cache=cache, use_cache=True)
+            logits = torch.cat([rec.logits[:, None], out.logits[:, :-1].float()], 1)
+            st["nll"] += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), cont.flatten(),
+                                                                  reduction="sum"))
+            st["cnt"] += cont.numel()
+        del rec
+        log(f"C={C} perplexity, {len(starts)} windows ({time.perf_counter() - t_start:.0f}s)")
         # passkey
         if not a.no_passkey:
             import random

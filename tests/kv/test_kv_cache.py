@@ -68,7 +68,8 @@ def test_replay_equals_live_prefill(model):
     x = torch.randint(0, 250, (2, 80))
     _install(model, budget=1.0)
     rec = record_prefill(model, x[:, :60], window=8)
-    for policy, alloc in (("streaming", "pyramid"), ("snapkv", "cake"), ("cake", "uniform")):
+    for policy, alloc in (("streaming", "pyramid"), ("snapkv", "cake"), ("cake", "uniform"), ("h2o", "uniform"),
+                          ("mix", "cake")):
         spec = _install(model, budget=0.3, allocation=alloc, policy=policy)
         live = model.adaflex_make_cache()
         model(x[:, :60], cache=live, use_cache=True)
@@ -159,3 +160,31 @@ def test_storage_types_count_in_the_byte_budget(model, storage, tokens_kept):
     assert cost_figures(model, x)["kv_bytes_ratio"] == pytest.approx(0.25, abs=0.01)
     nxt = model(x[:, :8], cache=c, use_cache=True).logits  # decoding reads the stored (rounded) values
     assert torch.isfinite(nxt).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("decode", [False, True])
+def test_eviction_equals_a_masked_full_forward(model, decode):
+    """StreamingLLM through the budgeted cache == the plain model with an explicit mask over the whole text.
+
+    Guards positions after eviction, RoPE of kept keys, the lower-right mask alignment, chunked vs
+    step-by-step continuation and decode-time eviction: any of them wrong changes the logits."""
+    from adaflex.retrofit.kv.apply import uninstall
+
+    x = torch.randint(0, 250, (2, 90))
+    uninstall(model)
+    # prefill: full causal; then sinks {0, 1} + the last 14 context tokens (16 = 25% of 64)
+    m = torch.ones(90, 90, dtype=torch.bool).tril()
+    for p in range(64, 90):
+        m[p, 2:(64 - 14 if not decode else p - 14)] = False  # decode=True: the window slides token by token
+    ref = model(x, attention_mask=m[None, None].expand(2, 1, 90, 90)).logits[:, 64:]
+    _install(model, budget=0.25, policy="streaming", decode=decode)
+    c = model.adaflex_make_cache()
+    model(x[:, :64], cache=c, use_cache=True)
+    step = torch.cat([model(x[:, t:t + 1], cache=c, use_cache=True).logits for t in range(64, 90)], 1)
+    assert (step - ref).abs().max() < 5e-5
+    assert all(layer.seen == 90 and layer.stored == (16 if decode else 16 + 26) for layer in c.layers)
+    if not decode:  # one chunk sees what the steps saw
+        c = model.adaflex_make_cache()
+        model(x[:, :64], cache=c, use_cache=True)
+        assert (model(x[:, 64:], cache=c, use_cache=True).logits - ref).abs().max() < 5e-5

@@ -92,3 +92,17 @@ def test_static_plan_and_token_budget():
     spec = KVSpec(num_layers=4, policy=make_policy("snapkv"), budget=None, tokens=50, sinks=4, window=8, floor=12)
     assert spec.static_counts(400).tolist() == [50] * 4
     assert spec.static_counts(30).tolist() == [30] * 4  # nothing to evict yet
+
+
+def test_h2o_and_mix_keep_heavy_hitters_the_window_ignores():
+    # key 20 received most attention over the whole prompt, the window looks at key 40
+    mass = torch.full((2, 2, 64), 0.5 / 63)  # mean attention per query: a share of 1 over the keys
+    mass[..., 20] = 0.5
+    for policy, expect in (("h2o", {20}), ("mix", {20, 38, 39, 40, 41, 42}), ("snapkv", {38, 39, 40, 41, 42})):
+        cache = _filled_cache(policy, kernel=5, budget=0.3)
+        layer = cache.layers[0]
+        layer._fresh = 64
+        cache.after_attention(layer, _probs(2, 4, 8, 64, hot=40), groups=2, mass=mass * 64)
+        pos = set(layer.keys[0, 0, :, 0].long().tolist())
+        assert expect <= pos, (policy, sorted(pos))
+        assert (20 in pos) == (policy != "snapkv"), (policy, sorted(pos))

@@ -1,0 +1,136 @@
+"""The search space of a recipe, the cost of stage settings and plans, and the per-stage report of retrofit."""
+
+from __future__ import annotations
+
+import pytest
+
+from adaflex.retrofit.errors import UsageError
+from adaflex.retrofit.recipe import load_recipe, packaged, read_yaml, validate
+from adaflex.retrofit.search_driver import setting_of
+from adaflex.retrofit.search_space import build
+from adaflex.search.cost import Shape
+from tiny import SHARED
+
+pytestmark = pytest.mark.skipif(not (SHARED / "wikitext2_dev.txt").is_file(), reason="needs ../shared/data")
+
+TINY = Shape(
+    num_layers=4, hidden_size=64, intermediate_size=160, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=259
+)
+
+
+def quick(**search) -> dict:
+    raw = read_yaml(packaged("ci/quickstart-tiny.yaml"))
+    raw["search"] = search
+    return raw
+
+
+def test_space_of_the_quickstart_tiny_recipe():
+    spaces = build(load_recipe(packaged("ci/quickstart-tiny.yaml")), 4)
+    assert [s.method for s in spaces] == ["prune", "shards", "routes", "kv"]
+    by = {s.method: s for s in spaces}
+    assert all("enabled" in s.knobs for s in spaces)
+    p = by["prune"].knobs
+    assert (p["sparsity"].low, p["sparsity"].high) == (0.1, 0.5) and p["allocation"].choices == ("uniform", "owl")
+    assert by["routes"].knobs["max_executed"].integer and by["routes"].knobs["max_executed"].corners() == [2, 4]
+    assert "rank" not in by["shards"].knobs and by["shards"].base["rank"] == 4  # one choice: fixed
+    # settings of a trial: the recipe's stage settings with the sampled values on top
+    assert by["kv"].settings({"budget": 0.4, "enabled": True})["budget"] == 0.4
+    assert by["kv"].settings({"budget": 0.4})["window"] == 8
+
+
+def test_default_knobs_drop_what_the_stage_rejects():
+    raw = quick()
+    raw["stages"][0]["prune"] = {"sparsity": 0.5, "allocation": "dp", "allow_drop": True}
+    spaces = {s.method: s for s in build(validate(raw), 4)}
+    # allow_drop needs allocation dp: the uniform and owl defaults are left out, so allocation stays dp
+    assert "allocation" not in spaces["prune"].knobs
+    assert spaces["routes"].knobs["max_executed"].corners() == [2, 4]  # [L/2, L] by default
+    assert spaces["kv"].knobs["allocation"].choices == ("uniform", "pyramid", "cake")
+
+
+def test_explicit_knobs_must_validate():
+    raw = quick(stages={"prune": {"allocation": ["uniform", "owl"], "allow_drop": True}})
+    raw["stages"][0]["prune"]["allocation"] = "dp"
+    with pytest.raises(UsageError, match=r"search\.stages\.prune\.allocation: 'uniform' rejected"):
+        build(validate(raw), 4)
+    with pytest.raises(UsageError, match=r"search\.stages\.kv\.budget"):
+        build(validate(quick(stages={"kv": {"budget": {"low": 0.5, "high": 2.0}}})), 4)
+    with pytest.raises(UsageError, match=r"search\.stages"):
+        validate(quick(stages={"prune": {"nonsense": 1}}))
+    with pytest.raises(UsageError, match=r"unknown method 'speed'"):
+        validate(quick(stages={"speed": {}}))
+
+
+def test_stages_in_and_out_of_the_search():
+    spaces = build(
+        validate(quick(stages={"kv": False, "drop": {"blocks": {"low": 1, "high": 2}}, "shards": {"enabled": True}})), 4
+    )
+    assert [s.method for s in spaces] == ["drop", "prune", "shards", "routes"]
+    by = {s.method: s for s in spaces}
+    assert by["drop"].knobs["blocks"].corners() == [1, 2] and by["drop"].base == {"blocks": 1}
+    assert by["shards"].fixed_on and "enabled" not in by["shards"].knobs
+    # fixed values replace the recipe's
+    spaces = build(validate(quick(stages={"prune": {"allocation": "owl", "sparsity": 0.25}})), 4)
+    assert spaces[0].base["allocation"] == "owl" and spaces[0].base["sparsity"] == 0.25
+    assert "sparsity" not in spaces[0].knobs
+
+
+def _cfgs(raw_stages):
+    rec = validate({"stages": raw_stages})
+    return [(m, c, None, {}) for m, c in rec.stage_items()]
+
+
+def test_predicted_setting_spends_each_allowance():
+    stages = _cfgs(
+        [
+            {"prune": {"sparsity": 0.5, "allocation": "dp", "allow_drop": True}},
+            {"shards": {"method": "mos", "rank": 4, "equivalent_rank": 2}},
+            {"routes": {"max_executed": 3}},
+            {"kv": {"budget": 0.5}},
+        ]
+    )
+    s = setting_of(stages, TINY, 100)
+    assert s.removed_blocks == 2 and s.sparsity == 0.0  # every pruned weight in removed blocks (best case)
+    assert s.executed == 2.0  # max_executed 3 of the 2 blocks left: each runs once
+    assert s.kv_fraction == 0.5
+    assert s.adapter_params == 2 * 2 * 1120 and s.adapter_macs == 4 * 1120  # e x blocks x (d_in + d_out)
+    plain = setting_of(_cfgs([{"prune": {"sparsity": 0.4}}, {"routes": {"max_executed": 3}}]), TINY, 100)
+    assert plain.removed_blocks == 0 and plain.sparsity == 0.4 and plain.executed == 3.0
+
+
+def test_setting_from_plans():
+    rec = validate({"stages": [{"prune": {"sparsity": 0.5}}, {"routes": {"max_executed": 3}}]})
+    (pm, pc), (rm, rc) = rec.stage_items()
+    prune_plan = {
+        "removed": [1],
+        "linears": [
+            {"shape": [4, 4], "sparsity": 0.25},
+            {"shape": [4, 8], "sparsity": 0.5},
+            {"shape": [8, 8], "removed": True, "sparsity": 1.0},
+        ],
+    }
+    s = setting_of(
+        [(pm, pc, prune_plan, {}), (rm, rc, {"policy": "routers"}, {"calibrated_executed_mean": 2.25})], TINY, 100
+    )
+    assert s.removed_blocks == 1 and s.sparsity == pytest.approx((16 * 0.25 + 32 * 0.5) / 48)
+    assert s.executed == 2.25
+
+
+def test_retrofit_reports_each_stage(tiny_dir, tmp_path, one_thread):
+    from adaflex.retrofit import run
+
+    out = tmp_path / "run"
+    report = run(packaged("ci/quickstart-tiny.yaml"), str(tiny_dir), out=out, log=lambda m: None)
+    after = report["after_each_stage"]
+    assert [a["stage"] for a in after] == ["dense", "prune", "shards", "routes", "kv"]
+    d, pr, sh, ro, kv = after
+    assert d["flops_ratio"] == 1.0 and d["sparsity"] == 0.0
+    assert pr["sparsity"] == pytest.approx(0.3, abs=0.01) and pr["trainable_params"] == 0
+    assert sh["trainable_params"] > 0
+    assert ro["layers_executed_mean"] < 4 and ro["flops_ratio"] < 1
+    assert kv["kv_bytes_ratio"] < ro["kv_bytes_ratio"]
+    for k in ("flops_ratio", "kv_bytes_ratio", "layers_executed_mean", "sparsity"):
+        assert kv[k] == pytest.approx(report["retrofitted"][k])
+    assert all(a["perplexity"] > 1 for a in after)
+    again = run(packaged("ci/quickstart-tiny.yaml"), str(tiny_dir), out=out, log=lambda m: None)
+    assert again["after_each_stage"] == after  # resumed from the run directory
