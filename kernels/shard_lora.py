@@ -228,7 +228,7 @@ def _run(strategy, x2, weight, pool_a, idx_a, pool_b, idx_b, scale, bias):
 
 
 def _pick(x2, weight, pool_a, idx_a, pool_b, idx_b, scale, bias) -> str:
-    if interpreting():
+    if interpreting() or not x2.is_cuda:
         return "fused"
     key = (next_pow2(x2.shape[0]), *weight.shape, idx_a.shape[0], x2.dtype, bias is not None, x2.device)
     if key not in _choice:
