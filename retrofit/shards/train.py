@@ -28,11 +28,50 @@ def windows_for(calibration: torch.Tensor, seq_len: int | None) -> torch.Tensor:
     return calibration[:, : n * seq_len].reshape(-1, seq_len)
 
 
+KL_ROWS = 16  # token rows per chunk of the KL: a few vocab-wide fp32 temporaries stay in cache
+
+
+class _KL(torch.autograd.Function):
+    """Σ over tokens of KL(softmax(t/T) ‖ softmax(s/T)), chunk by chunk over token rows. On a CPU the plain
+    formula spends about as long as the model's forward on vocab-wide passes through memory; here each chunk
+    stays in cache, nothing vocab-wide is saved, and the backward recomputes ∂/∂s = (softmax(s/T) −
+    softmax(t/T))/T from the logits autograd keeps anyway."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature: float):
+        s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        total = torch.zeros((), dtype=torch.float64, device=s2.device)
+        for i in range(0, s2.shape[0], KL_ROWS):
+            ls = F.log_softmax(_scaled(s2[i : i + KL_ROWS], temperature), dim=-1)
+            lt = F.log_softmax(_scaled(t2[i : i + KL_ROWS], temperature), dim=-1)
+            total += (lt.exp() * (lt - ls)).sum()
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature = temperature
+        return total.to(torch.promote_types(student.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher = ctx.saved_tensors
+        temp = ctx.temperature
+        s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        out = torch.empty_like(s2)
+        for i in range(0, s2.shape[0], KL_ROWS):
+            q = F.softmax(_scaled(s2[i : i + KL_ROWS], temp), dim=-1)
+            q -= F.softmax(_scaled(t2[i : i + KL_ROWS], temp), dim=-1)
+            out[i : i + KL_ROWS] = q.mul_(grad / temp)
+        return out.view_as(student), None, None
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half types in fp32, fp64 kept
+    return x / temperature if temperature != 1 else x
+
+
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of KL(teacher ‖ student) on the softened distributions, times T² (Hinton)."""
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    """Mean over tokens of KL(teacher ‖ student) on the softened distributions, times T² (Hinton). The
+    teacher's logits may be in any float dtype (bfloat16 caches are read chunk by chunk, never copied whole)."""
+    n = student.numel() // student.shape[-1]
+    return _KL.apply(student, teacher.detach(), temperature) * (temperature**2 / n)
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,13 @@
 SmolLM2-135M with the 3 blocks of least influence dropped (ShortGPT), healed by KL distillation from
 the dense model on WikiText-2 dev articles, scored on other (held-out) articles: no adapter, LoRA r=8,
 MoS r=8 e=1 (1/8 of LoRA's parameters), each adapter on every seed. Settings come from
-recipes/bench/smollm2-shards.yaml; flags override the budget for a 2-core CPU.
+recipes/bench/smollm2-shards.yaml (sized for 16-17.5 minutes on 2 idle cores); flags override them.
 
-    nice python tests/bench/shards.py --seeds 0 1 --out runs/bench-shards.json
+    OMP_NUM_THREADS=2 python tests/bench/shards.py --seeds 0 1 --out runs/bench-shards.json
 
-Teacher logits of the training windows are computed once by the dense model (stored in bfloat16) and
-shared by every run, so a training step costs one student forward and backward.
+Teacher logits of the training windows are computed once by the dense model (kept in bfloat16, read by
+the chunked KL without a whole fp32 copy) and shared by every run, so a training step costs one student
+forward and backward.
 """
 
 from __future__ import annotations
@@ -66,11 +67,16 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/wikitext2_dev.txt"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, help="override the recipe's steps")
-    ap.add_argument("--lr", type=float, help="override the recipe's lr")
+    ap.add_argument("--lr", type=float, help="override the recipe's lr (the MoS runs')")
+    # each adapter at its own tuned lr: shared pools take a larger one (20-step runs, seed 0: MoS best at
+    # 1e-2 of {5e-3, 1e-2, 2e-2}, LoRA at 2e-3 of {1e-3, 2e-3, 5e-3}; README of retrofit/shards)
+    ap.add_argument("--lora-lr", type=float, default=0.002, help="lr of the LoRA runs")
     ap.add_argument("--train-windows", type=int, help="default: the recipe's calibration samples")
-    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, help="override the recipe's batch_size")
+    ap.add_argument("--seq-len", type=int, help="override the recipe's training seq_len")
+    ap.add_argument("--warmup", type=int, help="override the recipe's warmup")
     ap.add_argument("--methods", nargs="+", default=["lora", "mos"])
     ap.add_argument("--cache", default=str(ROOT / "runs" / "bench-shards-cache.pt"),
                     help="dense perplexity, teacher logits and block influence are kept here between runs")
@@ -82,8 +88,8 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe)
     (_, drop_cfg), (_, shards_cfg) = recipe.stage_items()
-    over = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size))
-            if v is not None}
+    over = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                              ("seq_len", args.seq_len), ("warmup", args.warmup)) if v is not None}
     shards_cfg = shards_cfg.model_copy(update=over)
     seq_len = shards_cfg.seq_len or recipe.data.calibration.seq_len
     n_train = args.train_windows or recipe.data.calibration.samples
@@ -126,29 +132,31 @@ def main() -> None:
     log(f"dropped {removed}: held-out ppl {base['ppl']:.2f}")
 
     def teacher(which, _ids):
-        return teacher_logits[which].float()
+        return teacher_logits[which]  # bfloat16: the KL reads it chunk by chunk in fp32
 
     tmp = Path(tempfile.mkdtemp(prefix="adaflex-bench-"))
     for method in args.methods:
         for seed in args.seeds:
-            cfg = shards_cfg.model_copy(update={"method": method})
+            lr = args.lora_lr if method == "lora" else shards_cfg.lr
+            cfg = shards_cfg.model_copy(update={"method": method, "lr": lr})
             plan = make_plan(model, cfg)
             install(model, plan, init_tensors(plan, seed))
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             m = heal(model, train, cfg, teacher, seed=seed)
-            train_s = time.time() - t0
+            train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
             tensors = collect(model, plan)
             f = tmp / f"{method}-{seed}.safetensors"
             save_file(tensors, str(f))
             write_peft_lora(model, plan, tmp / f"{method}-{seed}-peft")
             model.eval()
             row = {"model": f"{method} r={cfg.rank}" + (f" e={cfg.equivalent_rank} l={cfg.shards_per_vector}"
-                                                        if method == "mos" else ""),
+                                                        if method == "mos" else "") + f" lr={lr:g}",
                    "seed": seed, "ppl": ppl(), "trainable_params": plan["trainable_params"],
                    "adapter_bytes": f.stat().st_size,
                    "peft_lora_bytes": (tmp / f"{method}-{seed}-peft" / "adapter_model.safetensors").stat().st_size,
                    "train_tokens": m["train_tokens"], "train_tokens_per_s": m["train_tokens_per_s"],
-                   "train_s": train_s, "kl_first": m["train_loss_first"], "kl_last": m["train_loss_last"]}
+                   "train_s": train_s, "train_cpu_s": train_cpu_s,
+                   "kl_first": m["train_loss_first"], "kl_last": m["train_loss_last"]}
             rows.append(row)
             log(json.dumps(row))
             remove_all(model)
@@ -161,7 +169,8 @@ def main() -> None:
         params = mos[s]["trainable_params"] / lora[s]["trainable_params"]
         verdict.append({"seed": s, "ppl_ratio": ratio, "param_ratio": params,
                         "pass": ratio <= 1.02 and params <= 1 / 8 + 1e-12})
-    out = {"settings": {**shards_cfg.model_dump(mode="json"), "train_windows": train.shape[0], "seq_len": seq_len,
+    out = {"settings": {**shards_cfg.model_dump(mode="json"), "lora_lr": args.lora_lr,
+                        "train_windows": train.shape[0], "seq_len": seq_len,
                         "eval_windows": args.eval_windows, "eval_seq_len": args.eval_seq_len, "seeds": args.seeds,
                         "removed": removed, "threads": args.threads},
            "rows": rows, "verdict": verdict, "wall_s": time.time() - t_start}
