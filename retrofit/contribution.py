@@ -61,13 +61,14 @@ class Contributions:
         path, layout, self.context, self.continuation, self.windows = quality_source(recipe)
         self.text, self.tok, self.probe = read_text(path, layout), tok, probe
 
-    def measure(self, model, stage: str) -> dict:
+    def measure(self, model, stage: str, cost: dict | None = None) -> dict:
+        """`cost`: the model's cost_figures when the caller has them already (no second probe pass)."""
         from .evaluate import cost_figures
 
         q = probe_quality(model, self.tok, self.text, self.context, self.continuation, self.windows)
         return {
             "stage": stage,
             "perplexity": q,
-            **cost_figures(model, self.probe),
+            **(cost if cost is not None else cost_figures(model, self.probe)),
             "protocol": f"continuation perplexity, {self.windows} x ({self.context} + {self.continuation})",
         }

@@ -140,7 +140,9 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
 
     # a composed recipe reports each stage's contribution: quality and cost after every stage
     contrib = Contributions(recipe, tokenizer, probe) if len(recipe.stages) > 1 else None
-    after = [_measured(state / "dense-after.json", lambda: contrib.measure(model, "dense"))] if contrib else []
+    after = []
+    if contrib:  # the dense cost is already measured above
+        after.append(_measured(state / "dense-after.json", lambda: contrib.measure(model, "dense", dense_cost)))
 
     stages, all_tensors = [], {}
     for i, (method, cfg) in enumerate(recipe.stage_items()):
