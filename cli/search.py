@@ -34,6 +34,9 @@ def search(
     heartbeat: int = typer.Option(
         30, "--heartbeat", min=1, help="seconds between RDB heartbeats; a trial silent for twice that is retried"
     ),
+    evaluate: bool = typer.Option(
+        False, "--evaluate", help="then run the recipe's eval: on dense, the best and the best single-method trial"
+    ),
     format: Format = typer.Option(Format.human, "--format"),
 ):
     """Search the recipe's stages and settings for the best quality within a cost budget (Optuna)."""
@@ -63,6 +66,7 @@ def search(
             out=out_dir,
             pareto=pareto,
             heartbeat=heartbeat,
+            evaluate=evaluate,
             log=log,
         )
         if format is Format.json:
@@ -82,6 +86,27 @@ def search(
         )
         out.print(f"recipe: {summary['recipe']}  (run it with `adaflex retrofit --recipe {summary['recipe']}`)")
         out.print(f"trials.csv, pareto.png in {summary['out']}")
+        if summary.get("evaluation"):
+            out.print(_eval_table(summary["evaluation"]))
+
+
+def _eval_table(rows: list[dict]):
+    """One row per model, one column per (eval, metric): perplexity, acc and acc_norm."""
+    cols: list[tuple[str, str]] = []
+    body = []
+    for row in rows:
+        vals = {}
+        for r in row["results"]:
+            vals[(r["name"], r["metric"])] = r["value"]
+            if "acc_norm" in r:
+                vals[(r["name"], "acc_norm")] = r["acc_norm"]
+        cols += [c for c in vals if c not in cols]
+        body.append((row, vals))
+    return result_table(
+        "held to the recipe's eval (dense, best, best single-method)",
+        ["model", "stages", "flops_ratio", *[f"{n} {m}" for n, m in cols]],
+        [[row["model"], row["stages"], row["flops_ratio"], *[vals.get(c) for c in cols]] for row, vals in body],
+    )
 
 
 def _table(summary: dict):

@@ -1,8 +1,12 @@
 """Decode attention (one query token) over caches whose kept length varies per (sequence, KV head).
 
-q: [B, Hq, D]; k, v: [B, Hkv, T, D] where only the prefix [0, lengths[b, h]) of each (b, h) is valid;
-lengths: [B, Hkv] integers. GQA: query head i reads KV head i // (Hq // Hkv), as Llama's repeat_kv.
-Returns [B, Hq, D] in q's dtype; a (b, h) with length 0 gives zeros.
+q: [B, Hq, D]; k, v: [B, Hkv, T, D] where only the slots [starts[b, h], starts[b, h] + lengths[b, h]) of
+each (b, h) are valid; lengths, starts: [B, Hkv] integers (starts default 0: a prefix; a left-padded row of
+a batch keeps its real tokens in a suffix). GQA: query head i reads KV head i // (Hq // Hkv), as Llama's
+repeat_kv. Returns [B, Hq, D] in q's dtype; a (b, h) with length 0 gives zeros.
+
+Used by the kv stage's attention function (retrofit/kv/attention.py) for every decode step (one query
+token) when the dispatcher picks Triton.
 
 Triton: split-KV ("flash-decoding"). Pass 1 runs one program per (batch, KV head, split of T); it
 handles all query heads of the group at once, so each K/V tile is read once for the group, and writes
@@ -20,13 +24,15 @@ from ._dispatch import backend, jit, next_pow2, tl, triton
 _LOG2E = 1.4426950408889634
 
 
-def decode_attention_torch(q, k, v, lengths, scale: float | None = None):
+def decode_attention_torch(q, k, v, lengths, scale: float | None = None, starts=None):
     B, Hq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qg = q.reshape(B, Hkv, Hq // Hkv, D).float()
     s = (qg @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, T]
-    valid = torch.arange(T, device=k.device) < lengths.to(k.device)[..., None]  # [B, Hkv, T]
+    pos = torch.arange(T, device=k.device)
+    lo = 0 if starts is None else starts.to(k.device)[..., None]
+    valid = (pos >= lo) & (pos < lo + lengths.to(k.device)[..., None])  # [B, Hkv, T]
     p = torch.softmax(s.masked_fill(~valid[:, :, None], float("-inf")), dim=-1)
     p = torch.where(valid[:, :, None], p, 0.0)  # an empty cache gives NaN rows in softmax: make them zero
     vf = v.float().masked_fill(~valid[..., None], 0.0)  # slots past the length may hold garbage (NaN)
@@ -34,16 +40,22 @@ def decode_attention_torch(q, k, v, lengths, scale: float | None = None):
 
 
 @jit
-def _decode_split_kernel(q, k, v, lengths, o_part, m_part, l_part,
+def _decode_split_kernel(q, k, v, lengths, starts, o_part, m_part, l_part,
                          Hkv, G, T, D, n_splits, split_len, qk_scale,
-                         sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, slb, slh,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, slb, slh, ssb, ssh,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_STARTS: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b, h = bh // Hkv, bh % Hkv
     length = tl.load(lengths + b * slb + h * slh).to(tl.int32)
-    start = split * split_len
-    end = tl.minimum(tl.minimum(start + split_len, length), T)  # lengths > T would read past the cache
+    if HAS_STARTS:
+        lo = tl.load(starts + b * ssb + h * ssh).to(tl.int32)
+    else:
+        lo = 0
+    # this split's slots [split * split_len, + split_len) clipped to the valid span [lo, lo + length)
+    start = tl.maximum(split * split_len, lo)
+    end = tl.minimum(tl.minimum(split * split_len + split_len, lo + length), T)  # never past the cache
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -108,11 +120,13 @@ def _num_splits(q, bh: int, n_blocks: int) -> int:
     return max(1, min(n_blocks, triton.cdiv(2 * sms, bh), 64))
 
 
-def decode_attention_triton(q, k, v, lengths, scale: float | None = None, num_splits: int | None = None):
+def decode_attention_triton(q, k, v, lengths, scale: float | None = None, num_splits: int | None = None,
+                            starts=None):
     B, Hq, D = q.shape
     _, Hkv, T, _ = k.shape
     assert v.shape == k.shape and k.shape[0] == B and k.shape[3] == D and Hq % Hkv == 0
     assert lengths.shape == (B, Hkv), lengths.shape
+    assert starts is None or starts.shape == (B, Hkv), starts.shape
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     BLOCK_D = next_pow2(D)
@@ -129,19 +143,22 @@ def decode_attention_triton(q, k, v, lengths, scale: float | None = None, num_sp
     l_part = torch.empty(B, Hkv, n_splits, G, **f32)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     q = q.to(k.dtype)  # tl.dot wants one dtype; q is small, the cache is not
+    has_starts = starts is not None
+    starts = starts if has_starts else lengths  # never read without HAS_STARTS
     _decode_split_kernel[(B * Hkv, n_splits)](
-        q, k, v, lengths, o_part, m_part, l_part,
+        q, k, v, lengths, starts, o_part, m_part, l_part,
         Hkv, G, T, D, n_splits, split_len, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *lengths.stride(),
-        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4)
+        *q.stride(), *k.stride(), *v.stride(), *lengths.stride(), *starts.stride(),
+        BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_STARTS=has_starts, num_warps=4)
     _decode_merge_kernel[(B * Hq,)](
         o_part, m_part, l_part, out, Hq, G, D, n_splits, *out.stride(),
         BLOCK_S=next_pow2(n_splits), BLOCK_D=BLOCK_D, num_warps=1 if BLOCK_D <= 64 else 2)
     return out
 
 
-def decode_attention(q, k, v, lengths, scale: float | None = None):
-    """softmax(q·kᵀ·scale)·v over the first lengths[b, h] keys of each (batch, KV head); scale 1/sqrt(D)."""
-    if backend(q, k, v, lengths) == "triton":
-        return decode_attention_triton(q, k, v, lengths, scale)
-    return decode_attention_torch(q, k, v, lengths, scale)
+def decode_attention(q, k, v, lengths, scale: float | None = None, starts=None):
+    """softmax(q·kᵀ·scale)·v over the keys [starts, starts + lengths) of each (batch, KV head) (starts
+    default 0: the first lengths[b, h] keys); scale default 1/sqrt(D)."""
+    if backend(q, k, v, lengths, *([] if starts is None else [starts])) == "triton":
+        return decode_attention_triton(q, k, v, lengths, scale, starts=starts)
+    return decode_attention_torch(q, k, v, lengths, scale, starts=starts)

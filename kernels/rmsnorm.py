@@ -4,6 +4,7 @@
     normed = weight * rmsnorm(new_residual)    # statistics in fp32, cast back before the weight, as HF Llama
 x, residual: [..., d] of one dtype; weight: [d]. Returns (normed, new_residual), new tensors.
 The Triton version reads x and residual once and writes both outputs in one pass.
+Used inside Llama-style decoder blocks (retrofit/fused.py) for `residual + attn_out` -> post_attention_layernorm.
 """
 
 from __future__ import annotations

@@ -163,6 +163,9 @@ def load_hf(path_or_id: str | Path, *, allow_bin: bool = False, dtype=None):
             f"provide it ({str(e).splitlines()[0][:160]})"
         ) from None
     model.eval()
+    from . import fused
+
+    fused.install(model)  # Llama-style blocks: residual add + RMSNorm in one kernel where Triton runs
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

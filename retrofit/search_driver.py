@@ -46,6 +46,7 @@ from .search_space import SearchSection, build
 from .stage import StageContext
 
 WORKER = {"host": socket.gethostname(), "pid": os.getpid()}
+RESULT_ATTRS = ("cost", "cost_source", "measured", "quality", "constraints", "feasible", "stage_metrics")
 MEMO_SIZE = 12  # stage results kept per worker (stages re-applied from their plan when settings repeat)
 
 
@@ -379,6 +380,14 @@ class Session:
         stages = self.sample(trial)
         trial.set_user_attr("stages", [[m, s] for m, s in stages])
         k = len(self.budget)
+        # TPE proposes a finished configuration again on small discrete spaces: answer from that trial
+        done = self.finished_with(trial)
+        if done is not None:
+            for key in RESULT_ATTRS:
+                if key in done.user_attrs:
+                    trial.set_user_attr(key, done.user_attrs[key])
+            trial.set_user_attr("duplicate_of", done.number)
+            return done.values if self.pareto else done.value
 
         def reject(kind: str, why: str, c=None):
             trial.set_user_attr("reason", f"{kind}: {why}")
@@ -428,6 +437,16 @@ class Session:
             return (q, *[c.axis(a) for a in self.budget])
         return q
 
+    def finished_with(self, trial):
+        """A complete trial of this study with the same settings (stages as sampled), or None."""
+        from optuna.trial import TrialState
+
+        key = json.dumps(trial.user_attrs["stages"], sort_keys=True)
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number != trial.number and json.dumps(t.user_attrs.get("stages"), sort_keys=True) == key:
+                return t
+        return None
+
     def enqueue_start(self, study) -> None:
         """A new study starts with the recipe as written, then each method alone (the single-method points)."""
         if study.get_trials(deepcopy=False) or not self.sec.single_methods:
@@ -475,10 +494,12 @@ def search(
     out: str | Path | None = None,
     pareto: bool = False,
     heartbeat: int = 30,
+    evaluate: bool = False,
     log=None,
     show_progress: bool | None = None,
 ) -> dict:
-    """Run (or continue) a study; returns the summary that `--format json` prints."""
+    """Run (or continue) a study; returns the summary that `--format json` prints. `evaluate`: afterwards,
+    hold dense, the best trial and the best single-method trial to the recipe's `eval:` side by side."""
     import optuna
     from optuna.trial import TrialState
 
@@ -591,7 +612,48 @@ def search(
         raise KeyboardInterrupt
     if summary["best"] is None:
         raise BudgetInfeasible(summary["infeasible"])
+    if evaluate:
+        summary["evaluation"] = evaluate_best(study, session, summary, out, log)
+        io.write_json(out / "search.json", summary)
     return summary
+
+
+def evaluate_best(study, session: Session, summary: dict, out: Path, log) -> list[dict]:
+    """The recipe's `eval:` on dense, the best trial and the best single-method trial, each model rebuilt from
+    the trial's settings in memory (stage results memoised by the study are reused). Results are kept per
+    model and eval under OUT/eval/, so an interrupted evaluation resumes."""
+    from .pipeline import _evaluate
+
+    if not session.recipe.eval:
+        raise UsageError("--evaluate: the recipe has no `eval:` section")
+    picks = [("dense", None)]
+    for key in ("best", "best_single"):  # the best may itself be the best single-method trial: once
+        if summary.get(key) and f"trial-{summary[key]['trial']}" not in dict(picks):
+            picks.append((f"trial-{summary[key]['trial']}", summary[key]))
+    rows = []
+    for tag, pick in picks:
+        state = out / "eval"
+        state.mkdir(parents=True, exist_ok=True)
+        model = session.pristine if pick is None else copy.deepcopy(session.pristine)
+        tmp = out / "tmp" / f"eval-{tag}-{os.getpid()}"
+        try:
+            if pick is not None:
+                session.apply_stages(model, session.trial_recipe([tuple(x) for x in pick["stages"]]), tmp)
+            results = _evaluate(model, session.tok, session.recipe, state, tag, log)
+        finally:
+            if pick is not None:
+                del model
+            shutil.rmtree(tmp, ignore_errors=True)
+            gc.collect()
+        rows.append(
+            {
+                "model": "dense" if pick is None else tag,
+                "stages": "dense" if pick is None else "+".join(m for m, _ in pick["stages"]),
+                "flops_ratio": 1.0 if pick is None else pick["cost"]["flops_ratio"],
+                "results": [{k: r[k] for k in ("name", "metric", "value", "n", "acc_norm") if k in r} for r in results],
+            }
+        )
+    return rows
 
 
 def _log_trial(t, budget, log) -> None:

@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..evaluate import decoder_layers, reference_of
 from ..progress import progress
 from ..stage import StageContext, StageResult
-from .attention import profile, register
+from .attention import profile, received_mass, register, window_probs
 from .cache import BudgetedCache, KVSpec, storage_bytes_per_value
 from .config import KVConfig
 from .policies import layer_preference, make_policy
@@ -50,7 +50,7 @@ def spec_from(cfg: KVConfig, num_layers: int, fractions=None, model=None) -> KVS
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         bpv = storage_bytes_per_value(cfg.storage, next(model.parameters()).dtype, head_dim)
     return KVSpec(storage=cfg.storage, bytes_per_value=bpv, num_layers=num_layers,
-                  policy=make_policy(cfg.policy, cfg.kernel, cfg.gamma),
+                  policy=make_policy(cfg.policy, cfg.kernel, cfg.gamma, cfg.stat, cfg.heads, cfg.value_norm),
                   budget=cfg.budget if cfg.tokens is None else None, tokens=cfg.tokens, allocation=cfg.allocation,
                   sinks=cfg.sinks, window=cfg.window, recent=cfg.recent, floor=cfg.floor, beta=cfg.beta,
                   tau1=cfg.tau1, tau2=cfg.tau2, decode=cfg.decode,
@@ -113,21 +113,10 @@ def attention_profiles(model, windows: torch.Tensor, window: int, tau1=1.0, tau2
         cur, pref = [None] * n, [0.0] * n
 
         def watch(i, query, key, valid, scaling, groups, cur=cur, pref=pref):
-            q, k = query.shape[2], key.shape[2]
-            kk = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
-            mass = torch.zeros(k, dtype=torch.float64)
-            for s in range(0, q, 256):  # attention received by each key, all queries, head mean
-                qq = query[:, :, s:s + 256].float()
-                logits = torch.matmul(qq, kk.transpose(2, 3)) * scaling
-                qi = torch.arange(s, s + qq.shape[2])[:, None] + (k - q)
-                logits = logits.masked_fill(torch.arange(k)[None, :] > qi, float("-inf"))
-                mass += torch.softmax(logits, -1).sum(dim=2).mean(dim=1).sum(0).double()
+            # attention received by each key from all queries, mean over heads
+            mass = received_mass(query, key, valid, scaling, groups).mean(dim=1).sum(0).double()
             cur[i] = kv_alloc.cumulative_mass(mass.numpy())
-            w = min(window, q)
-            qw = query[:, :, -w:].float()
-            logits = torch.matmul(qw, kk.transpose(2, 3)) * scaling
-            qi = torch.arange(q - w, q)[:, None] + (k - q)
-            probs = torch.softmax(logits.masked_fill(torch.arange(k)[None, :] > qi, float("-inf")), -1)
+            probs = window_probs(query, key, valid, scaling, min(window, query.shape[2]), groups)
             h, v = layer_preference(probs, window)
             pref[i] = float(kv_alloc.cake_preference([h], [v], tau1, tau2)[0])
 
@@ -172,15 +161,18 @@ def continuation_nll(model, cache: BudgetedCache, record, continuation: torch.Te
 
 
 class CalibrationObjective:
-    """Mean continuation NLL over calibration windows for a per-layer plan; prefill recorded once."""
+    """Mean continuation NLL over calibration windows for a per-layer static plan; prefill recorded once."""
 
     def __init__(self, model, windows: torch.Tensor, cfg: KVConfig):
         t = windows.shape[1]
         self.cont = max(8, t // 4)
         self.ctx = t - self.cont
         self.model, self.cfg = model, cfg
-        self.records = [(record_prefill(model, windows[i:i + 1, :self.ctx], window=cfg.window),
-                         windows[i:i + 1, self.ctx:]) for i in range(windows.shape[0])]
+        # one batch: plans are static per-layer counts and scores are per row, so batching changes nothing but
+        # the number of forwards
+        mass = make_policy(cfg.policy).needs_mass
+        self.records = [(record_prefill(model, windows[:, :self.ctx], window=cfg.window, mass=mass),
+                         windows[:, self.ctx:])]
         self.n = len(decoder_layers(model))
         self.calls = 0
 

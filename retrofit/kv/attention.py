@@ -7,6 +7,11 @@ attention function builds each layer's own lower-right-aligned causal mask from 
 query i of q sees key j of K iff j <= K - q + i, and only keys that are real tokens (the cache's
 `valid` for a budgeted layer, the padding mask otherwise).
 
+Decode steps (one query) take `kernels.decode_attention` when the dispatcher picks Triton (CUDA, or CPU
+under TRITON_INTERPRET=1): each (row, KV head) attends to one run of slots [start, start + length), which
+is what left padding and eviction leave (left padding sits before the real tokens, eviction drops padding
+first and keeps slot order, new tokens are appended); any other layout (right padding) takes SDPA.
+
 After the output is computed, a budgeted layer hands the attention of its last queries to its cache,
 which scores, allocates and evicts (cache.py). Profilers (offline plans) can watch every layer.
 """
@@ -18,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from adaflex.kernels import backend, decode_attention
 
 from .cache import active_layer
 
@@ -51,6 +58,23 @@ def build_mask(q: int, k: int, key_valid: torch.Tensor | None, device) -> torch.
     return mask
 
 
+def decode_span(valid: torch.Tensor | None, batch: int, kv_heads: int, k: int, device):
+    """(lengths, starts) [B, Hkv] of the keys one decode query sees (build_mask's rule for q == 1), or None
+    when those keys are not one run per (row, KV head) ending at the query's own key.
+
+    valid: as build_mask's key_valid, [B, 1 or Hkv, k] bool or None (every key real)."""
+    if valid is None:
+        return (torch.full((batch, kv_heads), k, dtype=torch.long, device=device),
+                torch.zeros(batch, kv_heads, dtype=torch.long, device=device))
+    seen = valid.clone()
+    seen[..., -1] = True  # a query always sees its own key
+    lengths = seen.sum(-1)
+    starts = k - lengths
+    if not bool((seen == (torch.arange(k, device=seen.device) >= starts[..., None])).all()):
+        return None
+    return lengths.expand(batch, kv_heads), starts.expand(batch, kv_heads)
+
+
 def window_probs(query, key, key_valid, scaling: float, w: int, groups: int) -> torch.Tensor:
     """Softmax attention [B, Hq, w, K] of the last w queries over all keys (same masking)."""
     q, k = query.shape[2], key.shape[2]
@@ -64,27 +88,48 @@ def window_probs(query, key, key_valid, scaling: float, w: int, groups: int) -> 
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def received_mass(query, key, key_valid, scaling: float, groups: int, chunk: int = 256) -> torch.Tensor:
-    """Attention each key received, summed over all queries and averaged over a GQA group: [B, Hkv, K].
+def received_attention(query, key, key_valid, scaling: float, groups: int, chunk: int = 256,
+                       split: int | None = None):
+    """Attention each key received, per query head: [B, 2·Hq, K], the sum over the queries of p (first Hq rows)
+    then of p² (last Hq rows; peaks weigh more, see the `h2o` policy's `stat`).
 
-    Same masking as the attention itself; queries go `chunk` at a time so memory stays [B, Hq, chunk, K]."""
-    q, k = query.shape[2], key.shape[2]
-    kk = _repeat_heads(key.float(), groups).transpose(2, 3)
-    if key_valid is not None and key_valid.shape[1] > 1:
-        key_valid = _repeat_heads(key_valid, groups)
-    total = query.new_zeros(query.shape[0], query.shape[1], k, dtype=torch.float32)
-    for s in range(0, q, chunk):
-        e = min(q, s + chunk)
-        logits = torch.matmul(query[:, :, s:e].float(), kk) * scaling
-        i = torch.arange(s, e, device=query.device)[:, None]
-        mask = (torch.arange(k, device=query.device)[None, :] <= i + (k - q))[None, None]
+    Same masking as the attention itself. Queries go `chunk` at a time and each chunk only multiplies the keys
+    its last query can see (causal: about half the work of a full Q·Kᵀ); the query heads of a GQA group share
+    their KV head's keys without copying them. `split` (a prompt, q == K): also return what the first `split`
+    queries gave, i.e. what a prefill of only those tokens would have summed: (that, all)."""
+    b, hq, q, d = query.shape
+    hkv, k = key.shape[1], key.shape[2]
+    kt = key.float().transpose(2, 3)  # [B, Hkv, D, K]
+    total = query.new_zeros(b, 2, hkv, groups, k, dtype=torch.float32)
+    head = None
+    bounds = sorted({*range(0, q, chunk), *([split] if split is not None and 0 <= split < q else [])}) + [q]
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        if s == split:
+            head = total.clone()
+        n, kl = e - s, e + (k - q)  # kl: keys the chunk's last query sees (lower-right alignment)
+        qc = query[:, :, s:e].float().reshape(b, hkv, groups * n, d)  # query heads h = kv * groups + j
+        logits = torch.matmul(qc, kt[..., :kl]) * scaling  # [B, Hkv, groups * n, kl]
+        i = torch.arange(s, e, device=query.device)[:, None] + (k - q)
+        mask = (torch.arange(kl, device=query.device)[None, :] <= i).repeat(groups, 1)
         if key_valid is not None:
-            mask = mask & key_valid[:, :, None, :]
-        total += torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0).sum(dim=2)
-    if groups == 1:
-        return total
-    b, hq = total.shape[:2]
-    return total.reshape(b, hq // groups, groups, k).mean(dim=2)
+            mask = mask & key_valid[:, :, None, :kl]
+        probs = torch.softmax(logits.masked_fill_(~mask, float("-inf")), dim=-1)
+        if key_valid is not None:  # a query row with no visible key (padding) gives NaN
+            probs = probs.nan_to_num_(0.0)
+        probs = probs.view(b, hkv, groups, n, kl)
+        total[:, 0, ..., :kl] += probs.sum(dim=3)
+        total[:, 1, ..., :kl] += probs.square_().sum(dim=3)
+    if split is not None and head is None:  # split >= q: the first `split` queries are all of them
+        head = total.clone()
+    total = total.reshape(b, 2 * hq, k)
+    return total if split is None else (head.reshape(b, 2 * hq, k), total)
+
+
+def received_mass(query, key, key_valid, scaling: float, groups: int, chunk: int = 256) -> torch.Tensor:
+    """Attention each key received, summed over all queries and averaged over a GQA group: [B, Hkv, K]."""
+    b, hq = query.shape[:2]
+    s = received_attention(query, key, key_valid, scaling, groups, chunk)[:, :hq]
+    return s.reshape(b, hq // groups, groups, -1).mean(dim=2)
 
 
 def adaflex_kv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -107,11 +152,18 @@ def adaflex_kv_attention(module, query, key, value, attention_mask, dropout: flo
         valid = None if bool(kv.all()) else kv[:, None, :]
     else:
         valid = None
-    mask = build_mask(q, k, valid, query.device)
-    if mask is not None and mask.shape[1] > 1:
-        mask = _repeat_heads(mask, groups)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                         is_causal=mask is None and q > 1, enable_gqa=groups > 1)
+    span = None
+    if q == 1 and not dropout and backend(query, key, value) == "triton":
+        span = decode_span(valid, key.shape[0], key.shape[1], k, key.device)
+    if span is not None:  # split-KV decode over each (row, KV head)'s kept run of keys: [B, 1, Hq, D]
+        out = decode_attention(query[:, :, 0], key, value, span[0], scaling, starts=span[1])[:, None]
+    else:
+        mask = build_mask(q, k, valid, query.device)
+        if mask is not None and mask.shape[1] > 1:
+            mask = _repeat_heads(mask, groups)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                             is_causal=mask is None and q > 1, enable_gqa=groups > 1)
+        out = out.transpose(1, 2)
     prof = getattr(_PROFILE, "fn", None)
     if prof is not None:
         prof(module.layer_idx, query, key, valid, scaling, groups)
@@ -119,9 +171,9 @@ def adaflex_kv_attention(module, query, key, value, attention_mask, dropout: flo
         owner = layer.owner
         w = owner.probe_queries(layer, q)
         probs = window_probs(query, key, valid, scaling, w, groups) if w else None
-        mass = received_mass(query, key, valid, scaling, groups) if owner.wants_mass(layer) else None
+        mass = received_attention(query, key, valid, scaling, groups) if owner.wants_mass(layer) else None
         owner.after_attention(layer, probs, groups, mass)
-    return out.transpose(1, 2).contiguous(), None
+    return out.contiguous(), None
 
 
 def adaflex_kv_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

@@ -120,14 +120,15 @@ class BudgetedLayer(DynamicLayer):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, owner: BudgetedCache):
+    def __init__(self, layer_idx: int, owner: BudgetedCache, budget_idx: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.budget_idx = layer_idx if budget_idx is None else budget_idx  # a repeat slot: its block's budget
         self.owner = owner
         self.seen = 0
         self.valid: torch.Tensor | None = None  # [B, H, K] bool
         self.scores: torch.Tensor | None = None  # [B, H, K] float32 (attention-scored policies)
-        self.mass: torch.Tensor | None = None  # [B, H, K] attention received, summed over prompt queries (h2o, mix)
+        self.mass: torch.Tensor | None = None  # [B, 2·Hq, K] attention received (sums of p, p²) over prompt queries
         self.mass_queries = 0
         self.capacity: int | None = None  # fixed size once compressed
         self.heads_uniform = True  # valid is the same for every KV head of a row
@@ -306,6 +307,15 @@ class BudgetedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
+    def add_slot(self, like: int) -> BudgetedLayer:
+        """One more layer (a repeated block's own cache slot, routes) that takes block `like`'s budget."""
+        if not 0 <= like < self.spec.num_layers:
+            raise ValueError(f"add_slot: block {like} out of range (the plan has {self.spec.num_layers} layers)")
+        layer = BudgetedLayer(len(self.layers), self, budget_idx=like)
+        self.layers.append(layer)
+        self._bytes.append(0)
+        return layer
+
     # -- memory --
     def _track(self) -> None:
         self._bytes = [layer.nbytes() for layer in self.layers]
@@ -342,7 +352,8 @@ class BudgetedCache(Cache):
     def after_attention(self, layer: BudgetedLayer, probs: torch.Tensor | None, groups: int,
                         mass: torch.Tensor | None = None) -> None:
         """probs: [B, Hq, w, K] attention of the last w new queries over the layer's stored keys; mass:
-        [B, Hkv, K] attention the keys received, summed over this forward's new queries (`wants_mass`)."""
+        [B, 2·Hq, K] attention the keys received from this forward's new queries, per query head: sums of p,
+        then of p² (`attention.received_attention`; only when `wants_mass`)."""
         spec = self.spec
         if spec.is_full or self.frozen:
             return
@@ -364,27 +375,35 @@ class BudgetedCache(Cache):
             return  # nothing to evict yet: stays uncompressed, later forwards reconsider
         if spec.policy.needs_attention:
             mass = None if layer.mass is None else layer.mass / max(1, layer.mass_queries)
-            layer.scores = spec.policy.score(probs, groups, k, mass).float()
+            kw = {"values": layer.full_precision()[1]} if spec.policy.needs_values else {}
+            layer.scores = spec.policy.score(probs, groups, k, mass, **kw).float()
             layer.mass = None  # decisions from here on use the running scores
         if spec.allocation == "cake" and spec.fractions is None:
             self._cascade(layer, probs, total)
             return
         if self._counts is None or self._counts[0] != k:
             self._counts = (k, spec.static_counts(k))
-        count = int(self._counts[1][layer.layer_idx])
+        count = int(self._counts[1][layer.budget_idx])
         layer.capacity = count
         layer.shrink(count)
 
     def _cascade(self, layer: BudgetedLayer, probs, total: int) -> None:
-        """CAKE: preference of this layer, budgets of all layers seen so far, re-evict them."""
+        """CAKE: preference of this layer, budgets of all layers seen so far, re-evict them. Layers are met in
+        block order; a repeat slot (routes) right after its block, with a budget of its own."""
         spec, i = self.spec, layer.layer_idx
-        if i == 0 or not self._prefs or i <= max(self._prefs):
-            self._prefs = {}
+
+        def order(j: int) -> tuple[int, bool]:
+            return self.layers[j].budget_idx, j >= spec.num_layers
+
+        if not self._prefs or order(i) <= max(order(j) for j in self._prefs):
+            self._prefs = {}  # a new prompt
         h, v = layer_preference(probs, spec.window)
         self._prefs[i] = float(kv_alloc.cake_preference([h], [v], spec.tau1, spec.tau2)[0])
-        seen = sorted(self._prefs)
+        seen = sorted(self._prefs, key=order)
         lengths = np.array([self.layers[j].stored for j in seen])
         floor = min(spec.floor, layer.stored)
+        repeats = sum(j >= spec.num_layers for j in seen)  # each repeat slot adds one layer's share
+        total = total * (spec.num_layers + repeats) // spec.num_layers
         budget = min(total, int(lengths.sum()))
         counts = kv_alloc.cake([self._prefs[j] for j in seen], budget, lengths=lengths,
                                min_keep=np.minimum(floor, lengths))

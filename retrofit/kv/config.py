@@ -28,6 +28,13 @@ class KVConfig(Strict):
     kernel: int = Field(7, ge=1, description="avg-pool width over key positions, so spans around a selected "
                                              "token are kept whole (odd)")
     gamma: float = Field(200.0, ge=0, description="cake indicator: weight of the attention variance")
+    stat: Literal["mean", "rms"] = Field(
+        "mean", description="h2o, mix: how the attention a key received from the prompt queries is summed up: "
+                            "mean (H2O) or root mean square (a few strong looks outrank many weak ones)")
+    heads: Literal["mean", "max"] = Field(
+        "mean", description="h2o, mix: mean or max over the query heads that share a KV head")
+    value_norm: bool = Field(False, description="h2o, mix: weight that score by the norm of the key's value "
+                                                "(relative to the head's mean)")
     tau1: float = Field(1.0, gt=0, description="cake allocation: temperature of the entropy term")
     tau2: float = Field(1.0, gt=0, description="cake allocation: temperature of the variance term")
     beta: float = Field(20.0, ge=1, description="pyramid: the last layer gets 1/beta of the mean budget")

@@ -52,9 +52,11 @@ class Policy:
     name: str = "base"
     needs_attention: bool = True
     needs_mass: bool = False  # wants the attention received from every prompt query (`mass`)
+    needs_values: bool = False  # wants the layer's stored values (`values`)
 
-    def score(self, probs: torch.Tensor | None, groups: int, length: int, mass=None) -> torch.Tensor:
-        """mass: [B, Hkv, K] mean attention each key received from all prompt queries (needs_mass only)."""
+    def score(self, probs: torch.Tensor | None, groups: int, length: int, mass=None, values=None) -> torch.Tensor:
+        """mass: [B, 2·Hq, K] per query head, the mean over all prompt queries of the attention p each key
+        received, then of p² (needs_mass only); values: [B, Hkv, K, D] (needs_values only)."""
         raise NotImplementedError
 
     def running(self, probs: torch.Tensor, groups: int) -> torch.Tensor:
@@ -67,7 +69,7 @@ class StreamingLLM(Policy):
     name: str = "streaming"
     needs_attention: bool = False
 
-    def score(self, probs, groups, length, mass=None):
+    def score(self, probs, groups, length, mass=None, values=None):
         # the stored order is chronological: later is better
         return torch.arange(length, dtype=torch.float32)
 
@@ -76,7 +78,7 @@ class StreamingLLM(Policy):
 class SnapKV(Policy):
     name: str = "snapkv"
 
-    def score(self, probs, groups, length, mass=None):
+    def score(self, probs, groups, length, mass=None, values=None):
         return group_mean(pool(probs.mean(dim=2), self.kernel), groups)
 
 
@@ -85,32 +87,64 @@ class CakeIndicator(Policy):
     name: str = "cake"
     gamma: float = 200.0
 
-    def score(self, probs, groups, length, mass=None):
+    def score(self, probs, groups, length, mass=None, values=None):
         mean = probs.mean(dim=2)
         var = probs.var(dim=2, unbiased=False) if probs.shape[2] > 1 else torch.zeros_like(mean)
         return group_mean(pool(mean + self.gamma * var, self.kernel), groups)
+
+
+def received(mass: torch.Tensor, groups: int, stat: str = "mean", heads: str = "mean") -> torch.Tensor:
+    """[B, 2·Hq, K] per-query-head means of p and p² over the prompt queries -> one score per KV head [B, Hkv, K].
+
+    stat: `mean` (H2O: the mean attention a key received) or `rms` (root mean square: a key a few queries
+    attended strongly outranks one many queries attended a little); heads: `mean` or `max` over the query
+    heads that share the KV head (max: a key one head relies on is kept even if its group-mates ignore it)."""
+    hq = mass.shape[1] // 2
+    x = mass[:, :hq] if stat == "mean" else mass[:, hq:].clamp_min(0).sqrt()
+    if groups == 1:
+        return x
+    x = x.reshape(x.shape[0], hq // groups, groups, x.shape[-1])
+    return x.mean(dim=2) if heads == "mean" else x.amax(dim=2)
+
+
+def value_weight(values: torch.Tensor) -> torch.Tensor:
+    """||v|| of each stored value relative to its (row, KV head) mean [B, Hkv, K]: what a key brings to the
+    output is its attention times its value, so a key with a small value matters less (scale kept ~1)."""
+    n = values.float().norm(dim=-1)
+    return n / n.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @dataclass
 class H2O(Policy):
     name: str = "h2o"
     needs_mass: bool = True
+    stat: str = "mean"  # see `received`
+    heads: str = "mean"
 
-    def score(self, probs, groups, length, mass=None):
-        return mass
+    def score(self, probs, groups, length, mass=None, values=None):
+        s = received(mass, groups, self.stat, self.heads)
+        return s * value_weight(values) if self.needs_values else s
 
 
 @dataclass
 class Mix(Policy):
     name: str = "mix"
     needs_mass: bool = True
+    stat: str = "mean"
+    heads: str = "mean"
 
-    def score(self, probs, groups, length, mass=None):
+    def score(self, probs, groups, length, mass=None, values=None):
         # both are attention shares over the same keys (rows sum to ~1), so their max is comparable
-        return torch.maximum(group_mean(pool(probs.mean(dim=2), self.kernel), groups), mass)
+        s = received(mass, groups, self.stat, self.heads)
+        if self.needs_values:
+            s = s * value_weight(values)
+        return torch.maximum(group_mean(pool(probs.mean(dim=2), self.kernel), groups), s)
 
 
-def make_policy(name: str, kernel: int = 7, gamma: float = 200.0) -> Policy:
+def make_policy(name: str, kernel: int = 7, gamma: float = 200.0, stat: str = "mean", heads: str = "mean",
+                values: bool = False) -> Policy:
+    """stat, heads, values: how `h2o` and `mix` score the attention every prompt query gave (see `received`,
+    `value_weight`); the other policies ignore them."""
     if name == "streaming":
         return StreamingLLM(kernel=kernel)
     if name == "snapkv":
@@ -118,9 +152,9 @@ def make_policy(name: str, kernel: int = 7, gamma: float = 200.0) -> Policy:
     if name == "cake":
         return CakeIndicator(kernel=kernel, gamma=gamma)
     if name == "h2o":
-        return H2O(kernel=kernel)
+        return H2O(kernel=kernel, stat=stat, heads=heads, needs_values=values)
     if name == "mix":
-        return Mix(kernel=kernel)
+        return Mix(kernel=kernel, stat=stat, heads=heads, needs_values=values)
     raise ValueError(f"policy: unknown '{name}' (streaming, snapkv, cake, h2o, mix)")
 
 
@@ -131,8 +165,14 @@ def layer_preference(probs: torch.Tensor, window: int) -> tuple[float, float]:
     entropy of each window query's row, V sums over keys the variance across window queries; both are
     averaged over batch rows and heads."""
     k = probs.shape[-1]
-    pre = probs[..., : max(1, k - window)].double()
+    pre = probs[..., : max(1, k - window)].float()
     a = pre / pre.sum(-1, keepdim=True).clamp_min(1e-30)
-    h = -(a * torch.log(a.clamp_min(1e-30))).sum(-1).sum(-1)  # [B, Hq]
-    v = a.var(dim=2, unbiased=False).sum(-1) if a.shape[2] > 1 else torch.zeros_like(h)
+    # float32 elementwise, float64 sums (5x faster than all in float64; same figures to ~1e-9)
+    h = -torch.special.xlogy(a, a).sum((-1, -2), dtype=torch.float64)  # [B, Hq]
+    w = a.shape[2]
+    if w > 1:  # variance over the window queries, E[a^2] - E[a]^2
+        v = (a.square().sum(2, dtype=torch.float64) / w - a.sum(2, dtype=torch.float64).div(w).square())
+        v = v.clamp_min(0).sum(-1)
+    else:
+        v = torch.zeros_like(h)
     return float(h.mean()), float(v.mean())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import profile, received_mass, register, window_probs
+from .attention import profile, received_attention, register, window_probs
 from .cache import BudgetedCache, KVSpec, active_layer
 from .policies import StreamingLLM
 
@@ -29,34 +29,55 @@ class PrefillRecord:
     groups: int
     seen: int
     logits: torch.Tensor | None = None  # last position's logits
-    mass: list | None = None  # per layer [B, Hkv, T]: attention received from all prompt queries (h2o, mix)
+    mass: list | None = None  # per layer [B, 2·Hq, T]: attention received from all prompt queries (h2o, mix)
 
 
 @torch.no_grad()
-def record_prefill(model, input_ids, attention_mask=None, window: int = 32, mass: bool = True) -> PrefillRecord:
+def record_prefill(model, input_ids, attention_mask=None, window: int = 32, mass: bool = True,
+                   prefix: int | None = None):
     """Run the prompt once through a full budgeted cache and keep what replays need (`mass`: also the
-    attention every key received, for the h2o and mix policies; one more Q·Kᵀ per layer)."""
+    attention every key received, for the h2o and mix policies; one more Q·Kᵀ per layer).
+
+    `prefix` = P: also return the record of the first P tokens alone, `(record, prefix_record)`, from the same
+    forward (causal attention: their keys, values, last-window queries and the mass their own queries gave are
+    what a prefill of those P tokens computes). Benchmarks use it to compress a passkey context both with the
+    question (query-aware) and before it (query-agnostic) at the cost of one prefill."""
     register()
     if getattr(model.config, "_attn_implementation", None) != "adaflex_kv":
         raise RuntimeError("record_prefill needs a model with the kv stage applied")
     n = model.config.num_hidden_layers
+    if prefix is not None and not 0 < prefix <= input_ids.shape[1]:
+        raise ValueError(f"prefix {prefix} outside (0, {input_ids.shape[1]}]")
     cache = BudgetedCache(KVSpec(num_layers=n, policy=StreamingLLM(), budget=1.0))
     queries, masses, meta = [None] * n, [None] * n, {}
+    pre_queries, pre_masses = [None] * n, [None] * n
 
     def watch(i, query, key, valid, scaling, groups):
         queries[i] = query[:, :, -min(window, query.shape[2]):].clone()
-        if mass:
-            masses[i] = received_mass(query, key, valid, scaling, groups)
+        if prefix is not None:
+            pre_queries[i] = query[:, :, max(0, prefix - window):prefix].clone()
+        if mass and prefix is not None:
+            head, masses[i] = received_attention(query, key, valid, scaling, groups, split=prefix)
+            pre_masses[i] = head[..., :prefix].clone()
+        elif mass:
+            masses[i] = received_attention(query, key, valid, scaling, groups)
         meta.update(scaling=scaling, groups=groups)
 
     with profile(watch):
         out = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
                     logits_to_keep=1)
     layers = cache.layers
-    return PrefillRecord([x.keys for x in layers], [x.values for x in layers],
-                         [None if bool(x.valid.all()) else x.valid for x in layers], queries,
-                         meta["scaling"], meta["groups"], layers[0].seen, out.logits[:, -1].float(),
-                         masses if mass else None)
+    valid = [None if bool(x.valid.all()) else x.valid for x in layers]
+    rec = PrefillRecord([x.keys for x in layers], [x.values for x in layers], valid, queries,
+                        meta["scaling"], meta["groups"], layers[0].seen, out.logits[:, -1].float(),
+                        masses if mass else None)
+    if prefix is None:
+        return rec
+    pre_valid = [None if v is None or bool(v[..., :prefix].all()) else v[..., :prefix] for v in valid]
+    pre = PrefillRecord([x.keys[..., :prefix, :] for x in layers], [x.values[..., :prefix, :] for x in layers],
+                        pre_valid, pre_queries, meta["scaling"], meta["groups"], prefix, None,
+                        pre_masses if mass else None)
+    return rec, pre
 
 
 def replay(spec: KVSpec, record: PrefillRecord) -> BudgetedCache:

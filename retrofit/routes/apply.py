@@ -63,11 +63,14 @@ def executed_mean(model, prompts: list[torch.Tensor], pad: int = 0, batch: int =
 
 def calibrate_dial(model, routers: Routers, windows: int, prompts, budget: float | None, pad: int,
                    steps: int = 12) -> tuple[float, float]:
-    """The largest dial p in [-1, 0] whose mean executed blocks on `prompts` is within the budget."""
+    """The largest dial p in [-1, 0] whose mean executed blocks is within the budget on every source of
+    prompts (`prompts`: a list of prompts, or a dict source -> list); returns (p, the highest source mean)."""
+    sources = prompts if isinstance(prompts, dict) else {"prompts": prompts}
+
     def mean_at(p):
         install(model, RouterPolicy(routers, windows, p), routers)
         try:
-            return executed_mean(model, prompts, pad)
+            return max(executed_mean(model, ps, pad) for ps in sources.values() if ps)
         finally:
             uninstall(model)
 
@@ -85,6 +88,17 @@ def calibrate_dial(model, routers: Routers, windows: int, prompts, budget: float
     if lo == -1.0:
         lo_mean = mean_at(lo)
     return lo, lo_mean
+
+
+def dial_prompts(ctx: StageContext, cfg: RoutesConfig, examples) -> dict[str, list[torch.Tensor]]:
+    """Prompts the auto dial must meet the budget on: the training examples' and, when the recipe has
+    calibration data, the first three quarters of its windows (routers trained on a few examples decide
+    differently on long prompts of other text; the budget should hold on the data the model will see)."""
+    out = {"train": [ex.prompt for ex in examples[: cfg.calibrate_examples]]}
+    if ctx.recipe.data.calibration is not None:
+        cal = ctx.calibration[: cfg.calibrate_examples]
+        out["calibration"] = [w[None, : max(2, w.shape[0] * 3 // 4)] for w in cal]
+    return out
 
 
 def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
@@ -122,12 +136,12 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
     labels = torch.tensor([r["counts"] for r in kept], dtype=torch.long)
     routers, tstats = train_routers(feats, wmask, labels, cfg, ctx.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    prompts = [ex.prompt for ex in examples[: cfg.calibrate_examples]]
+    prompts = dial_prompts(ctx, cfg, examples)
     if cfg.dial == "auto":
         dial, calibrated = calibrate_dial(model, routers, cfg.windows, prompts, cfg.max_executed, pad)
     else:
         install(model, RouterPolicy(routers, cfg.windows, cfg.dial), routers)
-        calibrated = executed_mean(model, prompts, pad)
+        calibrated = max(executed_mean(model, ps, pad) for ps in prompts.values() if ps)
         uninstall(model)
         dial = float(cfg.dial)
     metrics = {**stats, "kept": len(kept), **tstats, "dial": dial, "calibrated_executed_mean": calibrated}
@@ -144,13 +158,14 @@ def routers_from(tensors: dict, plan: dict) -> Routers | None:
     if not sd:
         return None
     L, d = plan["num_layers"], plan["hidden_size"]
-    n_blocks = len({k.split(".")[1] for k in sd})
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     w = sd.get("blocks.0.0.weight")
     if n_blocks != L or w is None or w.shape[1] != d:
         got_d = None if w is None else w.shape[1]
         raise UsageError(f"routes: routers saved for {n_blocks} blocks of width {got_d}; "
                          f"the plan says {L} of width {d}")
     routers = Routers(L, d, w.shape[0])
+    sd.setdefault("allowed", routers.allowed)  # routers saved before the class mask: every class allowed
     try:
         routers.load_state_dict(sd)
     except RuntimeError as e:

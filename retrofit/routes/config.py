@@ -49,6 +49,7 @@ class RoutesConfig(Strict):
     bottleneck: int = Field(32, ge=1)
     windows: int = Field(8, ge=1, description="mean-pooling windows over the prompt (min(windows, T))")
     epochs: int = Field(20, ge=1)
+    min_steps: int = Field(300, ge=0, description="at least this many optimizer steps (more epochs on few examples)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     batch_size: int = Field(16, ge=1)

@@ -24,18 +24,24 @@ def make_mlp(width: int, bottleneck: int) -> nn.Sequential:
 
 
 class Routers(nn.Module):
-    """One router per block (`blocks[b]`); attached to a decoder as `adaflex_router`."""
+    """One router per block (`blocks[b]`); attached to a decoder as `adaflex_router`.
+
+    `allowed[b, c]`: whether block b's labels ever chose class c. A class no label chose gets no gradient of
+    its own, so its logit stays near its initial value and the dial could pick it for any input: it is masked."""
 
     def __init__(self, num_layers: int, width: int, bottleneck: int = 32):
         super().__init__()
         self.num_layers, self.width, self.bottleneck = num_layers, width, bottleneck
         self.blocks = nn.ModuleList(make_mlp(width, bottleneck) for _ in range(num_layers))
+        self.register_buffer("allowed", torch.ones(num_layers, 3, dtype=torch.bool))
 
     def logits(self, b: int, pooled: torch.Tensor, wmask: torch.Tensor) -> torch.Tensor:
-        """pooled [B, W, d], wmask [B, W] (1 for real windows) -> logits [B, 3] averaged over windows."""
+        """pooled [B, W, d], wmask [B, W] (1 for real windows) -> logits [B, 3] averaged over windows,
+        -inf for the classes block b may not choose."""
         out = self.blocks[b](pooled.to(self.blocks[b][0].weight.dtype)).float()
         w = wmask.float()
-        return (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+        mean = (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+        return mean.masked_fill(~self.allowed[b].to(mean.device), float("-inf"))
 
 
 def window_weights(valid: torch.Tensor, windows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

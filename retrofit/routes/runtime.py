@@ -126,8 +126,13 @@ def _attach(cache, L: int) -> None:
     cache.adaflex_routes = None
     layers = getattr(cache, "layers", None)
     if layers and len(layers) < 2 * L:
-        for b in range(len(layers), 2 * L):
-            src = layers[b - L] if b >= L else layers[-1]
+        add_slot = getattr(cache, "add_slot", None)  # a cache with per-layer budgets builds its own slots
+        # templates from the layers as they are now: copying an appended slot would copy copies
+        templates = {b: layers[b - L] if b >= L else layers[-1] for b in range(len(layers), 2 * L)}
+        for b, src in templates.items():
+            if add_slot is not None and b >= L:
+                add_slot(b - L)
+                continue
             try:
                 new = type(src)(**({"sliding_window": src.sliding_window} if hasattr(src, "sliding_window") else {}))
             except TypeError:

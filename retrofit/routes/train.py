@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .router import Routers, pool, window_weights
+from .router import EXECUTE, Routers, pool, window_weights
 
 
 @torch.no_grad()
@@ -67,17 +67,23 @@ def train_routers(feats: torch.Tensor, wmask: torch.Tensor, labels: torch.Tensor
     N, L, _, d = feats.shape
     torch.manual_seed(seed)
     routers = Routers(L, d, cfg.bottleneck)
+    # only the classes some label chose for a block (execute always): see Routers.allowed
+    routers.allowed.copy_(torch.stack([torch.bincount(labels[:, b], minlength=3) > 0 for b in range(L)]))
+    routers.allowed[:, EXECUTE] = True
     weights = class_weights(labels, cfg.beta)
     opt = torch.optim.AdamW(routers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(N / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    # a few labelled examples in few epochs leave the routers at their initial, nearly flat logits, and the
+    # dial alone then decides every block: train on the cached features for at least `min_steps` steps
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    total = steps_per_epoch * epochs
     warmup = min(cfg.warmup, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup))
     gen = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add synchronisation (and suffer on a busy machine)
     try:
-        _fit(routers, feats, wmask, labels, weights, opt, sched, gen, cfg)
+        _fit(routers, feats, wmask, labels, weights, opt, sched, gen, cfg, epochs)
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
@@ -88,13 +94,13 @@ def train_routers(feats: torch.Tensor, wmask: torch.Tensor, labels: torch.Tensor
     acc = (pred == labels).float().mean().item()
     skip_recall = ((pred == 0) & (labels == 0)).sum().item() / max(1, (labels == 0).sum().item())
     return routers.eval(), {"train_loss": last, "train_acc": acc, "train_skip_recall": skip_recall, "steps": total,
-                            "warmup": warmup}
+                            "epochs": epochs, "warmup": warmup}
 
 
-def _fit(routers, feats, wmask, labels, weights, opt, sched, gen, cfg) -> None:
+def _fit(routers, feats, wmask, labels, weights, opt, sched, gen, cfg, epochs: int) -> None:
     N, L = labels.shape
     with torch.enable_grad():
-        for _epoch in range(cfg.epochs):
+        for _epoch in range(epochs):
             order = torch.randperm(N, generator=gen)
             for s in range(0, N, cfg.batch_size):
                 idx = order[s : s + cfg.batch_size]

@@ -1,21 +1,27 @@
 """KV budgets benchmark on SmolLM2-135M (a script, not collected by pytest).
 
-    nice python tests/bench/kv.py [--contexts 1024,2048] [--budgets 0.1,0.25,0.5] [--windows 4]
-        [--continuation 128] [--trials 5] [--depths 0.1,0.3,0.5,0.7,0.9] [--grid] [--out runs/bench-kv.json]
+    OMP_NUM_THREADS=2 nice python tests/bench/kv.py [--contexts 1024,2048] [--budgets 0.1,0.25,0.5] [--windows 4]
+        [--continuation 128] [--trials 10] [--depths 0.1,0.3,0.5,0.7,0.9] [--grid] [--no-passkey]
+        [--configs POLICY/ALLOCATION,...] [--variants NAME:key=value/...;...] [--out runs/bench-kv.json]
 
 For each context length: continuation perplexity on WikiText-2 dev (prefill C tokens through the cache,
 compressed to the budget, then score the next `--continuation` tokens; `--windows` windows in one batch) and
-passkey accuracy (query-aware: question inside the prompt; query-agnostic: context compressed before
-the question arrives), for StreamingLLM, SnapKV, PyramidKV, CAKE, PrefixKV, H2O, mix + CAKE (the kv recipe's
-default), mix + searched plan and the int8 quantization row at every budget, plus the full cache (`--grid`:
-every policy x allocation instead). The defaults took over 20 minutes on a shared 2-core machine; the cost is mostly
-the prefills (passkey prompts, one batch of `--batch` per protocol) and one continuation per row.
+passkey accuracy at `--depths` (query-aware: question inside the prompt; query-agnostic: context compressed
+before the question arrives), for StreamingLLM, SnapKV, PyramidKV, CAKE, PrefixKV, H2O, mix (rms heavy hitters) +
+CAKE (the kv recipe's default, recipes/bench/smollm2-kv.yaml), the same with a searched plan and with int8 storage
+at every budget, plus the full cache (`--grid`: every policy x allocation, plus the `--variants`).
 
-Each prompt is prefilled once with a full cache and replayed into every budgeted cache (replay.py):
-compression happens after each layer's attention, so this is exactly what a live prefill keeps (a
-test checks it), peak KV bytes included. `kv_bytes_ratio` is measured from the tensors the cache holds
-after the prefill; `peak_kv_mb` is the most KV the cache held at once during the prefill (a live
-prefill also holds the layer being computed, which the replay counts the same way).
+Cost: every prompt is prefilled once with a full cache and replayed into every budgeted cache (replay.py):
+compression happens after each layer's attention, so this is exactly what a live prefill keeps (a test checks
+it), peak KV bytes included. A passkey prompt (context + question) is prefilled once for both protocols: the
+query-agnostic replay uses the record of its context prefix, taken from the same forward (also tested). The
+passkey prompts of a context length go in as few batches as `--batch` and `--batch-tokens` allow. What is left
+per row is its replay, one continuation forward and a few greedy steps; the report's `times` gives wall and CPU
+seconds per part.
+
+`kv_bytes_ratio` is measured from the tensors the cache holds after the prefill; `peak_kv_mb` is the most KV
+the cache held at once during the prefill (a live prefill also holds the layer being computed, which the
+replay counts the same way); `peak_rss_mb` is the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,13 +43,37 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext2_dev.txt"
 
 POLICIES = ["streaming", "snapkv", "cake", "h2o", "mix"]
 ALLOCATIONS = ["uniform", "pyramid", "cake", "prefixkv"]
-# StreamingLLM, SnapKV, PyramidKV, CAKE, PrefixKV, H2O, then adaflex's default (mix + CAKE) and its searched plan
-CONFIGS = ["streaming/uniform", "snapkv/uniform", "snapkv/pyramid", "cake/cake", "snapkv/prefixkv", "h2o/uniform",
-           "mix/cake", "mix/searched"]
+# StreamingLLM, SnapKV, PyramidKV, CAKE, PrefixKV, H2O
+CONFIGS = ["streaming/uniform", "snapkv/uniform", "snapkv/pyramid", "cake/cake", "snapkv/prefixkv", "h2o/uniform"]
+# adaflex's default (recipes/kv.yaml: mix with rms heavy hitters + CAKE), its searched plan, and the int8 row
+VARIANTS = ("mix+cake:policy=mix/allocation=cake/stat=rms;mix+searched:policy=mix/allocation=searched/stat=rms;"
+            "mix+int8:policy=mix/allocation=cake/stat=rms/storage=int8")
+_CONV = {"recent": float, "gamma": float, "tau1": float, "tau2": float, "beta": float, "storage": str, "stat": str,
+         "heads": str, "value_norm": lambda v: v.lower() in ("1", "true", "yes")}
+
+
+def stage_kwargs(kw: dict) -> dict:
+    """KVConfig keyword arguments from a variant's key=value strings (numbers, flags)."""
+    return {k: _CONV.get(k, int)(v) if isinstance(v, str) else v for k, v in kw.items()}
 
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+TIMES: dict[str, list[float]] = {}  # part -> [wall seconds, CPU seconds of this process]
+
+
+@contextmanager
+def clock(part: str):
+    """Add the wall and CPU time of the block to TIMES[part] (CPU time estimates an idle machine's cost)."""
+    w, c = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        t = TIMES.setdefault(part, [0.0, 0.0])
+        t[0] += time.perf_counter() - w
+        t[1] += time.process_time() - c
 
 
 def main(argv=None):
@@ -56,9 +88,11 @@ def main(argv=None):
     ap.add_argument("--searched", default="mix", help="with --grid: policies that also get the searched allocation")
     ap.add_argument("--windows", type=int, default=4, help="perplexity windows per context length (one batch)")
     ap.add_argument("--continuation", type=int, default=128)
-    ap.add_argument("--trials", type=int, default=5, help="passkey trials per protocol and context length")
+    ap.add_argument("--trials", type=int, default=10, help="passkey trials per protocol and context length")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    ap.add_argument("--batch", type=int, default=5, help="passkey prompts per prefill")
+    ap.add_argument("--batch", type=int, default=10, help="passkey prompts per prefill (both protocols share it)")
+    ap.add_argument("--batch-tokens", type=int, default=10240,
+                    help="at most this many passkey prompt tokens per prefill (bounds the recorded KV in memory)")
     ap.add_argument("--calibration", type=int, default=2, help="calibration windows of the offline plans")
     ap.add_argument("--cal-len", type=int, default=512)
     ap.add_argument("--search-trials", type=int, default=10)
@@ -66,10 +100,11 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=float, default=0.0)
-    ap.add_argument("--variants", default="mix+int8:policy=mix/allocation=cake/storage=int8",
-                    help="extra configs: name:key=value/key=value;... (default: the int8 quantization row)")
+    ap.add_argument("--variants", default=VARIANTS,
+                    help="extra rows: name:key=value/key=value;... (default: adaflex's default, searched, int8)")
     ap.add_argument("--no-passkey", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest on a shared CPU)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                    help="intra-op threads (default: OMP_NUM_THREADS, else 1)")
     ap.add_argument("--out", default="runs/bench-kv.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -119,36 +154,40 @@ def main(argv=None):
     plans: dict = {}
     need_plans = any(al in ("prefixkv", "searched") for _, al, _ in configs)
     if need_plans:
-        cal = calibration_windows(tok, text, a.calibration, a.cal_len, 0, str(DATA))
-        curves, prefs = attention_profiles(model, cal, a.window)
-        for b in budgets:
-            plans[("prefixkv", b)] = prefixkv_plan(curves, b, a.sinks + a.window)
-            plans[("cake_avg", b)] = cake_plan(prefs, b, a.cal_len, a.sinks + a.window)
-        log(f"profiles done ({time.perf_counter() - t_start:.0f}s)")
-        for pol, al, kw in configs:
-            if al != "searched":
-                continue
+        with clock("offline plans"):
+            cal = calibration_windows(tok, text, a.calibration, a.cal_len, 0, str(DATA))
+            curves, prefs = attention_profiles(model, cal, a.window)
             for b in budgets:
-                cfg = KVConfig(budget=b, policy=kw.get("policy", pol) if pol not in POLICIES else pol,
-                               **{k: v for k, v in kw.items() if k != "policy"})
-                obj = CalibrationObjective(model, cal, cfg)
-                floor = cfg.floor / obj.ctx
-                cands = {"uniform": [b] * n, "pyramid": kv_alloc.pyramid(n, 10**6, beta=cfg.beta) / 10**6 * n * b,
-                         "cake_average": plans[("cake_avg", b)], "prefixkv": plans[("prefixkv", b)]}
-                scored = {k: obj(_normalise(torch.as_tensor(v).numpy(), b, floor)) for k, v in cands.items()}
-                start = min(scored, key=scored.get)
-                best, val, _ = coordinate_search(obj, torch.as_tensor(cands[start]).numpy(), b, floor, 6,
-                                                 max(1, a.search_trials - 4))
-                plans[(pol, "searched", b)] = best
-                log(f"searched {pol} @ {b}: start {start} {scored[start]:.4f} -> {val:.4f} ({obj.calls} calls)")
-        install(model, spec_from(KVConfig(budget=1.0, **base), n))
+                plans[("prefixkv", b)] = prefixkv_plan(curves, b, a.sinks + a.window)
+                plans[("cake_avg", b)] = cake_plan(prefs, b, a.cal_len, a.sinks + a.window)
+            log(f"profiles done ({time.perf_counter() - t_start:.0f}s)")
+            objectives = {}  # one recorded prefill of the calibration windows per policy, shared by the budgets
+            for pol, al, kw in configs:
+                if al != "searched":
+                    continue
+                for b in budgets:
+                    cfg = KVConfig(budget=b, policy=kw.get("policy", pol) if pol not in POLICIES else pol,
+                                   **stage_kwargs({k: v for k, v in kw.items() if k != "policy"}))
+                    if cfg.policy not in objectives:
+                        objectives[cfg.policy] = CalibrationObjective(model, cal, cfg)
+                    obj = objectives[cfg.policy]
+                    obj.cfg, obj.calls = cfg, 0
+                    floor = cfg.floor / obj.ctx
+                    cands = {"uniform": [b] * n,
+                             "pyramid": kv_alloc.pyramid(n, 10**6, beta=cfg.beta) / 10**6 * n * b,
+                             "cake_average": plans[("cake_avg", b)], "prefixkv": plans[("prefixkv", b)]}
+                    scored = {k: obj(_normalise(torch.as_tensor(v).numpy(), b, floor)) for k, v in cands.items()}
+                    start = min(scored, key=scored.get)
+                    best, val, _ = coordinate_search(obj, torch.as_tensor(cands[start]).numpy(), b, floor, 6,
+                                                     max(1, a.search_trials - 4))
+                    plans[(pol, "searched", b)] = best
+                    log(f"searched {pol} @ {b}: start {start} {scored[start]:.4f} -> {val:.4f} ({obj.calls} calls)")
+            install(model, spec_from(KVConfig(budget=1.0, **base), n))
 
     def make_spec(pol, al, kw, b):
         kw = dict(kw)
         policy = kw.pop("policy", pol if pol in POLICIES else "snapkv")
-        conv = {"recent": float, "gamma": float, "tau1": float, "tau2": float, "storage": str}
-        cfg = KVConfig(budget=b, policy=policy, allocation=al if al != "searched" else "uniform",
-                       **{k: conv.get(k, int)(v) if isinstance(v, str) else v for k, v in kw.items()})
+        cfg = KVConfig(budget=b, policy=policy, allocation=al if al != "searched" else "uniform", **stage_kwargs(kw))
         fr = None
         if al == "prefixkv":
             fr = plans[("prefixkv", b)]
@@ -169,16 +208,18 @@ def main(argv=None):
         # perplexity: all windows in one batch (as `adaflex eval` batches them); allocations are per layer,
         # shared by the rows of a batch
         x = torch.tensor([ids[s:s + span] for s in starts])
-        rec = record_prefill(model, x[:, :C], window=a.window)
+        with clock("perplexity prefill"):
+            rec = record_prefill(model, x[:, :C], window=a.window)
         cont = x[:, C:]
         full_bytes = sum(k.numel() * k.element_size() * 2 for k in rec.keys)
         for i, (pol, al, kw, b) in enumerate(entries):
             spec = full_spec if pol == "full" else make_spec(pol, al, kw, b)
-            cache = replay(spec, rec)
+            with clock("replay"):
+                cache = replay(spec, rec)
             st = stats[i]
             st["kv"] = cache.stored_bytes() / full_bytes
             st["peak"] = cache.peak_bytes / len(starts)  # per sequence
-            with torch.no_grad():
+            with torch.no_grad(), clock("continuation"):
                 out = model(input_ids=cont, cache=cache, use_cache=True)
             logits = torch.cat([rec.logits[:, None], out.logits[:, :-1].float()], 1)
             st["nll"] += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), cont.flatten(),
@@ -186,7 +227,8 @@ def main(argv=None):
             st["cnt"] += cont.numel()
         del rec
         log(f"C={C} perplexity, {len(starts)} windows ({time.perf_counter() - t_start:.0f}s)")
-        # passkey
+        # passkey: one prefill of context + question per batch; the query-aware protocol replays all of it, the
+        # query-agnostic one replays the record of the context alone (its prefix, from the same forward)
         if not a.no_passkey:
             import random
 
@@ -199,16 +241,20 @@ def main(argv=None):
                 ctx, q = build_prompt(tok, ids[st0:st0 + C], C, d, key)
                 cases.append((d, key, ctx, q))
             steps = len(tok(" 12345", add_special_tokens=False).input_ids) + 1
-            for agnostic in (False, True):
-                for c0 in range(0, len(cases), a.batch):
-                    chunk = cases[c0:c0 + a.batch]
-                    ctx = torch.tensor([c[2] for c in chunk])
-                    q = torch.tensor([c[3] for c in chunk])
-                    rec = record_prefill(model, ctx if agnostic else torch.cat([ctx, q], 1), window=a.window)
-                    for i, (pol, al, kw, b) in enumerate(entries):
-                        spec = full_spec if pol == "full" else make_spec(pol, al, kw, b)
-                        cache = replay(spec, rec)
-                        with torch.no_grad():
+            batch = max(1, min(a.batch, a.batch_tokens // C))
+            for c0 in range(0, len(cases), batch):
+                chunk = cases[c0:c0 + batch]
+                ctx = torch.tensor([c[2] for c in chunk])
+                q = torch.tensor([c[3] for c in chunk])
+                with clock("passkey prefill"):
+                    rec_aware, rec_agn = record_prefill(model, torch.cat([ctx, q], 1), window=a.window,
+                                                        prefix=ctx.shape[1])
+                for i, (pol, al, kw, b) in enumerate(entries):
+                    spec = full_spec if pol == "full" else make_spec(pol, al, kw, b)
+                    for agnostic, rec in ((False, rec_aware), (True, rec_agn)):
+                        with clock("replay"):
+                            cache = replay(spec, rec)
+                        with torch.no_grad(), clock("passkey decode"):
                             if agnostic:
                                 cache.frozen = True
                                 out = model(input_ids=q, cache=cache, use_cache=True, logits_to_keep=1)
@@ -231,8 +277,9 @@ def main(argv=None):
                                 bd = stats[i]["by_depth"].setdefault(str(d), [0, 0])
                                 bd[0] += ok
                                 bd[1] += 1
-                    log(f"C={C} passkey {'agnostic' if agnostic else 'aware'} {c0 + len(chunk)}/{len(cases)} "
-                        f"({time.perf_counter() - t_start:.0f}s)")
+                del rec_aware, rec_agn
+                log(f"C={C} passkey {c0 + len(chunk)}/{len(cases)} ({time.perf_counter() - t_start:.0f}s)")
+        log(f"C={C} done; CPU s so far: " + ", ".join(f"{k} {c:.0f}" for k, (_, c) in TIMES.items()))
         for i, (pol, al, kw, b) in enumerate(entries):
             st = stats[i]
             rows.append({"context": C, "budget": b, "policy": pol, "allocation": al,
@@ -249,7 +296,9 @@ def main(argv=None):
                 r["passkey_ratio"] = (r["passkey"] / full["passkey"]) if full.get("passkey") else None
     elapsed = time.perf_counter() - t_start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report = {"args": vars(a), "seconds": elapsed, "peak_rss_mb": peak_rss, "rows": rows}
+    times = {k: {"wall_s": round(w, 1), "cpu_s": round(c, 1)} for k, (w, c) in TIMES.items()}
+    report = {"args": vars(a), "seconds": elapsed, "cpu_seconds": time.process_time(), "peak_rss_mb": peak_rss,
+              "times": times, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1, default=str))
     print("| ctx | budget | policy | allocation | ppl | ×full | passkey | agnostic | kv_bytes_ratio | peak KV MB |")
@@ -259,7 +308,8 @@ def main(argv=None):
         ag = "—" if r["passkey_agnostic"] is None else f"{r['passkey_agnostic']:.2f}"
         print(f"| {r['context']} | {r['budget']:.2f} | {r['policy']} | {r['allocation']} | {r['perplexity']:.2f} | "
               f"{r['ppl_ratio']:.3f} | {pk} | {ag} | {r['kv_bytes_ratio']:.3f} | {r['peak_kv_mb']:.1f} |")
-    print(f"total {elapsed:.0f}s, peak RSS {peak_rss:.0f} MB")
+    print(f"total {elapsed:.0f}s wall, {time.process_time():.0f}s CPU, peak RSS {peak_rss:.0f} MB; "
+          + ", ".join(f"{k} {v['wall_s']:.0f}s/{v['cpu_s']:.0f}s CPU" for k, v in times.items()))
 
 
 if __name__ == "__main__":

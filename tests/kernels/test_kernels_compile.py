@@ -13,8 +13,8 @@ import torch
 
 import adaflex.kernels as K
 from adaflex.kernels import shard_lora
-from adaflex.kernels.shard_lora import STRATEGIES
 from adaflex.kernels._dispatch import interpreting, triton
+from adaflex.kernels.shard_lora import STRATEGIES
 
 pytestmark = [
     pytest.mark.skipif(triton is None or interpreting() or "nvidia" not in getattr(triton.backends, "backends", {}),
@@ -72,6 +72,8 @@ def _launch_all(dtype, hidden, heads, kv_heads, head_dim, mlp, tokens=48, ctx=10
     K.compact_kv_triton(t(2, kv_heads, ctx, head_dim), t(2, kv_heads, ctx, head_dim), idx)
     K.decode_attention_triton(t(2, heads, head_dim), t(2, kv_heads, ctx, head_dim), t(2, kv_heads, ctx, head_dim),
                               t(2, kv_heads, dt=torch.int32))
+    K.decode_attention_triton(t(2, heads, head_dim), t(2, kv_heads, ctx, head_dim), t(2, kv_heads, ctx, head_dim),
+                              t(2, kv_heads, dt=torch.int64), starts=t(2, kv_heads, dt=torch.int64))  # padded rows
     r, n_shards = 8, 4
     for strategy in STRATEGIES:  # the fused matmul launches with the interpreter's fixed tiles here (no autotune)
         ix = idx[0, 0, :r * n_shards].view(r, n_shards)

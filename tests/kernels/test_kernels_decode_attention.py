@@ -70,3 +70,24 @@ def test_equals_sdpa_over_compacted_cache(interpret, close):
     ref = decode_attention_torch(q, kc, vc, lengths, scale=0.5 / math.sqrt(64))
     close(out, ref)
     close(decode_attention_torch(q, kc, vc, lengths), _sdpa_over_kept(q, kc, vc, lengths))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_valid_span_with_starts(interpret, close, num_splits):
+    # a left-padded row keeps its real tokens in a suffix [start, start + length); slots outside hold garbage
+    B, Hq, Hkv, T, D = 2, 6, 3, 150, 24  # head dim 24: not a power of two
+    q, k, v = _inputs(B, Hq, Hkv, T, D, torch.float32, seed=7)
+    starts = torch.tensor([[0, 10, 149], [83, 0, 70]])
+    lengths = torch.tensor([[150, 140, 1], [67, 64, 0]])
+    pos = torch.arange(T)
+    valid = (pos >= starts[..., None]) & (pos < (starts + lengths)[..., None])
+    k, v = k.masked_fill(~valid[..., None], float("nan")), v.masked_fill(~valid[..., None], float("inf"))
+    out = decode_attention_triton(q, k, v, lengths, num_splits=num_splits, starts=starts)
+    ref = decode_attention_torch(q, k, v, lengths, starts=starts)
+    assert torch.isfinite(out).all() and torch.equal(out[1, 4:], torch.zeros(2, D))
+    close(out, ref)
+    # the definition: the same as a prefix of the keys shifted to the front
+    shifted = [torch.stack([torch.roll(x[b, h], -int(starts[b, h]), 0) for h in range(Hkv)]) for b in range(B)
+               for x in (k, v)]
+    ks, vs = torch.stack(shifted[0::2]), torch.stack(shifted[1::2])
+    close(ref, _sdpa_over_kept(q, ks.nan_to_num(), vs.nan_to_num(), lengths))

@@ -68,9 +68,11 @@ def test_replay_equals_live_prefill(model):
     x = torch.randint(0, 250, (2, 80))
     _install(model, budget=1.0)
     rec = record_prefill(model, x[:, :60], window=8)
-    for policy, alloc in (("streaming", "pyramid"), ("snapkv", "cake"), ("cake", "uniform"), ("h2o", "uniform"),
-                          ("mix", "cake")):
-        spec = _install(model, budget=0.3, allocation=alloc, policy=policy)
+    sharp = {"stat": "rms", "heads": "max", "value_norm": True}
+    for policy, alloc, kw in (("streaming", "pyramid", {}), ("snapkv", "cake", {}), ("cake", "uniform", {}),
+                              ("h2o", "uniform", {}), ("mix", "cake", {}), ("h2o", "cake", sharp),
+                              ("mix", "uniform", sharp)):
+        spec = _install(model, budget=0.3, allocation=alloc, policy=policy, **kw)
         live = model.adaflex_make_cache()
         model(x[:, :60], cache=live, use_cache=True)
         a = model(x[:, 60:], cache=live, use_cache=True).logits
@@ -188,3 +190,70 @@ def test_eviction_equals_a_masked_full_forward(model, decode):
         c = model.adaflex_make_cache()
         model(x[:, :64], cache=c, use_cache=True)
         assert (model(x[:, 64:], cache=c, use_cache=True).logits - ref).abs().max() < 5e-5
+
+
+@torch.no_grad()
+def test_prefix_record_is_the_record_of_the_prefix_alone(model):
+    """One prefill of context + question serves both passkey protocols: its prefix record replays like a record
+    of the context alone (keys, last-window queries, the mass the context's own queries gave)."""
+    x = torch.randint(0, 250, (2, 90))
+    _install(model, budget=1.0)
+    whole, pre = record_prefill(model, x, window=8, prefix=64)
+    alone = record_prefill(model, x[:, :64], window=8)
+    assert pre.seen == 64 and whole.seen == 90
+    for i in range(4):
+        torch.testing.assert_close(pre.keys[i], alone.keys[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(pre.queries[i], alone.queries[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(pre.mass[i], alone.mass[i], atol=1e-4, rtol=0)
+        # the whole prompt's mass adds the question's queries on top
+        assert bool((whole.mass[i][..., :64] >= pre.mass[i] - 1e-5).all())
+        assert not torch.allclose(whole.mass[i][..., :64], pre.mass[i])
+    for policy, alloc in (("mix", "cake"), ("h2o", "uniform"), ("snapkv", "pyramid")):
+        spec = _install(model, budget=0.3, allocation=alloc, policy=policy)
+        a, b = replay(spec, pre), replay(spec, alone)
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert torch.equal(la.valid, lb.valid) and la.stored == lb.stored
+            torch.testing.assert_close(la.keys, lb.keys, atol=1e-5, rtol=0)
+        ya = model(x[:, 64:], cache=a, use_cache=True).logits
+        yb = model(x[:, 64:], cache=b, use_cache=True).logits
+        torch.testing.assert_close(ya, yb, atol=1e-4, rtol=0)
+
+
+def test_received_attention_split_over_chunks():
+    from adaflex.retrofit.kv.attention import received_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 50, 8), torch.randn(2, 2, 50, 8)
+    whole = received_attention(q, k, None, 0.3, 2, chunk=256)
+    assert whole.shape == (2, 8, 50)
+    for split in (0, 16, 23, 50):
+        head, total = received_attention(q, k, None, 0.3, 2, chunk=16, split=split)
+        torch.testing.assert_close(total, whole, atol=1e-5, rtol=0)
+        if split:
+            alone = received_attention(q[:, :, :split], k[:, :, :split], None, 0.3, 2)
+            torch.testing.assert_close(head[..., :split], alone, atol=1e-5, rtol=0)
+        assert bool((head[..., split:] == 0).all())
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_received_attention_matches_a_plain_softmax(padded):
+    """The chunked, causally cropped, GQA-shared computation == softmax over each query's visible keys, per query
+    head: sums of p and of p²."""
+    from adaflex.retrofit.kv.attention import lower_right_causal, received_attention, received_mass
+
+    torch.manual_seed(1)
+    b, hkv, g, q, k, d = 2, 2, 3, 40, 57, 8  # 40 new queries after 17 cached keys
+    query, key = torch.randn(b, hkv * g, q, d), torch.randn(b, hkv, k, d)
+    valid = None
+    if padded:
+        valid = torch.ones(b, 1, k, dtype=torch.bool)
+        valid[1, :, :5] = False
+    logits = query @ key.repeat_interleave(g, 1).transpose(2, 3) * 0.4
+    mask = lower_right_causal(q, k, "cpu")[None, None]
+    if valid is not None:
+        mask = mask & valid[:, :, None, :]
+    p = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    out = received_attention(query, key, valid, 0.4, g, chunk=16)
+    torch.testing.assert_close(out, torch.cat([p.sum(2), (p * p).sum(2)], 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received_mass(query, key, valid, 0.4, g, chunk=16),
+                               p.sum(2).reshape(b, hkv, g, k).mean(2), atol=1e-5, rtol=1e-5)

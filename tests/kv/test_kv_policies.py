@@ -102,7 +102,49 @@ def test_h2o_and_mix_keep_heavy_hitters_the_window_ignores():
         cache = _filled_cache(policy, kernel=5, budget=0.3)
         layer = cache.layers[0]
         layer._fresh = 64
-        cache.after_attention(layer, _probs(2, 4, 8, 64, hot=40), groups=2, mass=mass * 64)
+        per_head = mass.repeat_interleave(2, dim=1) * 64  # sums over 64 queries; 2 query heads per KV head
+        received = torch.cat([per_head, per_head**2 / 64], 1)  # [B, 2·Hq, K]: sums of p, then of p²
+        cache.after_attention(layer, _probs(2, 4, 8, 64, hot=40), groups=2, mass=received)
         pos = set(layer.keys[0, 0, :, 0].long().tolist())
         assert expect <= pos, (policy, sorted(pos))
         assert (20 in pos) == (policy != "snapkv"), (policy, sorted(pos))
+
+
+def test_received_attention_statistics_rank_keys_differently():
+    from adaflex.retrofit.kv.policies import received, value_weight
+
+    # 2 query heads sharing 1 KV head, 3 keys, means over 4 queries of p and p^2:
+    # key 0: every query gives it 0.25 (mean 0.25, rms 0.25); key 1: one query gives it 0.8 (mean 0.2, rms 0.4);
+    # key 2: only head 1 looks at it (mean over heads 0.15, max 0.3)
+    p = torch.tensor([[[0.25] * 4, [0.8, 0, 0, 0], [0, 0, 0, 0]],
+                      [[0.25] * 4, [0.8, 0, 0, 0], [0.3] * 4]])  # [Hq=2, K=3, queries=4]
+    mass = torch.cat([p.mean(-1), (p * p).mean(-1)], 0)[None]  # [1, 2*Hq, K]
+    assert received(mass, 2).argmax().item() == 0
+    assert received(mass, 2, stat="rms").argmax().item() == 1
+    mean, top = received(mass, 2)[0, 0], received(mass, 2, heads="max")[0, 0]
+    assert top[2] > top[0] * 1.1 and mean[2] < mean[0]
+    v = torch.ones(1, 1, 3, 4)
+    v[..., 1, :] = 0.1  # a key whose value barely moves the output
+    w = value_weight(v)
+    assert w.shape == (1, 1, 3) and w[0, 0, 1] < 0.2 and w.mean().item() == pytest.approx(1.0)
+
+
+def test_value_norm_policy_option_reaches_the_score():
+    from adaflex.retrofit.kv.apply import spec_from
+    from adaflex.retrofit.kv.config import KVConfig
+
+    spec = spec_from(KVConfig(policy="h2o", stat="rms", heads="max", value_norm=True), 4)
+    assert (spec.policy.stat, spec.policy.heads, spec.policy.needs_values) == ("rms", "max", True)
+    # equal attention everywhere: the value norms decide; the smallest value leaves first
+    cache = BudgetedCache(KVSpec(num_layers=1, policy=spec.policy, budget=0.5, sinks=0, window=1, floor=1))
+    layer = cache.layers[0]
+    k = torch.zeros(1, 1, 8, 4)
+    k[..., 0] = torch.arange(8, dtype=torch.float32)
+    v = torch.ones(1, 1, 8, 4)
+    v[..., 2, :] = 0.01
+    layer.update(k, v)
+    layer._fresh = 8
+    flat = torch.full((1, 2, 8), 1 / 8)  # 2 query heads, 1 KV head: sums of p and p^2 over 8 queries
+    cache.after_attention(layer, None, groups=2, mass=torch.cat([flat * 8, flat * flat * 8], 1))
+    kept = layer.keys[0, 0, :, 0].long().tolist()
+    assert len(kept) == 4 and 2 not in kept

@@ -189,3 +189,46 @@ def test_bad_paths_are_usage_errors():
         path_counts([1, 1, 1], 4)
     with pytest.raises(UsageError, match="in order"):
         path_counts([2, 1], 4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("allocation", ["uniform", "cake"])
+def test_routes_with_budgeted_cache_give_repeat_slots_their_block_budget(model, allocation):
+    """routes + kv: a repeated block's slot is one more budgeted layer of the same cache (not a copy of the
+    cache), capped like its block; a full budget decodes exactly as the routed model without a cache."""
+    from adaflex.retrofit.kv.apply import install as kv_install
+    from adaflex.retrofit.kv.apply import spec_from
+    from adaflex.retrofit.kv.apply import uninstall as kv_uninstall
+    from adaflex.retrofit.kv.cache import BudgetedCache
+    from adaflex.retrofit.kv.config import KVConfig
+
+    L, x = 4, torch.randint(0, 250, (3, 60))
+    install(model, FixedPolicy(counts=(1, 1, 1, 1)))
+    try:
+        kv_install(model, spec_from(KVConfig(budget=1.0, sinks=2, window=8, allocation=allocation), L))
+        with forced_paths(model, PATHS):
+            full = model(x, use_cache=False).logits
+            cache = model.adaflex_make_cache()
+            model(x[:, :50], cache=cache, use_cache=True)
+        steps = [model(x[:, t : t + 1], cache=cache, use_cache=True).logits[:, 0] for t in range(50, 60)]
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 50:60], atol=1e-4, rtol=1e-4)
+
+        kv_install(model, spec_from(KVConfig(budget=0.5, sinks=2, window=8, allocation=allocation), L))
+        cache = model.adaflex_make_cache()
+        with forced_paths(model, PATHS):
+            model(x[:, :50], cache=cache, use_cache=True)
+        assert isinstance(cache, BudgetedCache) and len(cache.layers) == 2 * L
+        assert all(lay.owner is cache for lay in cache.layers)  # slots belong to this cache
+        assert [lay.budget_idx for lay in cache.layers[L:]] == list(range(L))
+        rep = cache.layers[L + 2]  # row 0 repeats block 2
+        assert rep.keys.shape[0] == 1 and rep.stored < 50
+        if allocation == "uniform":  # a static plan: the repeat keeps what its block keeps
+            assert rep.stored == cache.layers[2].stored
+        used = [lay for lay in cache.layers if lay.keys is not None]
+        assert len(used) == 7  # 4 blocks + the 3 repeat slots some row executes (blocks 1, 2, 3)
+        assert sum(lay.stored for lay in used) <= 0.5 * 50 * len(used) + len(used)  # the budget, rounding aside
+        out = model.generate(x[:, :50], max_new_tokens=3, do_sample=False)
+        assert out.shape == (3, 53)
+    finally:
+        kv_uninstall(model)
+        uninstall(model)

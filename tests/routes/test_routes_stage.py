@@ -92,3 +92,39 @@ def test_fixed_path_stage(tiny_dir, tmp_path):
     assert report["layers_executed_mean"] == 3
     m, _ = load(tmp_path / "run")
     assert m.adaflex_routes_runtime.policy.counts == (1, 0, 1, 1)
+
+
+@torch.no_grad()
+def test_auto_dial_meets_the_budget_on_every_prompt_source():
+    """The dial is calibrated so that each source of prompts (training prompts, calibration windows) meets
+    max_executed on average, not only their pooled mean."""
+    from adaflex.retrofit.routes.apply import calibrate_dial, executed_mean
+    from adaflex.retrofit.routes.router import Routers
+    from adaflex.retrofit.routes.runtime import RouterPolicy, install, uninstall
+    from tiny import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    routers = Routers(L, d, 8)
+    for blk in routers.blocks:  # lean to execute, more so on some inputs: sources differ at every dial
+        torch.nn.init.normal_(blk[0].weight, std=2.0)
+        blk[2].bias.data = torch.tensor([0.0, 1.0, -5.0])
+    gen = torch.Generator().manual_seed(1)
+    sources = {"short": [torch.randint(0, 250, (1, 6), generator=gen) for _ in range(6)],
+               "long": [torch.randint(0, 250, (1, 40), generator=gen) for _ in range(6)]}
+
+    def means(p):
+        install(model, RouterPolicy(routers, 8, p), routers)
+        try:
+            return {k: executed_mean(model, v) for k, v in sources.items()}
+        finally:
+            uninstall(model)
+
+    base = means(0.0)
+    budget = min(base.values()) - 0.5  # below both: the dial must push
+    p, got = calibrate_dial(model, routers, 8, sources, budget, 0)
+    at = means(p)
+    assert p < 0 and all(v <= budget for v in at.values()) and got == max(at.values())
+    p_one, _ = calibrate_dial(model, routers, 8, sources["short"], budget, 0)  # a list: one source
+    assert p <= p_one

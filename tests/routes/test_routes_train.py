@@ -44,3 +44,47 @@ def test_routers_learn_a_toy_labelling():
     routers, stats = train_routers(feats, wmask, labels, cfg, seed=0)
     assert stats["train_acc"] > 0.9, stats
     assert stats["train_skip_recall"] > 0.8, stats
+
+
+def test_few_examples_still_get_min_steps_and_fit_their_labels():
+    """13 examples in 10 epochs of batch 16 would be 10 steps: the routers would stay near their initial flat
+    logits and the dial would decide every block. min_steps trains on the cached features for longer."""
+    torch.manual_seed(1)
+    N, L, W, d = 13, 3, 4, 16
+    feats = torch.randn(N, L, W, d)
+    wmask = torch.ones(N, W, dtype=torch.bool)
+    labels = torch.where(feats[..., 0].mean(2) > 0.2, 0, 1)
+    short, s_stats = train_routers(feats, wmask, labels, RoutesConfig(epochs=10, min_steps=0, warmup=0), seed=0)
+    long, l_stats = train_routers(feats, wmask, labels, RoutesConfig(epochs=10, warmup=0), seed=0)
+    assert s_stats["steps"] == 10 and l_stats["steps"] >= 300
+    with torch.no_grad():
+        def margin(r):  # mean |execute - skip| logit gap: how far the routers are from flat
+            return torch.stack([r.logits(b, feats[:, b], wmask) for b in range(L)]).diff(dim=-1)[..., 0].abs().mean()
+        assert margin(long) > 2 * margin(short)
+    assert l_stats["train_acc"] > 0.9 > s_stats["train_acc"]
+
+
+def test_a_class_no_label_chose_is_never_decided_even_at_full_dial():
+    """Block 0's labels never skip: its skip logit gets no gradient of its own, so it is masked; the dial at -1
+    (8 nats towards skip) still cannot make block 0 skip, while block 1 (skipped in its labels) can."""
+    from adaflex.retrofit.routes.router import Routers
+
+    torch.manual_seed(0)
+    N, L, W, d = 24, 2, 4, 16
+    feats = torch.randn(N, L, W, d)
+    wmask = torch.ones(N, W, dtype=torch.bool)
+    labels = torch.ones(N, L, dtype=torch.long)
+    labels[: N // 3, 1] = 0
+    routers, _ = train_routers(feats, wmask, labels, RoutesConfig(epochs=5, min_steps=50, warmup=0), seed=0)
+    assert routers.allowed.tolist() == [[False, True, False], [True, True, False]]
+    with torch.no_grad():
+        lg0, lg1 = routers.logits(0, feats[:, 0], wmask), routers.logits(1, feats[:, 1], wmask)
+    assert (decide(lg0, -1.0) == 1).all() and (decide(lg1, -1.0) == 0).all()
+    # the mask travels with the weights (state dict), and routers saved without it allow every class
+    fresh = Routers(L, d, 32)
+    fresh.load_state_dict(routers.state_dict())
+    assert torch.equal(fresh.allowed, routers.allowed)
+    from adaflex.retrofit.routes.apply import routers_from
+
+    old = {f"router.{k}": v for k, v in routers.state_dict().items() if k != "allowed"}
+    assert routers_from(old, {"num_layers": L, "hidden_size": d}).allowed.all()

@@ -26,7 +26,10 @@ CHEAP = {  # prune + kv: no training, about a second a trial
         {"prune": {"sparsity": 0.3, "allocation": "uniform", "score": "wanda"}},
         {"kv": {"budget": 0.5, "allocation": "uniform", "policy": "snapkv", "sinks": 2, "window": 8, "kernel": 3}},
     ],
-    "eval": [{"task": "perplexity", "data": DATA, "seq_len": 64, "limit": 2}],
+    "eval": [
+        {"task": "perplexity", "data": DATA, "seq_len": 64, "limit": 2},
+        {"task": "perplexity", "data": DATA, "context": 48, "continuation": 16, "limit": 2},  # through the cache
+    ],
     "search": {
         "trials": 6,
         "quality": {"windows": 2},
@@ -141,13 +144,26 @@ def test_search_end_to_end(tiny_dir, tmp_path):
         assert adaflex("recipe", "validate", res["best_single"]["recipe"]).returncode == 0
     run = adaflex("retrofit", tiny_dir, "--recipe", out / "best.yaml", "--format", "json")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads(run.stdout)["kv_bytes_ratio"] < 1
-    # the same command again continues the same study: nothing left to do, nothing redone
-    again = adaflex(*args)
+    report = json.loads(run.stdout)
+    assert report["kv_bytes_ratio"] < 1
+    # the same command again continues the same study: nothing left to do, nothing redone; --evaluate then
+    # holds dense, the best and the best single-method trial to the recipe's eval, models rebuilt in memory
+    again = adaflex(*args, "--evaluate")
     assert again.returncode == 0, again.stderr[-2000:]
     res2 = json.loads(again.stdout)
     assert res2["trials"]["this_worker"] == 0 and res2["trials"]["total"] == t["total"]
     assert res2["best"]["trial"] == best["trial"]
+    ev = {row["model"]: row for row in res2["evaluation"]}
+    assert list(ev)[:2] == ["dense", f"trial-{best['trial']}"]
+    single = res["best_single"]["trial"] if res["best_single"] else best["trial"]
+    assert len(ev) == 1 + len({best["trial"], single})  # dense, the best, the best single method (once each)
+    # the same numbers as retrofitting best.yaml from scratch (dense and retrofitted side by side)
+    assert ev["dense"]["results"][0]["value"] == pytest.approx(report["evals"][0]["dense"]["value"], rel=1e-5)
+    assert ev[f"trial-{best['trial']}"]["results"][0]["value"] == pytest.approx(report["value"], rel=1e-5)
+    cont = [row["results"][1]["value"] for row in ev.values()]  # KV eviction shows in continuation perplexity
+    assert cont[1] != pytest.approx(cont[0])
+    assert cont[1] == pytest.approx(report["evals"][1]["retrofitted"]["value"], rel=1e-5)
+    assert sorted(p.name for p in (out / "eval").iterdir())[0].startswith("dense-eval-")  # resumable per eval
     # more trials asked for: only the difference runs
     more = adaflex(*args[:-2], "--trials", 8, "--format", "json")
     assert more.returncode == 0, more.stderr[-2000:]

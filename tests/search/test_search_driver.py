@@ -134,3 +134,38 @@ def test_retrofit_reports_each_stage(tiny_dir, tmp_path, one_thread):
     assert all(a["perplexity"] > 1 for a in after)
     again = run(packaged("ci/quickstart-tiny.yaml"), str(tiny_dir), out=out, log=lambda m: None)
     assert again["after_each_stage"] == after  # resumed from the run directory
+
+
+def test_a_configuration_proposed_again_is_answered_without_refitting(tiny_dir, tmp_path, one_thread, monkeypatch):
+    """Two configurations only, six trials: the sampler must repeat; repeats copy the finished trial's result."""
+    from adaflex.retrofit import search_driver
+
+    data = "../shared/data/wikitext2_dev.txt"
+    raw = {
+        "seed": 0,
+        "data": {"calibration": {"path": data, "samples": 4, "seq_len": 64}},
+        "stages": [{"prune": {"sparsity": 0.3, "allocation": "uniform", "score": "wanda"}}],
+        "search": {"trials": 6, "quality": {"windows": 2}, "single_methods": False,
+                   "stages": {"prune": {"enabled": True, "sparsity": [0.2, 0.3], "allocation": "uniform"}}},
+    }
+    fits = []
+    real = search_driver.Session.apply_stages
+
+    def counting(self, model, recipe, tmp):
+        fits.append(recipe.stages[0].model_dump(mode="json"))
+        return real(self, model, recipe, tmp)
+
+    monkeypatch.setattr(search_driver.Session, "apply_stages", counting)
+    rec = validate(raw, "r.yaml")
+    summary = search_driver.search(rec, raw, str(tiny_dir), {"params": 0.5}, out=tmp_path / "out",
+                                   show_progress=False, log=lambda m: None)
+    assert summary["trials"]["complete"] == 6
+    import optuna
+
+    study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    dup = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert len(fits) == 6 - len(dup) <= 2  # one fit per distinct configuration
+    for t in dup:
+        first = study.trials[t.user_attrs["duplicate_of"]]
+        assert t.user_attrs["stages"] == first.user_attrs["stages"] and t.value == first.value
+        assert t.user_attrs["cost"] == first.user_attrs["cost"]

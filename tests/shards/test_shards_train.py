@@ -113,3 +113,24 @@ def test_shards_chunked_kl_equals_the_plain_formula(temperature, monkeypatch):
     want = plain(student.detach(), half.double())
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     assert s32.grad.dtype == torch.float32
+
+
+def test_cached_teacher_runs_each_window_once_and_respects_its_memory_bound():
+    from adaflex.retrofit.shards.train import CachedTeacher
+
+    calls = []
+
+    def fn(which, ids):
+        calls.append(which.tolist())
+        return torch.randn(len(which), 8, 16, generator=torch.Generator().manual_seed(sum(which.tolist())))
+
+    row_bytes = 8 * 16 * 2  # bfloat16
+    t = CachedTeacher(fn, max_bytes=3 * row_bytes)
+    first = t(torch.tensor([0, 1]), None)
+    again = t(torch.tensor([1, 0]), None)
+    assert calls == [[0, 1]]  # both rows served from the store
+    assert again.dtype == torch.bfloat16 and torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
+    t(torch.tensor([2, 3]), None)  # only one more row fits
+    assert t.used == 3 * row_bytes and sorted(t.store) == [0, 1, 2]
+    t(torch.tensor([2, 3]), None)
+    assert calls == [[0, 1], [2, 3], [2, 3]]  # window 3 is not stored, so it is recomputed
