@@ -90,15 +90,27 @@ def open_storage(url: str | None, out: Path, heartbeat: int):
         )
     import sqlalchemy.exc
 
-    try:
+    def connect():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(
+            return RDBStorage(
                 url,
                 heartbeat_interval=heartbeat,
                 grace_period=2 * heartbeat,
                 failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
             )
+
+    try:
+        for attempt in range(5):
+            try:
+                storage = connect()
+                break
+            except sqlalchemy.exc.IntegrityError:
+                # workers started together on an empty database race to create Optuna's tables: the loser
+                # sees a duplicate key; the tables exist a moment later
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except ImportError as e:
         raise UsageError(
             f"--storage {_redact(url)}: missing database driver ({e}; e.g. pip install psycopg2-binary)"

@@ -50,7 +50,7 @@ SLOW = {  # prune + shards healing (a few seconds a trial): time to kill a worke
                 "rank": 4,
                 "equivalent_rank": 2,
                 "shards_per_vector": 4,
-                "steps": 40,
+                "steps": 120,  # seconds a trial, so that a signal lands mid-trial (teacher logits are cached)
                 "batch_size": 4,
                 "teacher": "input",
             }
