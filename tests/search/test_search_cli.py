@@ -286,7 +286,10 @@ def test_sigint_exits_130_and_restart_continues(tiny_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", SLOW)
     out = tmp_path / "o"
     args = slow_search(tiny_dir, recipe, out, "int-test")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the worker the default disposition, as a terminal would
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     storage = f"sqlite:///{out / 'study.db'}"
     try:
         study, before, interrupted = _wait_running(
