@@ -382,9 +382,11 @@ def test_two_workers_share_one_postgres_study(tiny_dir, tmp_path):
         results.append(json.loads(stdout))
     study = load_study(url, name)
     done = finished(study)
-    assert len(done) == 8  # the study's total, not 8 per worker
-    assert sum(r["trials"]["this_worker"] for r in results) == 8  # the workers' trials add up
+    # the study's total, not 8 per worker; two workers that check the count at the same moment may both start
+    # the last trial (a known race, as with Optuna's MaxTrialsCallback): at most one more per extra worker
+    assert 8 <= len(done) <= 9
+    assert sum(r["trials"]["this_worker"] for r in results) == len(done)  # the workers' trials add up
     owners = {(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in done}
     assert {pid for _, pid in owners} <= {p.pid for p in procs}
-    assert len({t.number for t in done}) == 8 and len({t._trial_id for t in done}) == 8
+    assert len({t.number for t in done}) == len(done) and len({t._trial_id for t in done}) == len(done)
     assert all(r["trials"]["total"] >= 8 for r in results)
