@@ -77,7 +77,8 @@ def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
     return model, tok
 
 
-def _evaluate(model, tok, recipe: Recipe, state: Path, tag: str, log) -> list[dict]:
+def evaluate_recipe(model, tok, recipe: Recipe, state: Path, tag: str, log) -> list[dict]:
+    """The recipe's `eval:` on `model`, each result kept as STATE/TAG-eval-i.json (a rerun reuses it)."""
     results = []
     for i, ev in enumerate(recipe.eval):
         f = state / f"{tag}-eval-{i}.json"
@@ -136,7 +137,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     reference_of(model)
     probe = _probe(recipe, tokenizer)
     dense_cost = cost_figures(model, probe)
-    dense = _evaluate(model, tokenizer, recipe, state, "dense", log)
+    dense = evaluate_recipe(model, tokenizer, recipe, state, "dense", log)
 
     # a composed recipe reports each stage's contribution: quality and cost after every stage
     contrib = Contributions(recipe, tokenizer, probe) if len(recipe.stages) > 1 else None
@@ -166,7 +167,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         all_tensors.update({_prefix(i, method) + k: v for k, v in result.tensors.items()})
 
     retro_cost = cost_figures(model, probe)
-    retro = _evaluate(model, tokenizer, recipe, state, "retrofitted", log)
+    retro = evaluate_recipe(model, tokenizer, recipe, state, "retrofitted", log)
     plan = {"adaflex_version": version(), "model": resolved.get("model"), "recipe_sha256": recipe.sha256(),
             "dense_reference": reference_of(model), "stages": stages}
     report = _report(resolved, plan, dense_cost, retro_cost, dense, retro)

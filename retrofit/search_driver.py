@@ -24,6 +24,7 @@ import gc
 import hashlib
 import io as _io
 import json
+import logging
 import math
 import os
 import shutil
@@ -220,10 +221,18 @@ def setting_of(
 # ---- the study ----
 
 
+class _QuietSurplus(logging.Filter):
+    def filter(self, record):
+        return "Surplus" not in record.getMessage()
+
+
 def _suppress_optuna_noise():
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for h in optuna.logging._get_library_root_logger().handlers:  # surplus trials are logged by _log_trial
+        if not any(isinstance(f, _QuietSurplus) for f in h.filters):
+            h.addFilter(_QuietSurplus())
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 
@@ -236,6 +245,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class Surplus(Exception):
+    """A trial started past the study's total (see Session.objective)."""
 
 
 def retry(study, frozen) -> None:
@@ -282,6 +295,7 @@ class Session:
 
         self.recipe, self.raw, self.model_name, self.budget, self.pareto = recipe, raw, model_name, budget, pareto
         self.out, self.log = out, log
+        self.total: int | None = None  # the study's trial count (set by search())
         self.sec = recipe.search or SearchSection()
         reference_of(model)
         self.pristine, self.tok = model, tok
@@ -389,6 +403,15 @@ class Session:
 
         self.current = trial.number
         trial.set_user_attr("worker", WORKER)
+        if self.total is not None:
+            # the storage numbers trials atomically: one numbered after `total` live trials was started by a
+            # worker that checked the count at the same moment as another (the last trial twice); it fails
+            # at once, with a reason, and is not counted
+            before = [t for t in trial.study.get_trials(deepcopy=False)
+                      if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
+            if len(before) >= self.total:
+                trial.set_user_attr("reason", "surplus: the study had its trials when this one started")
+                raise Surplus(f"trial {trial.number}: surplus")
         stages = self.sample(trial)
         trial.set_user_attr("stages", [[m, s] for m, s in stages])
         k = len(self.budget)
@@ -520,6 +543,8 @@ def search(
     from .pipeline import preflight
 
     preflight(recipe)
+    if evaluate and not recipe.eval:  # refused before the search, not after it
+        raise UsageError("--evaluate: the recipe has no `eval:` section")
     model_name = str(model_spec or recipe.model or models.DEFAULT_MODEL)
     n_trials = trials or (recipe.search or SearchSection()).trials
     name = study_name or default_study_name(recipe, model_name, budget, pareto)
@@ -535,6 +560,7 @@ def search(
     model, tok = models.load(model_spec or recipe.model)
     raw = {**raw, "model": model_name}
     session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log)
+    session.total = n_trials
     low = session.cheapest()
     if low is not None and not feasible(low, budget):
         got = format_budget({a: low.axis(a) for a in budget})
@@ -601,7 +627,7 @@ def search(
                     time.sleep(min(2.0, heartbeat / 2))
                     continue
                 session.current = None
-                study.optimize(session.objective, n_trials=1)
+                study.optimize(session.objective, n_trials=1, catch=(Surplus,))
                 t = study.trials[session.current] if session.current is not None else None
                 if t is not None:
                     session.ran += t.state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -634,10 +660,8 @@ def evaluate_best(study, session: Session, summary: dict, out: Path, log) -> lis
     """The recipe's `eval:` on dense, the best trial and the best single-method trial, each model rebuilt from
     the trial's settings in memory (stage results memoised by the study are reused). Results are kept per
     model and eval under OUT/eval/, so an interrupted evaluation resumes."""
-    from .pipeline import _evaluate
+    from .pipeline import evaluate_recipe
 
-    if not session.recipe.eval:
-        raise UsageError("--evaluate: the recipe has no `eval:` section")
     picks = [("dense", None)]
     for key in ("best", "best_single"):  # the best may itself be the best single-method trial: once
         if summary.get(key) and f"trial-{summary[key]['trial']}" not in dict(picks):
@@ -651,7 +675,7 @@ def evaluate_best(study, session: Session, summary: dict, out: Path, log) -> lis
         try:
             if pick is not None:
                 session.apply_stages(model, session.trial_recipe([tuple(x) for x in pick["stages"]]), tmp)
-            results = _evaluate(model, session.tok, session.recipe, state, tag, log)
+            results = evaluate_recipe(model, session.tok, session.recipe, state, tag, log)
         finally:
             if pick is not None:
                 del model

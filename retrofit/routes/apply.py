@@ -101,6 +101,19 @@ def dial_prompts(ctx: StageContext, cfg: RoutesConfig, examples) -> dict[str, li
     return out
 
 
+def expansion_prior(ctx: StageContext, cfg: RoutesConfig, examples) -> list[float] | None:
+    """Block influence (ShortGPT) per block, the order in which MCTS tries removals (`expand: influence`):
+    measured on the recipe's calibration windows, else on the training prompts."""
+    if cfg.expand != "influence":
+        return None
+    from ..drop.apply import block_influence
+
+    if ctx.recipe.data.calibration is not None:
+        return [float(x) for x in block_influence(ctx.model, ctx.calibration)]
+    per = [block_influence(ctx.model, ex.prompt) for ex in examples[: cfg.calibrate_examples]]
+    return [sum(col) / len(per) for col in zip(*per, strict=True)]
+
+
 def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
     model, tok = ctx.model, ctx.tokenizer
     where = f"recipe: stages.{ctx.index}.routes"
@@ -124,7 +137,8 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
     folder = Path(cfg.labels_dir) if cfg.labels_dir else state / "labels"
     fp = fingerprint(cfg, model, paths, ctx.seed)
     _log(f"routes: MCTS over {len(examples)} examples x {cfg.simulations} simulations ({L} blocks)")
-    records = label_all(model, examples, cfg, folder, fp, ctx.seed, log=_log)
+    prior = expansion_prior(ctx, cfg, examples)
+    records = label_all(model, examples, cfg, folder, fp, ctx.seed, log=_log, prior=prior)
     stats = summary(records, L)
     kept = keep(records, cfg.min_fix_share, ctx.seed)
     if not kept:

@@ -40,7 +40,19 @@ class RoutesConfig(Strict):
     epsilon: float = Field(0.1, ge=0, le=1, description="random-child probability")
     min_saving: int = Field(2, ge=1, description="early stop once a correct path saves this many blocks")
     early_stop: bool = True
+    expand: Literal["influence", "random"] = Field(
+        "influence", description="which untried action MCTS expands: the one removing the least block "
+                                 "influence (ShortGPT, measured on the calibration data) or a random one (Dr.LLM)")
+    widening: float | None = Field(1.0, gt=0, description="progressive widening: a node with n visits is "
+                                   "expanded to ceil(widening * sqrt(n)) children before the search descends "
+                                   "(null: every action first, as Dr.LLM)")
     text_tolerance: float = Field(0.05, ge=0, description="text: a path is correct if its loss <= dense * (1 + tol)")
+    mc_reward: Literal["margin", "correct"] = Field(
+        "margin", description="multiple choice: `correct` = 1 when the correct choice scores highest (Dr.LLM); "
+                              "`margin` also asks a path to keep the correct choice's log-likelihood lead over "
+                              "the best other choice within margin_tolerance of dense's (where dense is right)")
+    margin_tolerance: float = Field(0.1, ge=0, description="mc_reward margin: a path is correct if its lead >= "
+                                                           "dense's / (1 + tol)")
     min_fix_share: float = Field(0.3, ge=0, le=1, description="share of kept examples where routing fixes dense")
     prefix_cache: int = Field(512, ge=1, description="hidden states kept for prefix reuse per example")
     shard: str | None = Field(None, description="'i/n': label only examples with index % n == i")

@@ -1,8 +1,11 @@
 """MCTS labelling of training examples (search/mcts.py), with prefix hidden-state reuse, sharding, resume.
 
 Rewards:
-  * multiple choice: 1 when the correct choice has the highest summed log-likelihood under the path,
-    else 0 (each choice is a row context + choice; the LM head runs only on the choice tokens);
+  * multiple choice: 0 unless the correct choice has the highest summed log-likelihood under the path
+    (each choice is a row context + choice; the LM head runs only on the choice tokens); then 1
+    (`mc_reward: correct`, Dr.LLM), or with `margin` (where dense is right) the path's lead of the
+    correct choice over the best other one relative to dense's lead, capped at 1; correct when within
+    `margin_tolerance` of dense;
   * text: dense NLL / path NLL of the scored second half of a window; a path is correct when its NLL is
     within `text_tolerance` of dense (success = 1 / (1 + tol)).
 Block evaluations are counted: a path reuses the hidden states of its longest prefix already computed
@@ -140,6 +143,7 @@ class PathScorer:
         self.computed = 0
         self.naive = 0
         self.dense_nll = None
+        self.dense_lead = None
 
     def hidden(self, path: tuple) -> torch.Tensor:
         self.naive += len(path)
@@ -160,7 +164,17 @@ class PathScorer:
     def __call__(self, path: tuple) -> float:
         lp = self.runner.logprobs(self.hidden(path), self.ex.targets)
         if self.ex.kind == "mc":
-            return 1.0 if max(range(len(lp)), key=lp.__getitem__) == self.ex.label else 0.0
+            lead = lp[self.ex.label] - max(v for j, v in enumerate(lp) if j != self.ex.label)
+            if self.dense_lead is None:  # the dense path is always scored first
+                self.dense_lead = lead
+            if lead <= 0:
+                return 0.0
+            if self.cfg.mc_reward == "correct" or self.dense_lead <= 0:
+                return 1.0  # right answer (where dense is wrong: a fix)
+            # binary correctness lets almost any two-block cut through on an example dense gets right (the
+            # first one tried becomes the label); asking the path to keep dense's lead makes a label say
+            # which blocks this input can do without
+            return min(1.0, lead / self.dense_lead)
         nll = -lp[0] / len(self.ex.targets[0][1])
         if self.dense_nll is None:  # the dense path is always scored first
             self.dense_nll = nll
@@ -168,15 +182,17 @@ class PathScorer:
 
 
 def success_of(ex: Example, cfg) -> float:
-    return 0.5 if ex.kind == "mc" else 1.0 / (1.0 + cfg.text_tolerance)
+    if ex.kind == "mc":
+        return 0.5 if cfg.mc_reward == "correct" else 1.0 / (1.0 + cfg.margin_tolerance)
+    return 1.0 / (1.0 + cfg.text_tolerance)
 
 
-def label_example(runner: BlockRunner, ex: Example, cfg, num_layers: int, seed: int) -> dict:
+def label_example(runner: BlockRunner, ex: Example, cfg, num_layers: int, seed: int, prior=None) -> dict:
     scorer = PathScorer(runner, ex, cfg)
     res = search_path(scorer, num_layers, simulations=cfg.simulations, c=cfg.c, lam=cfg.lam, epsilon=cfg.epsilon,
                       success=success_of(ex, cfg),
                       max_executed=cfg.max_executed if cfg.label_cap else None, min_saving=cfg.min_saving,
-                      early_stop=cfg.early_stop, seed=seed)
+                      early_stop=cfg.early_stop, seed=seed, prior=prior, widening=cfg.widening)
     return {"index": ex.index, "label": list(res.label) if res.label is not None else None,
             "counts": list(res.counts) if res.counts is not None else None, "fixed": res.fixed,
             "dense_correct": res.dense_correct, "evaluations": res.evaluations, "simulations": res.simulations,
@@ -186,7 +202,8 @@ def label_example(runner: BlockRunner, ex: Example, cfg, num_layers: int, seed: 
 def fingerprint(cfg, model, paths: list[str], seed: int) -> str:
     # `examples` is left out: example i is the same whatever the count, so a run may grow or shrink its set
     keys = {k: getattr(cfg, k) for k in ("max_executed", "label_cap", "simulations", "text_len", "max_tokens", "c",
-                                        "lam", "epsilon", "min_saving", "early_stop", "text_tolerance")}
+                                        "lam", "epsilon", "min_saving", "early_stop", "text_tolerance",
+                                        "mc_reward", "margin_tolerance", "expand", "widening")}
     keys.update(paths=[str(p) for p in paths], seed=seed, L=len(decoder_layers(model)),
                 d=model.config.hidden_size, model=str(getattr(model.config, "_name_or_path", "")))
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -214,9 +231,10 @@ class ShardPending(AdaflexError):
     exit_code = 1
 
 
-def label_all(model, examples: list[Example], cfg, folder: Path, fp: str, seed: int, log=print) -> list[dict]:
+def label_all(model, examples: list[Example], cfg, folder: Path, fp: str, seed: int, log=print,
+              prior=None) -> list[dict]:
     """Label this worker's shard (resuming from its file), then return every shard's labels when all are
-    done; raise ShardPending when other shards still miss examples."""
+    done; raise ShardPending when other shards still miss examples. `prior`: MCTS expansion costs per block."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "labels-meta.json"
     if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
@@ -232,7 +250,7 @@ def label_all(model, examples: list[Example], cfg, folder: Path, fp: str, seed: 
     L = len(runner.blocks)
     with open(mine, "a") as f:
         for ex in progress(todo, desc=f"MCTS labels {i}/{n}"):
-            rec = label_example(runner, ex, cfg, L, seed * 1_000_003 + ex.index)
+            rec = label_example(runner, ex, cfg, L, seed * 1_000_003 + ex.index, prior)
             f.write(json.dumps(rec) + "\n")
             f.flush()
     records = {}

@@ -44,6 +44,32 @@ class Routers(nn.Module):
         return mean.masked_fill(~self.allowed[b].to(mean.device), float("-inf"))
 
 
+    @torch.no_grad()
+    def choose(self, b: int, pooled: torch.Tensor, wnorm: torch.Tensor, dial: float = 0.0) -> torch.Tensor:
+        """`decide(logits(b, pooled, wmask), dial)` in six small ops (prefill runs it once per block, where the
+        per-op overhead of ~15 ops cost more than skipping a block saves on short prompts): the second
+        linear commutes with the window mean, and the output bias, the dial's shift and the class mask fold
+        into one vector (a log-softmax shifts every class of a row alike, so the argmax needs none).
+        wnorm [B, 1, W]: window mask over its row sum."""
+        mlp = self.blocks[b]
+        w1 = mlp[0]
+        g = torch.nn.functional.gelu(torch.nn.functional.linear(pooled.to(w1.weight.dtype), w1.weight, w1.bias))
+        mean = torch.bmm(wnorm.to(g.dtype), g)[:, 0]  # [B, k]
+        return torch.addmm(self._folded(b, dial), mean, mlp[2].weight.t()).argmax(-1)
+
+    def _folded(self, b: int, dial: float) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_bias_cache", {})
+        bias = self.blocks[b][2].bias
+        key = (b, float(dial), bias.data_ptr(), bias._version, self.allowed.data_ptr(), self.allowed._version)
+        if key not in cache:
+            if len(cache) > 4 * self.num_layers:
+                cache.clear()
+            shift = torch.tensor([-dial * DIAL_SCALE, 0.0, dial * DIAL_SCALE], device=bias.device)
+            folded = bias.detach().float() + shift
+            cache[key] = folded.masked_fill(~self.allowed[b].to(bias.device), float("-inf")).to(bias.dtype)
+        return cache[key]
+
+
 def window_weights(valid: torch.Tensor, windows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooling matrix for windowed means over the valid tokens of each row.
 

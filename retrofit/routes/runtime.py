@@ -29,7 +29,7 @@ from torch import nn
 from adaflex.kernels.routes import gather_rows, scatter_add_rows
 
 from ..errors import UsageError
-from .router import Routers, decide, pool, window_weights
+from .router import Routers, window_weights
 
 
 def path_counts(path, num_layers: int, where: str = "path") -> tuple[int, ...]:
@@ -62,13 +62,24 @@ class RouterPolicy:
 
     def __init__(self, routers: Routers, windows: int = 8, dial: float = 0.0):
         self.routers, self.windows, self.dial = routers, windows, dial
+        # a block whose labels only ever executed it has one allowed class: no router to run (most blocks)
+        allowed = routers.allowed.cpu()
+        self.constant = [int(allowed[b].nonzero()[0]) if int(allowed[b].sum()) == 1 else None
+                         for b in range(allowed.shape[0])]
 
     def prepare(self, valid: torch.Tensor):
-        return window_weights(valid, self.windows)
+        weights, wmask = window_weights(valid, self.windows)
+        wnorm = (wmask.float() / wmask.float().sum(1, keepdim=True).clamp_min(1))[:, None]  # [B, 1, W]
+        return weights, wnorm, {}
 
-    def decide(self, b: int, h: torch.Tensor, prep) -> torch.Tensor:
-        weights, wmask = prep
-        return decide(self.routers.logits(b, pool(h, weights.to(h.device)), wmask.to(h.device)), self.dial)
+    def decide(self, b: int, h: torch.Tensor, prep) -> torch.Tensor | int:
+        if self.constant[b] is not None:
+            return self.constant[b]
+        weights, wnorm, moved = prep
+        if h.device not in moved:  # once per pass, not per block
+            moved[h.device] = (weights.to(h.device, h.dtype), wnorm.to(h.device))
+        w, wn = moved[h.device]
+        return self.routers.choose(b, torch.bmm(w, h), wn, self.dial)
 
 
 class FixedPolicy:
@@ -198,6 +209,14 @@ class _Pass:
             return "all"
         return rows
 
+    def decided(self, b: int, counts: list[int]) -> None:
+        """Row groups of block b's two slots from its fresh decisions (a list per row), without a nonzero
+        per slot (prefill pays these per block)."""
+        for rep in (0, 1):
+            take = [r for r, n in enumerate(counts) if n > rep]
+            self._rows[b + rep * self.L] = (None if not take else "all" if len(take) == self.B
+                                            else torch.tensor(take, device=self.routes.device))
+
     def rows(self, slot: int):
         if slot not in self._rows:
             self._rows[slot] = self._classify(_slot_rows(self.routes, slot, self.L))
@@ -226,10 +245,16 @@ class _Step(nn.Module):
         P: _Pass = rt.current
         h = hidden_states
         if not P.fixed:
-            c = P.policy.decide(b, h, P.prep).to(P.routes.device).long()
-            if b == P.L - 1:  # never an empty path
-                c = torch.where(P.routes[:, :b].sum(1) == 0, c.clamp_min(1), c)
-            P.routes[:, b] = c
+            c = P.policy.decide(b, h, P.prep)
+            if isinstance(c, int) and c >= 1:  # the same for every row (a path stays non-empty)
+                P.routes[:, b] = c
+                P.decided(b, [c] * P.B)
+            else:
+                c = torch.as_tensor(c).to(P.routes.device).long().expand(P.B)
+                if b == P.L - 1:  # never an empty path
+                    c = torch.where(P.routes[:, :b].sum(1) == 0, c.clamp_min(1), c)
+                P.routes[:, b] = c
+                P.decided(b, c.tolist())
         block = rt.blocks[b]
         for rep in (0, 1):
             rows = P.rows(b + rep * P.L)

@@ -34,7 +34,9 @@ def test_prefix_reuse_counts_and_rewards_match_runtime(setup):
     rewards = [scorer(p) for p in paths]
     pr = prefix_reuse(paths, mode="trie")
     assert (scorer.computed, scorer.naive) == (pr.computed, pr.naive) == (13, 18)
-    # the reward of a path is the runtime's answer under that path
+    # the reward of a path is the runtime's answer under that path: `margin` (default) and `correct`
+    binary = PathScorer(runner, ex, RoutesConfig(**{**cfg.model_dump(), "mc_reward": "correct"}))
+    leads = []
     with torch.no_grad():
         for p, r in zip(paths, rewards, strict=True):
             install(model, FixedPolicy(counts=path_counts(p, 4)))
@@ -44,10 +46,42 @@ def test_prefix_reuse_counts_and_rewards_match_runtime(setup):
                 uninstall(model)
             lp = [torch.log_softmax(logits[i, pos], -1)[torch.arange(len(t)), t].sum().item()
                   for i, (pos, t) in enumerate(ex.targets)]
-            assert r == float(max(range(len(lp)), key=lp.__getitem__) == ex.label)
+            right = max(range(len(lp)), key=lp.__getitem__) == ex.label
+            assert binary(p) == float(right)
+            lead = lp[ex.label] - max(v for j, v in enumerate(lp) if j != ex.label)
+            leads.append(lead)
+            if not right:
+                assert r == 0.0
+            elif leads[0] <= 0:  # dense wrong: any right answer is a fix
+                assert r == 1.0
+            else:
+                assert r == pytest.approx(min(1.0, lead / leads[0]), rel=1e-4, abs=1e-6)
+    assert rewards[0] in (0.0, 1.0)  # dense scores itself 1 when right
     with forced_paths(model, [paths[1]]):
         pass  # forcing without a call leaves nothing behind
     assert not hasattr(model, "adaflex_routes_runtime") or model.adaflex_routes_runtime._forced is None
+
+
+def test_margin_reward_keeps_the_lead_of_dense_within_tolerance():
+    from adaflex.retrofit.routes.label import Example, success_of
+
+    class Fixed(PathScorer):  # log-likelihoods per path, no model
+        def __init__(self, table, cfg):
+            self.cfg, self.ex = cfg, Example(0, "mc", None, None, [], label=0)
+            self.dense_nll = self.dense_lead = None
+
+        def hidden(self, path):
+            return path
+
+    table = {(0, 1, 2): [-1.0, -3.0], (0, 2): [-1.5, -3.0], (1, 2): [-2.9, -3.0], (2,): [-3.5, -3.0]}
+    cfg = RoutesConfig(margin_tolerance=0.1)
+    s = Fixed(table, cfg)
+    s.runner = type("R", (), {"logprobs": lambda self, h, t: table[h]})()
+    got = [s(p) for p in table]
+    assert got == pytest.approx([1.0, 0.75, 0.05, 0.0])  # leads 2, 1.5, 0.1, -0.5 against dense's 2
+    ok = success_of(s.ex, cfg)
+    assert [g >= ok for g in got] == [True, False, False, False]  # 0.75 < 1/1.1: still right, but not kept
+    assert success_of(s.ex, RoutesConfig(mc_reward="correct")) == 0.5
 
 
 def test_sharded_labelling_resumes(setup, tmp_path):

@@ -88,3 +88,31 @@ def test_a_class_no_label_chose_is_never_decided_even_at_full_dial():
 
     old = {f"router.{k}": v for k, v in routers.state_dict().items() if k != "allowed"}
     assert routers_from(old, {"num_layers": L, "hidden_size": d}).allowed.all()
+
+
+def test_folded_inference_path_decides_as_the_router_logits_do():
+    """`Routers.choose` (prefill's path: window mean after the GELU, bias + dial + mask folded) picks the same
+    class as `decide(logits(...))` for ragged window masks, every dial and masked classes."""
+    from adaflex.retrofit.routes.router import Routers
+
+    torch.manual_seed(1)
+    B, L, W, d = 64, 3, 8, 16
+    routers = Routers(L, d, 8)
+    with torch.no_grad():
+        for p in routers.parameters():
+            p.normal_(0, 0.5)
+    routers.allowed[0, 0] = False
+    routers.allowed[2, 2] = False
+    pooled = torch.randn(B, W, d)
+    n = torch.randint(1, W + 1, (B,))
+    wmask = torch.arange(W)[None] < n[:, None]
+    wnorm = (wmask.float() / wmask.float().sum(1, keepdim=True))[:, None]
+    for dial in (0.0, -0.3, -1.0, 0.4):
+        for b in range(L):
+            want = decide(routers.logits(b, pooled, wmask).detach(), dial)
+            got = routers.choose(b, pooled, wnorm, dial)
+            assert torch.equal(got, want), (dial, b)
+    assert (routers.choose(0, pooled, wnorm, -1.0) != 0).all()  # a masked class stays masked
+    with torch.no_grad():  # changed weights are seen (the folded bias is keyed by the tensor's version)
+        routers.blocks[1][2].bias.add_(torch.tensor([50.0, 0.0, 0.0]))
+    assert (routers.choose(1, pooled, wnorm, 0.0) == 0).all()

@@ -230,3 +230,22 @@ def test_enrich():
     # PathSearch records work too
     res = search_path(skip3(6), 6, simulations=50, seed=0)
     assert isinstance(res, PathSearch) and enrich([res]) == [res]
+
+
+def test_prior_orders_expansion_and_widening_reaches_deep_paths():
+    L = 8
+    prior = [5.0, 5.0, 5.0, 0.1, 0.2, 5.0, 0.3, 5.0]
+    # the first expansion removes the cheapest consecutive pair, then the next cheapest
+    r = search_path(lambda p: 1.0, L, simulations=3, early_stop=False, prior=prior, seed=0)
+    assert r.evaluated[1] == (0, 1, 2, 5, 6, 7)  # blocks 3 and 4 (cost 0.3) out first
+    assert r.evaluated[2] == (0, 1, 4, 5, 6, 7)  # pairs before single blocks: (2, 3) costs 5.1, the next
+    # 10 simulations on 23 root children: without widening every path is one action from dense
+    flat = search_path(lambda p: 1.0, L, simulations=10, early_stop=False, prior=prior, seed=0)
+    assert min(len(p) for p in flat.evaluated) == L - 2
+    deep = search_path(lambda p: 1.0, L, simulations=10, early_stop=False, prior=prior, widening=1.0, seed=0)
+    assert min(len(p) for p in deep.evaluated) <= L - 4 and len(deep.label) <= L - 4
+    # widening alone (random expansion) also descends; a prior of the wrong length is refused
+    assert min(len(p) for p in search_path(lambda p: 1.0, L, simulations=10, early_stop=False, widening=1.0,
+                                           seed=0).evaluated) <= L - 4
+    with pytest.raises(ValueError, match="prior"):
+        search_path(lambda p: 1.0, L, prior=[1.0] * 3)
