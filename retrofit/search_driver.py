@@ -222,15 +222,19 @@ def setting_of(
 
 
 class _QuietSurplus(logging.Filter):
+    """Drops Optuna's two warnings for a surplus trial (_log_trial says it); a real failure keeps its first
+    warning, which carries the error."""
+
     def filter(self, record):
-        return "Surplus" not in record.getMessage()
+        msg = record.getMessage()
+        return "Surplus" not in msg and not msg.endswith("failed with value None.")
 
 
 def _suppress_optuna_noise():
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for h in optuna.logging._get_library_root_logger().handlers:  # surplus trials are logged by _log_trial
+    for h in logging.getLogger("optuna").handlers:  # surplus trials are logged by _log_trial
         if not any(isinstance(f, _QuietSurplus) for f in h.filters):
             h.addFilter(_QuietSurplus())
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

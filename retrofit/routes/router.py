@@ -43,7 +43,6 @@ class Routers(nn.Module):
         mean = (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
         return mean.masked_fill(~self.allowed[b].to(mean.device), float("-inf"))
 
-
     @torch.no_grad()
     def choose(self, b: int, pooled: torch.Tensor, wnorm: torch.Tensor, dial: float = 0.0) -> torch.Tensor:
         """`decide(logits(b, pooled, wmask), dial)` in six small ops (prefill runs it once per block, where the

@@ -169,3 +169,25 @@ def test_a_configuration_proposed_again_is_answered_without_refitting(tiny_dir, 
         first = study.trials[t.user_attrs["duplicate_of"]]
         assert t.user_attrs["stages"] == first.user_attrs["stages"] and t.value == first.value
         assert t.user_attrs["cost"] == first.user_attrs["cost"]
+
+
+def test_a_trial_started_past_the_studys_total_fails_as_surplus():
+    """Two workers that check the count at the same moment both start the last trial; the storage numbers them
+    apart, and the one past the total fails at once (not counted) instead of running."""
+    import types
+
+    import optuna
+
+    from adaflex.retrofit.search_driver import Session, Surplus, _suppress_optuna_noise
+
+    _suppress_optuna_noise()
+    study = optuna.create_study()
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(value=1.0))
+    fake = types.SimpleNamespace(total=2, current=None)
+    study.optimize(lambda t: Session.objective(fake, t), n_trials=1, catch=(Surplus,))
+    last = study.trials[-1]
+    assert last.state == optuna.trial.TrialState.FAIL and last.user_attrs["reason"].startswith("surplus")
+    fake.total = 3  # room for one more (the failed surplus does not count): the objective goes past the check
+    with pytest.raises(AttributeError, match="sample"):
+        study.optimize(lambda t: Session.objective(fake, t), n_trials=1)
