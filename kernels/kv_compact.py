@@ -17,9 +17,11 @@ def compact_kv_torch(k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor):
     b, h, t = k.shape[:3]
     rows = indices.to(k.device).long() + torch.arange(b * h, device=k.device).view(b, h, 1) * t
     rows = rows.reshape(-1)
-    out_k = k.reshape(b * h * t, k.shape[-1]).index_select(0, rows).view(b, h, -1, k.shape[-1])
-    out_v = v.reshape(b * h * t, v.shape[-1]).index_select(0, rows).view(b, h, -1, v.shape[-1])
-    return out_k, out_v
+
+    def take(x):
+        return x.reshape(b * h * t, x.shape[-1]).index_select(0, rows).view(b, h, -1, x.shape[-1])
+
+    return take(k), take(v)
 
 
 @jit

@@ -671,9 +671,9 @@ def evaluate_best(study, session: Session, summary: dict, out: Path, log) -> lis
         if summary.get(key) and f"trial-{summary[key]['trial']}" not in dict(picks):
             picks.append((f"trial-{summary[key]['trial']}", summary[key]))
     rows = []
+    state = out / "eval"
+    state.mkdir(parents=True, exist_ok=True)
     for tag, pick in picks:
-        state = out / "eval"
-        state.mkdir(parents=True, exist_ok=True)
         model = session.pristine if pick is None else copy.deepcopy(session.pristine)
         tmp = out / "tmp" / f"eval-{tag}-{os.getpid()}"
         try:

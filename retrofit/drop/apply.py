@@ -15,7 +15,7 @@ BAKED = True
 
 
 @torch.no_grad()
-def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
+def block_influence(model, windows: torch.Tensor, batch_size: int = 4, show_progress: bool = True) -> list[float]:
     """BI_i = 1 − mean over tokens of cos(input of block i, output of block i)."""
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
@@ -33,7 +33,7 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> list[f
     hooks = [blk.register_forward_hook(hook(i), with_kwargs=True) for i, blk in enumerate(layers)]
     try:
         for s in progress(range(0, windows.shape[0], batch_size), desc="block influence",
-                          total=-(-windows.shape[0] // batch_size)):
+                          total=-(-windows.shape[0] // batch_size), disable=not show_progress):
             x = windows[s : s + batch_size]
             model.get_decoder()(input_ids=x, use_cache=False)
             for i, v in seen.items():

@@ -127,18 +127,13 @@ class H2O(Policy):
 
 
 @dataclass
-class Mix(Policy):
+class Mix(H2O):
     name: str = "mix"
-    needs_mass: bool = True
-    stat: str = "mean"
-    heads: str = "mean"
 
     def score(self, probs, groups, length, mass=None, values=None):
         # both are attention shares over the same keys (rows sum to ~1), so their max is comparable
-        s = received(mass, groups, self.stat, self.heads)
-        if self.needs_values:
-            s = s * value_weight(values)
-        return torch.maximum(group_mean(pool(probs.mean(dim=2), self.kernel), groups), s)
+        heavy = super().score(probs, groups, length, mass, values)
+        return torch.maximum(group_mean(pool(probs.mean(dim=2), self.kernel), groups), heavy)
 
 
 def make_policy(name: str, kernel: int = 7, gamma: float = 200.0, stat: str = "mean", heads: str = "mean",

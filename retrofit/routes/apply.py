@@ -10,6 +10,7 @@ import torch
 
 from ..errors import AdaflexError, UsageError
 from ..evaluate import decoder_layers, reference_of
+from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import RoutesConfig
 from .label import BlockRunner, fingerprint, keep, label_all, load_examples, summary
@@ -110,7 +111,8 @@ def expansion_prior(ctx: StageContext, cfg: RoutesConfig, examples) -> list[floa
 
     if ctx.recipe.data.calibration is not None:
         return [float(x) for x in block_influence(ctx.model, ctx.calibration)]
-    per = [block_influence(ctx.model, ex.prompt) for ex in examples[: cfg.calibrate_examples]]
+    per = [block_influence(ctx.model, ex.prompt, show_progress=False)  # prompts differ in length: one at a time
+           for ex in progress(examples[: cfg.calibrate_examples], desc="block influence")]
     return [sum(col) / len(per) for col in zip(*per, strict=True)]
 
 

@@ -128,3 +128,27 @@ def test_auto_dial_meets_the_budget_on_every_prompt_source():
     assert p < 0 and all(v <= budget for v in at.values()) and got == max(at.values())
     p_one, _ = calibrate_dial(model, routers, 8, sources["short"], budget, 0)  # a list: one source
     assert p <= p_one
+
+
+def test_expansion_prior_is_block_influence_of_the_calibration_or_the_prompts():
+    import types
+
+    from adaflex.retrofit.drop.apply import block_influence
+    from adaflex.retrofit.routes.apply import expansion_prior
+    from adaflex.retrofit.routes.config import RoutesConfig
+    from tiny import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    cal = torch.randint(0, 250, (3, 16))
+    prompts = [types.SimpleNamespace(prompt=torch.randint(0, 250, (1, n))) for n in (5, 9, 12)]
+    def ctx(calibration):
+        data = types.SimpleNamespace(calibration=None if calibration is None else object())
+        return types.SimpleNamespace(model=model, calibration=calibration, recipe=types.SimpleNamespace(data=data))
+
+    with_cal, without = ctx(cal), ctx(None)
+    cfg = RoutesConfig(calibrate_examples=2)
+    assert expansion_prior(with_cal, cfg, prompts) == pytest.approx(block_influence(model, cal))
+    per = [block_influence(model, p.prompt) for p in prompts[:2]]  # the first calibrate_examples prompts
+    assert expansion_prior(without, cfg, prompts) == pytest.approx([(a + b) / 2 for a, b in zip(*per)])
+    assert expansion_prior(with_cal, RoutesConfig(expand="random"), prompts) is None
