@@ -9,6 +9,8 @@ layer's length (it cannot keep more tokens than it has) and any per-layer floor.
               at the layer's length, the excess spread over the uncapped layers
     prefixkv  PrefixKV: one shared attention-mass threshold p; layer l keeps the smallest top-k whose
               cumulative mass reaches p; p found by bisection, then counts rescaled to the total
+    promote   plans that give the few layers whose eviction hurts most (measured gains, e.g. the layers
+              that copy from far back) most of their tokens, the others sharing what is left evenly
 
 Real-valued shares come from one water-filling step (`_fill`): find the scale s with
 sum_l clip(w_l * s, lo_l, hi_l) = total; this is exactly "cap, then spread the excess over the
@@ -34,6 +36,8 @@ __all__ = [
     "cumulative_mass",
     "plan_counts",
     "prefixkv",
+    "promote",
+    "promotion_plans",
     "pyramid",
     "round_to_total",
     "uniform",
@@ -250,3 +254,36 @@ def plan_counts(fractions, length: int, total: int | None = None, min_keep=0) ->
     if total is None:
         total = round(float(f.sum()) * length)
     return _allocate(f, total, np.full(f.size, length), min_keep)
+
+
+
+def promote(gains, mean: float, floor: float, tiers) -> np.ndarray | None:
+    """Fractions where the layers ranked by gain (largest first) keep the levels of `tiers`, a list of (count,
+    level): the first `count` layers keep `level` of their tokens, the next ones the next tier's level; the
+    others share what is left evenly, so the mean stays `mean`. None when those others would fall below `floor`
+    or keep as much as a promoted layer."""
+    g = np.asarray(gains, dtype=np.float64)
+    n, promoted = g.size, sum(c for c, _ in tiers)
+    if any(c < 1 for c, _ in tiers) or not 0 < promoted < n:
+        raise ValueError(f"tiers {tiers}: counts must be >= 1 and promote fewer than the {n} layers")
+    levels = np.concatenate([np.full(c, lv, dtype=np.float64) for c, lv in tiers])
+    rest = (n * mean - levels.sum()) / (n - promoted)
+    if rest < floor - 1e-12 or rest >= levels.min():
+        return None
+    f = np.full(n, rest)
+    f[np.argsort(-g, kind="stable")[:promoted]] = levels
+    return f
+
+
+def promotion_plans(gains, mean: float, floor: float, most: int = 6, pairs: int = 4) -> dict[str, np.ndarray]:
+    """Every feasible `promote` plan over the layers of positive gain: up to `most` of them at full or half cache,
+    and up to `pairs` at full followed by up to `pairs` at half."""
+    positive = min(int((np.asarray(gains) > 0).sum()), len(gains) - 1)  # at least one layer pays
+    shapes = [[(c, lv)] for lv in (1.0, 0.5) for c in range(1, min(most, positive) + 1)]
+    shapes += [[(a, 1.0), (b, 0.5)] for a in range(1, pairs + 1) for b in range(1, pairs + 1) if a + b <= positive]
+    plans = {}
+    for tiers in shapes:
+        f = promote(gains, mean, floor, tiers)
+        if f is not None:
+            plans["+".join(f"top{c}@{lv:g}" for c, lv in tiers)] = f
+    return plans

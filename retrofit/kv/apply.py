@@ -154,6 +154,8 @@ def cake_plan(prefs: np.ndarray, fraction: float, length: int, floor: int) -> np
 @torch.no_grad()
 def continuation_nll(model, cache: BudgetedCache, record, continuation: torch.Tensor) -> tuple[float, int]:
     """Sum of NLL of `continuation` [B, N] after a replayed (compressed) prefill, and the token count."""
+    # eviction after the continuation's attention cannot change its logits: skip it (a quarter of the time)
+    cache.frozen = True
     out = model(input_ids=continuation, cache=cache, use_cache=True)
     logits = torch.cat([record.logits[:, None], out.logits[:, :-1].float()], dim=1)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), continuation.reshape(-1), reduction="sum")
@@ -176,9 +178,11 @@ class CalibrationObjective:
         self.n = len(decoder_layers(model))
         self.calls = 0
 
-    def __call__(self, fractions) -> float:
+    def __call__(self, fractions, budget: float | None = None) -> float:
+        """`budget`: the total to scale the plan to, instead of the stage's (fractions are proportions)."""
         self.calls += 1
-        spec = spec_from(self.cfg, self.n, fractions, self.model)
+        cfg = self.cfg if budget is None else self.cfg.model_copy(update={"budget": budget, "tokens": None})
+        spec = spec_from(cfg, self.n, fractions, self.model)
         tot, cnt = 0.0, 0
         for rec, cont in self.records:
             nll, c = continuation_nll(self.model, replay(spec, rec), rec, cont)
@@ -193,26 +197,28 @@ def _normalise(f: np.ndarray, mean: float, floor_frac: float) -> np.ndarray:
     return kv_alloc._fill(np.maximum(f, 1e-9), mean * n, lo, np.ones(n))
 
 
-def coordinate_search(objective, start: np.ndarray, mean: float, floor_frac: float, groups: int, trials: int,
+def coordinate_search(objective, start: np.ndarray, mean: float, floor_frac: float, groups, trials: int,
                       log=None) -> tuple[np.ndarray, float, list]:
-    """Greedy coordinate search: move budget between contiguous layer groups while the objective improves.
+    """Greedy coordinate search: move budget between layer groups while the objective improves.
 
-    Each move scales one group by (1 + step) and renormalises to the same mean; steps shrink when a
-    full sweep finds nothing."""
+    `groups`: a count of contiguous groups, or the groups themselves (lists of layer indices). Each move scales one
+    group by (1 + step) and renormalises to the same mean; steps shrink when a full sweep finds nothing."""
     n = len(start)
-    bounds = np.linspace(0, n, min(groups, n) + 1).round().astype(int)
+    if isinstance(groups, int):
+        bounds = np.linspace(0, n, min(groups, n) + 1).round().astype(int)
+        groups = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     best = _normalise(start, mean, floor_frac)
     best_val = objective(best)
     history = [best_val]
     used, step = 1, 0.5
     while used < trials and step > 0.05:
         improved = False
-        for g in range(len(bounds) - 1):
+        for g, layers in enumerate(groups):
             for sign in (1, -1):
                 if used >= trials:
                     break
                 cand = best.copy()
-                cand[bounds[g]:bounds[g + 1]] *= 1 + sign * step
+                cand[layers] *= 1 + sign * step
                 cand = _normalise(cand, mean, floor_frac)
                 if np.allclose(cand, best, atol=1e-4):
                     continue
@@ -226,6 +232,41 @@ def coordinate_search(objective, start: np.ndarray, mean: float, floor_frac: flo
         if not improved:
             step /= 2
     return best, best_val, history
+
+
+def layer_gains(objective, mean: float, n: int) -> np.ndarray:
+    """Per layer: how much the calibration NLL drops when that layer alone keeps all its tokens, the others keeping
+    `mean`. Eviction hurts a few layers far more than the rest: on SmolLM2 the ones that copy from far back (block
+    18 alone at full cache takes a 25% budget's perplexity on WikiText-2 from 1.42x to 1.24x the full cache's)."""
+    base = objective(np.full(n, mean))
+    more = mean + (1 - mean) / n  # the total with one layer at full cache
+    layers = progress(range(n), desc="kv layer gains", total=n)
+    return np.array([base - objective(np.where(np.arange(n) == i, 1.0, mean), budget=more) for i in layers])
+
+
+def search_plan(objective, cfg: KVConfig, n: int, mean: float, cake_average, prefixkv,
+                gains=None) -> tuple[np.ndarray, dict]:
+    """The `searched` allocation: the best of uniform, pyramid, CAKE-average, PrefixKV and (with `layer_gains`) the
+    plans promoting the layers of largest measured gain, refined by coordinate search; and what it measured.
+    `gains`: layer gains measured before (at another budget, say) instead of measuring them here."""
+    floor_frac = cfg.floor / objective.ctx
+    cands = {"uniform": np.full(n, mean), "pyramid": kv_alloc.pyramid(n, 10**6, beta=cfg.beta) / 10**6 * n * mean,
+             "cake_average": np.asarray(cake_average), "prefixkv": np.asarray(prefixkv)}
+    trials = max(1, cfg.trials - len(cands))
+    found: dict = {}
+    if not cfg.layer_gains:
+        gains = None
+    else:
+        gains = layer_gains(objective, mean, n) if gains is None else np.asarray(gains)
+        cands.update(kv_alloc.promotion_plans(gains, mean, floor_frac))
+        found["layer_gains"] = gains.round(5).tolist()
+    scored = {k: objective(_normalise(v, mean, floor_frac)) for k, v in cands.items()}
+    start = min(scored, key=scored.get)
+    # with gains, single layers move, those of largest gain first (a plan's quality hangs on a few layers)
+    groups = cfg.groups if gains is None else [[int(i)] for i in np.argsort(-gains, kind="stable")[:cfg.groups]]
+    fractions, val, _ = coordinate_search(objective, cands[start], mean, floor_frac, groups, trials)
+    found.update({"search_start": start, "candidates_nll": scored, "searched_nll": val, "evaluations": objective.calls})
+    return fractions, found
 
 
 # ---- fit / apply ----
@@ -257,15 +298,8 @@ def fit(ctx: StageContext, cfg: KVConfig) -> StageResult:
                 fractions = pkv
             else:
                 objective = CalibrationObjective(ctx.model, windows, cfg)
-                floor_frac = cfg.floor / objective.ctx
-                cands = {"uniform": np.full(n, mean), "pyramid": kv_alloc.pyramid(n, 10**6, beta=cfg.beta) / 10**6 * n
-                         * mean, "cake_average": np.array(plan["cake_average"]), "prefixkv": pkv}
-                scored = {k: objective(_normalise(v, mean, floor_frac)) for k, v in cands.items()}
-                start = min(scored, key=scored.get)
-                fractions, val, hist = coordinate_search(objective, cands[start], mean, floor_frac, cfg.groups,
-                                                         max(1, cfg.trials - len(cands)))
-                metrics.update({"search_start": start, "candidates_nll": scored, "searched_nll": val,
-                                "trials": objective.calls})
+                fractions, found = search_plan(objective, cfg, n, mean, np.array(plan["cake_average"]), pkv)
+                metrics.update(found)
         finally:
             install(ctx.model, spec_from(cfg, n, model=ctx.model))
         plan["fractions"] = [float(x) for x in np.asarray(fractions).round(6)]

@@ -51,7 +51,11 @@ class KVConfig(Strict):
     calibration_samples: int | None = Field(None, ge=1, description="calibration windows profiled "
                                                                      "(default min(8, data.calibration.samples))")
     trials: int = Field(24, ge=1, description="searched: objective evaluations of the coordinate search")
-    groups: int = Field(6, ge=1, description="searched: layers move in this many contiguous groups")
+    groups: int = Field(6, ge=1, description="searched: layers move in this many contiguous groups (with "
+                                             "layer_gains: the layers of this many largest gains move one by one)")
+    layer_gains: bool = Field(True, description="searched: also measure what each layer gains from keeping its "
+                                                "tokens (one calibration evaluation per layer) and start from "
+                                                "the plans that favour the layers of largest gain")
     plan: list[float] | None = Field(None, description="explicit per-layer fractions (overrides the allocation's "
                                                         "offline plan; must have one entry per layer)")
 

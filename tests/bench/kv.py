@@ -93,9 +93,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=10, help="passkey prompts per prefill (both protocols share it)")
     ap.add_argument("--batch-tokens", type=int, default=10240,
                     help="at most this many passkey prompt tokens per prefill (bounds the recorded KV in memory)")
-    ap.add_argument("--calibration", type=int, default=2, help="calibration windows of the offline plans")
-    ap.add_argument("--cal-len", type=int, default=512)
-    ap.add_argument("--search-trials", type=int, default=10)
+    ap.add_argument("--calibration", type=int, default=4, help="calibration windows of the offline plans")
+    ap.add_argument("--cal-len", type=int, default=1024)
+    ap.add_argument("--search-trials", type=int, default=10, help="searched: coordinate-search evaluations")
+    ap.add_argument("--gains-budget", type=float, default=0.25,
+                    help="searched: the budget at which each layer's gain is measured (once, for every budget)")
     ap.add_argument("--kernel", type=int, default=15, help="pooling width (15 keeps 5-digit spans whole)")
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--sinks", type=int, default=4)
@@ -110,21 +112,19 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     from adaflex.retrofit import models
-    from adaflex.retrofit.data import calibration_windows
     from adaflex.retrofit.kv.apply import (
         CalibrationObjective,
-        _normalise,
         attention_profiles,
         cake_plan,
-        coordinate_search,
         install,
+        layer_gains,
         prefixkv_plan,
+        search_plan,
         spec_from,
     )
     from adaflex.retrofit.kv.config import KVConfig
     from adaflex.retrofit.kv.passkey import build_prompt
     from adaflex.retrofit.kv.replay import record_prefill, replay
-    from adaflex.search import kv_alloc
 
     t_start = time.perf_counter()
     model, tok = models.load(a.model)
@@ -155,7 +155,11 @@ def main(argv=None):
     need_plans = any(al in ("prefixkv", "searched") for _, al, _ in configs)
     if need_plans:
         with clock("offline plans"):
-            cal = calibration_windows(tok, text, a.calibration, a.cal_len, 0, str(DATA))
+            # calibration text never overlaps the perplexity windows: it is drawn from the text after them
+            held = a.windows * (max(contexts) + a.continuation)
+            gen = torch.Generator().manual_seed(0)
+            offsets = torch.randint(held, len(ids) - a.cal_len, (a.calibration,), generator=gen).tolist()
+            cal = torch.tensor([ids[o:o + a.cal_len] for o in offsets])
             curves, prefs = attention_profiles(model, cal, a.window)
             for b in budgets:
                 plans[("prefixkv", b)] = prefixkv_plan(curves, b, a.sinks + a.window)
@@ -167,21 +171,25 @@ def main(argv=None):
                     continue
                 for b in budgets:
                     cfg = KVConfig(budget=b, policy=kw.get("policy", pol) if pol not in POLICIES else pol,
+                                   trials=a.search_trials,
                                    **stage_kwargs({k: v for k, v in kw.items() if k != "policy"}))
                     if cfg.policy not in objectives:
                         objectives[cfg.policy] = CalibrationObjective(model, cal, cfg)
                     obj = objectives[cfg.policy]
                     obj.cfg, obj.calls = cfg, 0
-                    floor = cfg.floor / obj.ctx
-                    cands = {"uniform": [b] * n,
-                             "pyramid": kv_alloc.pyramid(n, 10**6, beta=cfg.beta) / 10**6 * n * b,
-                             "cake_average": plans[("cake_avg", b)], "prefixkv": plans[("prefixkv", b)]}
-                    scored = {k: obj(_normalise(torch.as_tensor(v).numpy(), b, floor)) for k, v in cands.items()}
-                    start = min(scored, key=scored.get)
-                    best, val, _ = coordinate_search(obj, torch.as_tensor(cands[start]).numpy(), b, floor, 6,
-                                                     max(1, a.search_trials - 4))
+                    if (cfg.policy, "gains") not in plans and cfg.layer_gains:  # measured once, at --gains-budget
+                        obj.cfg = cfg.model_copy(update={"budget": a.gains_budget})
+                        plans[(cfg.policy, "gains")] = layer_gains(obj, a.gains_budget, n)
+                        obj.cfg = cfg
+                    best, found = search_plan(obj, cfg, n, b, plans[("cake_avg", b)], plans[("prefixkv", b)],
+                                              gains=plans.get((cfg.policy, "gains")))
                     plans[(pol, "searched", b)] = best
-                    log(f"searched {pol} @ {b}: start {start} {scored[start]:.4f} -> {val:.4f} ({obj.calls} calls)")
+                    if "layer_gains" in found:
+                        top = sorted(range(n), key=lambda i: -found["layer_gains"][i])[:6]
+                        log("layer gains: " + ", ".join(f"{i}: {found['layer_gains'][i]:.4f}" for i in top))
+                    log(f"searched {pol} @ {b}: start {found['search_start']} "
+                        f"{found['candidates_nll'][found['search_start']]:.4f} -> {found['searched_nll']:.4f} "
+                        f"({obj.calls} calls)")
             install(model, spec_from(KVConfig(budget=1.0, **base), n))
 
     def make_spec(pol, al, kw, b):
@@ -219,6 +227,7 @@ def main(argv=None):
             st = stats[i]
             st["kv"] = cache.stored_bytes() / full_bytes
             st["peak"] = cache.peak_bytes / len(starts)  # per sequence
+            cache.frozen = True  # eviction after the continuation's attention cannot change its logits: skip it
             with torch.no_grad(), clock("continuation"):
                 out = model(input_ids=cont, cache=cache, use_cache=True)
             logits = torch.cat([rec.logits[:, None], out.logits[:, :-1].float()], 1)
@@ -298,7 +307,8 @@ def main(argv=None):
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = {k: {"wall_s": round(w, 1), "cpu_s": round(c, 1)} for k, (w, c) in TIMES.items()}
     report = {"args": vars(a), "seconds": elapsed, "cpu_seconds": time.process_time(), "peak_rss_mb": peak_rss,
-              "times": times, "rows": rows}
+              "times": times, "rows": rows,
+              "plans": {"/".join(map(str, k)): [round(float(x), 5) for x in v] for k, v in plans.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1, default=str))
     print("| ctx | budget | policy | allocation | ppl | ×full | passkey | agnostic | kv_bytes_ratio | peak KV MB |")

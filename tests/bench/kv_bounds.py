@@ -1,12 +1,15 @@
 """What eviction can reach on the continuation-perplexity protocol (a script, not collected by pytest).
 
     nice python tests/bench/kv_bounds.py [--windows 4] [--context 1024] [--continuation 128] [--budget 0.25]
+        [--layers] [--threads 2]
 
 Per WikiText-2 dev window: the full cache; the context truncated to its last budget x C tokens (what
 StreamingLLM keeps, sinks aside); and uniform per-layer selections through the budgeted cache ranked by
 (a) SnapKV's window attention, (b) the attention every prompt query gave (h2o) and (c) an oracle: the
 attention the continuation's own queries give each context key (known only after the fact). The oracle
-bounds what any prompt-only scorer can reach at this budget.
+bounds what any prompt-only scorer can reach at this budget. `--layers`: also, for each layer, the mix policy at a
+uniform budget everywhere but that layer, which keeps its whole cache: which layers' eviction costs the most
+(what the `searched` allocation's layer gains measure on calibration text).
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--continuation", type=int, default=128)
     ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--layers", action="store_true", help="also: one layer at full cache, the others at the budget")
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
 
     from adaflex.retrofit import models
     from adaflex.retrofit.kv.apply import install, spec_from
@@ -89,6 +94,18 @@ def main(argv=None):
             with torch.no_grad():
                 out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
             add(name, torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
+        for i in range(n if a.layers else 0):
+            # the plan keeps its proportions at the budget that leaves every other layer at `budget`
+            cfg = KVConfig(budget=a.budget + (1 - a.budget) / n, policy="mix", stat="rms", kernel=15)
+            plan = [1.0 if j == i else a.budget for j in range(n)]
+            cache = replay(spec_from(cfg, n, plan, model), rec)
+            with torch.no_grad():
+                out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
+            add(f"mix, layer {i} at full cache", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
+        spec = spec_from(KVConfig(budget=a.budget, policy="mix", stat="rms", kernel=15), n, [a.budget] * n, model)
+        with torch.no_grad():
+            out = model(input_ids=x[:, C:], cache=replay(spec, rec), use_cache=True)
+        add("mix (rms, k15)", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
     count = a.windows * N
     print(f"| selection ({a.budget:.0%} of {C} tokens, uniform) | perplexity | × full |")
     print("|---|---|---|")

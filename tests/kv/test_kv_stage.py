@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -74,7 +75,33 @@ def test_searched_allocation_fits_and_keeps_uniform_candidate(tiny_dir, text_fil
                  log=lambda m: None)
     m = report["stages"][0]
     assert "uniform" in m["candidates_nll"] and m["searched_nll"] <= min(m["candidates_nll"].values()) + 1e-9
-    assert m["trials"] <= 6
+    assert len(m["layer_gains"]) == 4
+    # candidates, the gains (one baseline + one per layer), then what the coordinate search has left of 6 trials
+    assert m["evaluations"] <= len(m["candidates_nll"]) + 5 + 2
+
+
+def test_search_plan_promotes_the_layer_whose_tokens_matter():
+    """A calibration objective where only layer 2's kept share matters: its gain is the largest, measured with one
+    layer at full cache on top of the mean, and the search starts from a plan giving it all its tokens."""
+    from adaflex.retrofit.kv.apply import layer_gains, search_plan
+    from adaflex.retrofit.kv.config import KVConfig
+
+    class Objective:
+        ctx, calls, budgets = 100, 0, []
+
+        def __call__(self, fractions, budget=None):
+            self.calls += 1
+            self.budgets.append(budget)
+            f = np.asarray(fractions) * ((budget or 0.25) * len(fractions) / np.sum(fractions))  # a plan's scaling
+            return 3.0 - 0.5 * min(1.0, f[2]) - 0.01 * f.sum()
+
+    obj = Objective()
+    gains = layer_gains(obj, 0.25, 6)
+    assert int(np.argmax(gains)) == 2 and obj.budgets[0] is None and obj.budgets[1] == pytest.approx(0.25 + 0.75 / 6)
+    cfg = KVConfig(budget=0.25, allocation="searched", sinks=2, window=8, trials=6, groups=2)
+    fractions, found = search_plan(Objective(), cfg, 6, 0.25, np.full(6, 0.25), np.full(6, 0.25))
+    assert found["search_start"].startswith("top1@1") and fractions[2] == pytest.approx(fractions.max())
+    assert found["searched_nll"] < found["candidates_nll"]["uniform"]
 
 
 def test_cli_passkey_and_flags(tiny_dir, text_file, tmp_path):

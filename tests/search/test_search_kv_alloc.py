@@ -166,3 +166,30 @@ def test_average_plans_and_counts():
     assert counts.tolist() == [10, 30, 20]
     counts = kv.plan_counts([0.1, 0.9, 0.2], 50, total=40)
     assert counts.sum() == 40 and counts.max() <= 50
+
+
+def test_promote_ranks_by_gain_and_keeps_the_mean():
+    gains = np.array([0.0, 0.3, -0.1, 0.5, 0.2, 0.1])
+    f = kv.promote(gains, 0.4, 0.12, [(1, 1.0), (2, 0.5)])
+    assert f[3] == 1.0 and f[1] == 0.5 and f[4] == 0.5  # largest gain first, then the next two at half
+    rest = (6 * 0.4 - 2.0) / 3
+    assert np.allclose(f[[0, 2, 5]], rest) and f.mean() == pytest.approx(0.4)
+    assert kv.promote(gains, 0.4, 0.12, [(2, 1.0)]) is None  # the other four would keep 0.1, below the floor
+    assert kv.promote(gains, 0.9, 0.0, [(1, 0.5)]) is None  # the others would keep more than the promoted one
+    with pytest.raises(ValueError, match="tiers"):
+        kv.promote(gains, 0.25, 0.0, [(6, 0.3)])
+
+
+@given(st.integers(4, 30), st.floats(0.05, 0.6), st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_promotion_plans_are_feasible_and_promote_only_positive_gains(n, mean, seed):
+    rng = np.random.default_rng(seed)
+    gains = rng.normal(size=n)
+    floor = mean / 3
+    plans = kv.promotion_plans(gains, mean, floor)
+    positive = set(np.flatnonzero(gains > 0).tolist())
+    for name, f in plans.items():
+        assert f.mean() == pytest.approx(mean) and f.min() >= floor - 1e-9 and f.max() <= 1.0
+        raised = set(np.flatnonzero(f > f.min() + 1e-12).tolist())
+        assert raised <= positive, name
+        assert sum(int(part[3:part.index("@")]) for part in name.split("+")) == len(raised)
