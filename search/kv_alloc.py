@@ -256,7 +256,6 @@ def plan_counts(fractions, length: int, total: int | None = None, min_keep=0) ->
     return _allocate(f, total, np.full(f.size, length), min_keep)
 
 
-
 def promote(gains, mean: float, floor: float, tiers) -> np.ndarray | None:
     """Fractions where the layers ranked by gain (largest first) keep the levels of `tiers`, a list of (count,
     level): the first `count` layers keep `level` of their tokens, the next ones the next tier's level; the
