@@ -137,13 +137,16 @@ def read_mc(path: str | Path, layout: str = "auto", limit: int | None = None) ->
     return [_READERS[layout](path, n, rec) for n, rec in records]
 
 
-def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int, source: str = "data"):
-    """`samples` windows of `seq_len` tokens at seeded random offsets: LongTensor [samples, seq_len]."""
+def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int, source: str = "data",
+                        skip: int = 0):
+    """`samples` windows of `seq_len` tokens at seeded random offsets: LongTensor [samples, seq_len]. `skip`: the
+    windows start at or after that token (text held out for evaluation before it)."""
     import torch
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if ids.numel() < seq_len + 1:
-        raise UsageError(f"{source}: only {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    if ids.numel() < skip + seq_len + 1:
+        need = f"seq_len={seq_len}" if not skip else f"skip + seq_len={skip + seq_len}"
+        raise UsageError(f"{source}: only {ids.numel()} tokens, fewer than {need}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=gen)
+    starts = torch.randint(skip, ids.numel() - seq_len, (samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

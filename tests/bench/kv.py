@@ -112,6 +112,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     from adaflex.retrofit import models
+    from adaflex.retrofit.data import calibration_windows
     from adaflex.retrofit.kv.apply import (
         CalibrationObjective,
         attention_profiles,
@@ -157,9 +158,7 @@ def main(argv=None):
         with clock("offline plans"):
             # calibration text never overlaps the perplexity windows: it is drawn from the text after them
             held = a.windows * (max(contexts) + a.continuation)
-            gen = torch.Generator().manual_seed(0)
-            offsets = torch.randint(held, len(ids) - a.cal_len, (a.calibration,), generator=gen).tolist()
-            cal = torch.tensor([ids[o:o + a.cal_len] for o in offsets])
+            cal = calibration_windows(tok, text, a.calibration, a.cal_len, 0, str(DATA), skip=held)
             curves, prefs = attention_profiles(model, cal, a.window)
             for b in budgets:
                 plans[("prefixkv", b)] = prefixkv_plan(curves, b, a.sinks + a.window)

@@ -94,15 +94,17 @@ def main(argv=None):
             with torch.no_grad():
                 out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
             add(name, torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
+        mix = dict(policy="mix", stat="rms", kernel=15)
+        # one layer's whole cache on top: the plan keeps its proportions at the budget that leaves the others as
+        # they were
+        one_more = KVConfig(budget=a.budget + (1 - a.budget) / n, **mix)
         for i in range(n if a.layers else 0):
-            # the plan keeps its proportions at the budget that leaves every other layer at `budget`
-            cfg = KVConfig(budget=a.budget + (1 - a.budget) / n, policy="mix", stat="rms", kernel=15)
             plan = [1.0 if j == i else a.budget for j in range(n)]
-            cache = replay(spec_from(cfg, n, plan, model), rec)
+            cache = replay(spec_from(one_more, n, plan, model), rec)
             with torch.no_grad():
                 out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
             add(f"mix, layer {i} at full cache", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
-        spec = spec_from(KVConfig(budget=a.budget, policy="mix", stat="rms", kernel=15), n, [a.budget] * n, model)
+        spec = spec_from(KVConfig(budget=a.budget, **mix), n, [a.budget] * n, model)
         with torch.no_grad():
             out = model(input_ids=x[:, C:], cache=replay(spec, rec), use_cache=True)
         add("mix (rms, k15)", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)

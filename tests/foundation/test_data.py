@@ -72,3 +72,20 @@ def test_calibration_windows_seeded(text_file):
     assert a.shape == (6, 32) and (a == b).all() and not (a == c).all()
     with pytest.raises(UsageError, match="fewer than seq_len"):
         calibration_windows(tok, "short", 1, 64, seed=0, source="tiny.txt")
+
+
+def test_calibration_windows_skip_held_out_text(text_file):
+    """`skip`: every window starts at or after that token (the text before it is held out for evaluation)."""
+    tok = byte_tokenizer()
+    text = text_file.read_text()
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    skip = ids.numel() - 200
+    w = calibration_windows(tok, text, 8, 32, seed=3, skip=skip)
+    tail = ids[skip:].tolist()
+    def in_tail(row):
+        return any(tail[s:s + 32] == row for s in range(len(tail) - 31))
+
+    assert all(in_tail(row) for row in w.tolist())
+    assert not all(in_tail(row) for row in calibration_windows(tok, text, 8, 32, seed=3).tolist())
+    with pytest.raises(UsageError, match="fewer than skip"):
+        calibration_windows(tok, text, 1, 64, seed=0, skip=ids.numel() - 10)

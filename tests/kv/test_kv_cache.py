@@ -257,3 +257,22 @@ def test_received_attention_matches_a_plain_softmax(padded):
     torch.testing.assert_close(out, torch.cat([p.sum(2), (p * p).sum(2)], 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(received_mass(query, key, valid, 0.4, g, chunk=16),
                                p.sum(2).reshape(b, hkv, g, k).mean(2), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_calibration_objective_runs_a_plan_once(model):
+    """A plan met again (the gains' uniform baseline is the search's uniform candidate) is not re-evaluated; the
+    same plan at another budget is, and the frozen continuation leaves the figure as a fresh objective gives it."""
+    from adaflex.retrofit.kv.apply import CalibrationObjective
+
+    _install(model, budget=1.0)
+    windows = torch.randint(0, 250, (2, 96))
+    cfg = KVConfig(budget=0.4, policy="mix", sinks=2, window=8, kernel=3)
+    obj = CalibrationObjective(model, windows, cfg)
+    plan = [0.4, 0.2, 0.6, 0.4]
+    first = obj(plan)
+    assert obj(list(plan)) == first and obj.calls == 1
+    assert obj(plan, budget=0.4) == first and obj.calls == 1  # the stage's own budget, named
+    other = obj(plan, budget=0.6)
+    assert obj.calls == 2 and other != first
+    assert CalibrationObjective(model, windows, cfg)(plan) == pytest.approx(first, rel=1e-6)
