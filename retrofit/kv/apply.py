@@ -154,7 +154,8 @@ def cake_plan(prefs: np.ndarray, fraction: float, length: int, floor: int) -> np
 @torch.no_grad()
 def continuation_nll(model, cache: BudgetedCache, record, continuation: torch.Tensor) -> tuple[float, int]:
     """Sum of NLL of `continuation` [B, N] after a replayed (compressed) prefill, and the token count."""
-    # eviction after the continuation's attention cannot change its logits: skip it (~12% of a calibration evaluation on SmolLM2)
+    # eviction after the continuation's attention cannot change its logits: skip it (~12% of a calibration
+    # evaluation on SmolLM2)
     cache.frozen = True
     out = model(input_ids=continuation, cache=cache, use_cache=True)
     logits = torch.cat([record.logits[:, None], out.logits[:, :-1].float()], dim=1)
