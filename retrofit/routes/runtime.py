@@ -177,8 +177,8 @@ def _attach(cache, L: int) -> None:
             pos[rows] = torch.arange(len(rows), device=routes.device)
             keep = pos[indices]
             keep = keep[keep >= 0]
-            if getattr(lay, "keys", None) is not None and lay.keys.numel():
-                lay.keys, lay.values = lay.keys[keep.to(lay.keys.device)], lay.values[keep.to(lay.keys.device)]
+            if getattr(lay, "is_initialized", False):  # the layer's own select: a budgeted one also has masks, scores
+                lay.batch_select_indices(keep)
         self.adaflex_routes = routes[indices]
 
     cache.get_seq_length = types.MethodType(seq_len, cache)

@@ -210,8 +210,13 @@ def test_routes_with_budgeted_cache_give_repeat_slots_their_block_budget(model, 
             full = model(x, use_cache=False).logits
             cache = model.adaflex_make_cache()
             model(x[:, :50], cache=cache, use_cache=True)
-        steps = [model(x[:, t : t + 1], cache=cache, use_cache=True).logits[:, 0] for t in range(50, 60)]
-        torch.testing.assert_close(torch.stack(steps, 1), full[:, 50:60], atol=1e-4, rtol=1e-4)
+        steps = [model(x[:, t : t + 1], cache=cache, use_cache=True).logits[:, 0] for t in range(50, 59)]
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 50:59], atol=1e-4, rtol=1e-4)
+        # row selection reaches each budgeted slot's keys, masks and scores alike
+        cache.batch_select_indices(torch.tensor([2, 0]))
+        assert all(lay.valid.shape[0] == lay.keys.shape[0] for lay in cache.layers if lay.is_initialized)
+        got = model(x[[2, 0], 59:60], cache=cache, use_cache=True).logits[:, 0]
+        torch.testing.assert_close(got, full[[2, 0], 59], atol=1e-4, rtol=1e-4)
 
         kv_install(model, spec_from(KVConfig(budget=0.5, sinks=2, window=8, allocation=allocation), L))
         cache = model.adaflex_make_cache()
