@@ -274,11 +274,13 @@ def promote(gains, mean: float, floor: float, tiers) -> np.ndarray | None:
     return f
 
 
-def promotion_plans(gains, mean: float, floor: float, most: int = 6, pairs: int = 4) -> dict[str, np.ndarray]:
-    """Every feasible `promote` plan over the layers of positive gain: up to `most` of them at full or half cache,
-    and up to `pairs` at full followed by up to `pairs` at half."""
+def promotion_plans(gains, mean: float, floor: float, most: int = 6, pairs: int = 4,
+                    sizes=None) -> dict[str, np.ndarray]:
+    """Every feasible `promote` plan over the layers of positive gain: up to `most` of them (or each count of
+    `sizes`) at full or half cache, and up to `pairs` at full followed by up to `pairs` at half."""
     positive = min(int((np.asarray(gains) > 0).sum()), len(gains) - 1)  # at least one layer pays
-    shapes = [[(c, lv)] for lv in (1.0, 0.5) for c in range(1, min(most, positive) + 1)]
+    sizes = range(1, most + 1) if sizes is None else sizes
+    shapes = [[(c, lv)] for lv in (1.0, 0.5) for c in sizes if 1 <= c <= positive]
     shapes += [[(a, 1.0), (b, 0.5)] for a in range(1, pairs + 1) for b in range(1, pairs + 1) if a + b <= positive]
     plans = {}
     for tiers in shapes:

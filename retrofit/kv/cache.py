@@ -6,6 +6,11 @@ differs from layer to layer. `valid` [B, H, K] marks stored slots that are real 
 is stored but never attended), so per-KV-head kept lengths are `valid.sum(-1)`. `compact(indices)`
 gathers the kept positions per (batch row, KV head) with the `kv_compact` kernel.
 
+A plan may also give the KV heads of a layer different counts (`head_fractions`: on SmolLM2 what a layer
+gains from its full cache sits in one of its three heads). Such a layer stores each head apart ([B, 1, K_h, D]
+each: no head pays for another's length) and hands attention a transient copy left-padded to the longest head,
+with the padding marked invalid, as it hands over dequantized copies of int8 storage.
+
 What to keep is decided by the `BudgetedCache` right after a layer's attention has run (the
 attention function in `attention.py` calls `after_attention`):
 
@@ -54,6 +59,18 @@ def storage_bytes_per_value(storage: str, model_dtype: torch.dtype, head_dim: in
     return (torch.finfo(_DTYPES[storage]).bits / 8) / model
 
 
+def _per_head(t) -> list[torch.Tensor]:
+    return t if isinstance(t, list) else list(t.split(1, dim=1))
+
+
+def _padded(t):
+    """Per-head storage (a list of [B, 1, K_h, x]) as one [B, H, max K_h, x] tensor, left-padded with zeros."""
+    if not isinstance(t, list):
+        return t
+    k = max(p.shape[-2] for p in t)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, k - p.shape[-2], 0)) for p in t], dim=1)
+
+
 def active_layer(key: torch.Tensor):
     """The BudgetedLayer that returned `key` from its update, if any (and forget it)."""
     layer = getattr(_ACTIVE, "layer", None)
@@ -81,6 +98,7 @@ class KVSpec:
     tau2: float = 1.0
     decode: bool = True
     fractions: list[float] | None = None  # static per-layer plan (prefixkv, searched, explicit)
+    head_fractions: list[list[float]] | None = None  # or per (layer, KV head): heads keep different counts
     storage: str = "model"  # element type of the stored keys/values: model, float16, bfloat16, int8
     bytes_per_value: float = 1.0  # stored bytes per value relative to the model's dtype (int8: + scales)
     extra: dict = field(default_factory=dict)
@@ -113,6 +131,15 @@ class KVSpec:
             return kv_alloc.pyramid(n, total, beta=self.beta, lengths=length, min_keep=floor)
         return kv_alloc.uniform(n, total, lengths=length, min_keep=floor)
 
+    def static_head_counts(self, length: int) -> np.ndarray | None:
+        """Per (layer, KV head) token counts of a per-head plan [L, H] (sum = total · H), None without one."""
+        if self.head_fractions is None:
+            return None
+        f = np.asarray(self.head_fractions, dtype=np.float64)
+        counts = kv_alloc.plan_counts(f.ravel(), length, total=self.total(length) * f.shape[1],
+                                      min_keep=min(self.floor, length))
+        return counts.reshape(f.shape)
+
 
 class BudgetedLayer(DynamicLayer):
     """One layer's cache: tokens seen vs stored, validity per (row, KV head, slot), running scores."""
@@ -131,6 +158,7 @@ class BudgetedLayer(DynamicLayer):
         self.mass: torch.Tensor | None = None  # [B, 2·Hq, K] attention received (sums of p, p²) over prompt queries
         self.mass_queries = 0
         self.capacity: int | None = None  # fixed size once compressed
+        self.head_caps: list[int] | None = None  # per KV head, when a per-head plan gives them different sizes
         self.heads_uniform = True  # valid is the same for every KV head of a row
         self._returned = None
         self._fresh = 0  # tokens appended by the current forward
@@ -153,16 +181,17 @@ class BudgetedLayer(DynamicLayer):
         if storage == "int8":
             kq, ks = _quantize(key_states)
             vq, vs = _quantize(value_states)
-            first = self.k_scale is None
-            self.keys = kq if first else torch.cat([self.keys, kq], dim=-2)
-            self.values = vq if first else torch.cat([self.values, vq], dim=-2)
-            self.k_scale = ks if first else torch.cat([self.k_scale, ks], dim=-2)
-            self.v_scale = vs if first else torch.cat([self.v_scale, vs], dim=-2)
+            incoming = {"keys": kq, "values": vq, "k_scale": ks, "v_scale": vs}
         else:
             if storage != "model":
                 key_states, value_states = key_states.to(_DTYPES[storage]), value_states.to(_DTYPES[storage])
-            self.keys = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)
-            self.values = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
+            incoming = {"keys": key_states, "values": value_states}
+        for name, t in incoming.items():
+            old = getattr(self, name)
+            if isinstance(old, list):  # per-head storage: each head gets its new tokens
+                setattr(self, name, [torch.cat([p, t[:, j:j + 1]], dim=-2) for j, p in enumerate(old)])
+            else:
+                setattr(self, name, t if old is None or not old.numel() else torch.cat([old.to(t.dtype), t], dim=-2))
         new = torch.ones(*key_states.shape[:2], q, dtype=torch.bool, device=self.device)
         self.valid = torch.cat([self.valid, new], dim=-1)
         if self.scores is not None:
@@ -176,13 +205,28 @@ class BudgetedLayer(DynamicLayer):
         return keys, values
 
     def full_precision(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored keys and values in the model's dtype (a transient copy unless stored as is)."""
-        if self.k_scale is not None:
-            return ((self.keys.to(self.dtype) * self.k_scale).to(self.dtype),
-                    (self.values.to(self.dtype) * self.v_scale).to(self.dtype))
-        if self.dtype is not None and self.keys.dtype != self.dtype:
-            return self.keys.to(self.dtype), self.values.to(self.dtype)
-        return self.keys, self.values
+        """The stored keys and values [B, H, K, D] in the model's dtype (a transient copy unless stored as is;
+        per-head storage is left-padded to the longest head)."""
+        keys, values, ks, vs = (_padded(t) for t in (self.keys, self.values, self.k_scale, self.v_scale))
+        if ks is not None:
+            return (keys.to(self.dtype) * ks).to(self.dtype), (values.to(self.dtype) * vs).to(self.dtype)
+        if self.dtype is not None and keys.dtype != self.dtype:
+            return keys.to(self.dtype), values.to(self.dtype)
+        return keys, values
+
+    @property
+    def ragged(self) -> bool:
+        """Heads are stored apart (they keep different numbers of tokens)."""
+        return isinstance(self.keys, list)
+
+    def head_lengths(self) -> list[int]:
+        """Slots stored per KV head."""
+        if self.ragged:
+            return [p.shape[-2] for p in self.keys]
+        return [self.stored] * (self.keys.shape[1] if self.is_initialized else 0)
+
+    def _stored(self) -> list[str]:
+        return ["keys", "values"] + (["k_scale", "v_scale"] if self.k_scale is not None else [])
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -196,6 +240,7 @@ class BudgetedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen, self.valid, self.scores, self.capacity, self.heads_uniform = 0, None, None, None, True
+        self.head_caps = None
         self.mass, self.mass_queries = None, 0
         self.keys = self.values = self.k_scale = self.v_scale = None
         self.is_initialized = False
@@ -203,7 +248,7 @@ class BudgetedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        if self.capacity is not None or tokens_to_remove > 0:
+        if self.capacity is not None or tokens_to_remove > 0 or self.ragged:
             raise RuntimeError("a budgeted KV layer cannot be cropped once it has evicted tokens")
         n = -tokens_to_remove
         self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
@@ -219,13 +264,14 @@ class BudgetedLayer(DynamicLayer):
     def _rows(self, fn) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values, self.valid = fn(self.keys), fn(self.values), fn(self.valid)
+        for name in self._stored():
+            t = getattr(self, name)
+            setattr(self, name, [fn(p) for p in t] if isinstance(t, list) else fn(t))
+        self.valid = fn(self.valid)
         if self.scores is not None:
             self.scores = fn(self.scores)
         if self.mass is not None:
             self.mass = fn(self.mass)
-        if self.k_scale is not None:
-            self.k_scale, self.v_scale = fn(self.k_scale), fn(self.v_scale)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -239,7 +285,9 @@ class BudgetedLayer(DynamicLayer):
     # -- what it holds --
     @property
     def stored(self) -> int:
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+        if not self.is_initialized:
+            return 0
+        return max(p.shape[-2] for p in self.keys) if self.ragged else self.keys.shape[-2]
 
     def kept_lengths(self) -> torch.Tensor:
         """Real tokens kept per (batch row, KV head): [B, H]."""
@@ -248,10 +296,7 @@ class BudgetedLayer(DynamicLayer):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        n = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        if self.k_scale is not None:
-            n += (self.k_scale.numel() + self.v_scale.numel()) * self.k_scale.element_size()
-        return n
+        return sum(p.numel() * p.element_size() for name in self._stored() for p in _per_head(getattr(self, name)))
 
     def bookkeeping_bytes(self) -> int:
         n = 0 if self.valid is None else self.valid.numel()
@@ -260,6 +305,8 @@ class BudgetedLayer(DynamicLayer):
     # -- eviction --
     def compact(self, indices: torch.Tensor) -> None:
         """Keep stored positions `indices` [B, H, K'] (ascending per row and head) of this layer."""
+        if self.ragged:
+            raise RuntimeError("compact: heads are stored apart; use compact_heads")
         indices = indices.to(self.device)
         self.keys, self.values = compact_kv(self.keys, self.values, indices)
         if self.k_scale is not None:
@@ -271,25 +318,60 @@ class BudgetedLayer(DynamicLayer):
         self._returned = None
         self.owner._track()
 
-    def shrink(self, count: int) -> None:
-        """Keep `count` tokens per (row, KV head): sinks and the recent window first, then by score."""
+    def compact_heads(self, indices: list[torch.Tensor]) -> None:
+        """Keep, for each KV head h, its stored positions `indices[h]` [B, K_h] (ascending, counted within the
+        head's own slots); heads may keep different counts, then they are stored apart."""
+        k, lengths = self.stored, self.head_lengths()
+        counts = [int(i.shape[-1]) for i in indices]
+        new_k = max(counts)
+        valid = self.valid.new_zeros(self.valid.shape[0], len(indices), new_k)
+        scores = None if self.scores is None else self.scores.new_zeros(valid.shape)
+        stored = {name: _per_head(getattr(self, name)) for name in self._stored()}
+        for name in stored:
+            setattr(self, name, [])
+        for j, (idx, n) in enumerate(zip(indices, lengths, strict=True)):
+            idx = idx.to(self.device)[:, None]  # [B, 1, K_h]
+            part = slice(k - n, k)  # head j's slots in the left-padded layout
+            for a, b in (("keys", "values"), ("k_scale", "v_scale")):
+                if a in stored:
+                    for name, t in zip((a, b), compact_kv(stored[a][j], stored[b][j], idx), strict=True):
+                        getattr(self, name).append(t)
+            valid[:, j, new_k - idx.shape[-1]:] = torch.gather(self.valid[:, j, part], 1, idx[:, 0])
+            if scores is not None:
+                scores[:, j, new_k - idx.shape[-1]:] = torch.gather(self.scores[:, j, part], 1, idx[:, 0])
+        self.valid, self.scores = valid, scores
+        if len(set(counts)) == 1:  # equal again: one tensor per kind
+            for name in self._stored():
+                setattr(self, name, torch.cat(getattr(self, name), dim=1))
+        self.heads_uniform = False
+        self._returned = None
+        self.owner._track()
+
+    def shrink(self, count: int, heads: list[int] | None = None) -> None:
+        """Keep `count` tokens per (row, KV head), or `heads[h]` for KV head h: sinks and the recent window
+        first, then by score."""
         k = self.stored
-        if count >= k:
+        lengths = self.head_lengths()
+        want = [min(c, n) for c, n in zip(heads or [count] * len(lengths), lengths, strict=True)]
+        if want == lengths:
             return
         spec = self.owner.spec
-        b, h = self.keys.shape[:2]
+        b, h = self.valid.shape[:2]
         if self.scores is not None:
             s = self.scores.clone()
         else:  # positional (StreamingLLM): later is better
             s = torch.arange(k, dtype=torch.float32, device=self.device).expand(b, h, k).clone()
-        recent = min(k, spec.window + int(round(spec.recent * count)))
+        recent = min(k, spec.window + int(round(spec.recent * min(want))))
         s[..., k - recent:] = float("inf")
         if spec.sinks:
             rank = self.valid.cumsum(-1)
             s[self.valid & (rank <= spec.sinks)] = float("inf")
         s[~self.valid] = float("-inf")  # padding leaves first
-        idx = torch.topk(s, count, dim=-1, sorted=False).indices.sort(-1).values
-        self.compact(idx)
+        if not self.ragged and len(set(want)) == 1:
+            self.compact(torch.topk(s, want[0], dim=-1, sorted=False).indices.sort(-1).values)
+            return
+        self.compact_heads([torch.topk(s[:, j, k - n:], c, dim=-1, sorted=False).indices.sort(-1).values
+                            for j, (c, n) in enumerate(zip(want, lengths, strict=True))])
 
 
 class BudgetedCache(Cache):
@@ -382,10 +464,14 @@ class BudgetedCache(Cache):
             self._cascade(layer, probs, total)
             return
         if self._counts is None or self._counts[0] != k:
-            self._counts = (k, spec.static_counts(k))
-        count = int(self._counts[1][layer.budget_idx])
-        layer.capacity = count
-        layer.shrink(count)
+            self._counts = (k, spec.static_counts(k), spec.static_head_counts(k))
+        heads = self._counts[2]
+        if heads is not None:
+            layer.head_caps = [int(c) for c in heads[layer.budget_idx]]
+            layer.capacity = max(layer.head_caps)
+        else:
+            layer.capacity = int(self._counts[1][layer.budget_idx])
+        layer.shrink(layer.capacity, layer.head_caps)
 
     def _cascade(self, layer: BudgetedLayer, probs, total: int) -> None:
         """CAKE: preference of this layer, budgets of all layers seen so far, re-evict them. Layers are met in
@@ -420,5 +506,5 @@ class BudgetedCache(Cache):
             old.mul_(1 - lam).add_(lam * a[..., : old.shape[-1]])
             if q:
                 layer.scores[..., -q:] = a[..., -q:]
-        if spec.decode and layer.stored > layer.capacity:
-            layer.shrink(layer.capacity)
+        if spec.decode and (layer.stored > layer.capacity or layer.head_caps is not None):
+            layer.shrink(layer.capacity, layer.head_caps)

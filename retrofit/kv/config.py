@@ -52,10 +52,14 @@ class KVConfig(Strict):
                                                                      "(default min(8, data.calibration.samples))")
     trials: int = Field(24, ge=1, description="searched: objective evaluations of the coordinate search")
     groups: int = Field(6, ge=1, description="searched: layers move in this many contiguous groups (with "
-                                             "layer_gains: the layers of this many largest gains move one by one)")
+                                             "layer_gains: the layers, or KV heads with head_gains, of this many "
+                                             "largest gains move one by one)")
     layer_gains: bool = Field(True, description="searched: also measure what each layer gains from keeping its "
                                                 "tokens (one calibration evaluation per layer) and start from "
                                                 "the plans that favour the layers of largest gain")
+    head_gains: int = Field(8, ge=0, description="searched, with layer_gains: also measure the gain of each KV head "
+                                                 "of the layers of this many largest gains, so that plans can "
+                                                 "give single heads their full cache (0: whole layers only)")
     plan: list[float] | None = Field(None, description="explicit per-layer fractions (overrides the allocation's "
                                                         "offline plan; must have one entry per layer)")
 

@@ -36,6 +36,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +120,7 @@ def main(argv=None):
         attention_profiles,
         cake_plan,
         install,
-        layer_gains,
+        measure_gains,
         prefixkv_plan,
         search_plan,
         spec_from,
@@ -178,7 +180,7 @@ def main(argv=None):
                     obj.cfg, obj.calls = cfg, 0
                     if (cfg.policy, "gains") not in plans and cfg.layer_gains:  # measured once, at --gains-budget
                         obj.cfg = cfg.model_copy(update={"budget": a.gains_budget})
-                        plans[(cfg.policy, "gains")] = layer_gains(obj, a.gains_budget, n)
+                        plans[(cfg.policy, "gains")] = measure_gains(obj, obj.cfg, a.gains_budget, n)
                         obj.cfg = cfg
                     best, found = search_plan(obj, cfg, n, b, plans[("cake_avg", b)], plans[("prefixkv", b)],
                                               gains=plans.get((cfg.policy, "gains")))
@@ -186,6 +188,11 @@ def main(argv=None):
                     if "layer_gains" in found:
                         top = sorted(range(n), key=lambda i: -found["layer_gains"][i])[:6]
                         log("layer gains: " + ", ".join(f"{i}: {found['layer_gains'][i]:.4f}" for i in top))
+                    if "head_gains" in found:
+                        g = np.asarray(found["head_gains"])
+                        top = np.argsort(-g, axis=None)[:8]
+                        log("head gains: " + ", ".join(f"{i // g.shape[1]}.{i % g.shape[1]}: {g.flat[i]:.4f}"
+                                                       for i in top))
                     log(f"searched {pol} @ {b}: start {found['search_start']} "
                         f"{found['candidates_nll'][found['search_start']]:.4f} -> {found['searched_nll']:.4f} "
                         f"({obj.calls} calls)")
@@ -200,6 +207,8 @@ def main(argv=None):
             fr = plans[("prefixkv", b)]
         elif al == "searched":
             fr = plans[(pol, "searched", b)]
+        if fr is not None and np.ndim(fr) == 2:  # a per-KV-head plan
+            return spec_from(cfg, n, None, model, fr)
         return spec_from(cfg, n, fr, model)
 
     rows = []
@@ -307,9 +316,9 @@ def main(argv=None):
     times = {k: {"wall_s": round(w, 1), "cpu_s": round(c, 1)} for k, (w, c) in TIMES.items()}
     report = {"args": vars(a), "seconds": elapsed, "cpu_seconds": time.process_time(), "peak_rss_mb": peak_rss,
               "times": times, "rows": rows,
-              "plans": {"/".join(map(str, k)): [round(float(x), 5) for x in v] for k, v in plans.items()}}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1, default=str))
+              # per-layer or per-head plans; the gains entry is (layer gains, head gains or None)
+              "plans": {"/".join(map(str, k)): [None if x is None else np.round(x, 5).tolist() for x in v]
+                        if isinstance(v, tuple) else np.round(v, 5).tolist() for k, v in plans.items()}}
     print("| ctx | budget | policy | allocation | ppl | ×full | passkey | agnostic | kv_bytes_ratio | peak KV MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -319,6 +328,8 @@ def main(argv=None):
               f"{r['ppl_ratio']:.3f} | {pk} | {ag} | {r['kv_bytes_ratio']:.3f} | {r['peak_kv_mb']:.1f} |")
     print(f"total {elapsed:.0f}s wall, {time.process_time():.0f}s CPU, peak RSS {peak_rss:.0f} MB; "
           + ", ".join(f"{k} {v['wall_s']:.0f}s/{v['cpu_s']:.0f}s CPU" for k, v in times.items()))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What eviction can reach on the continuation-perplexity protocol (a script, not collected by pytest).
 
     nice python tests/bench/kv_bounds.py [--windows 4] [--context 1024] [--continuation 128] [--budget 0.25]
-        [--layers] [--threads 2]
+        [--layers] [--heads 17,18,20,23] [--threads 2]
 
 Per WikiText-2 dev window: the full cache; the context truncated to its last budget x C tokens (what
 StreamingLLM keeps, sinks aside); and uniform per-layer selections through the budgeted cache ranked by
@@ -9,7 +9,8 @@ StreamingLLM keeps, sinks aside); and uniform per-layer selections through the b
 attention the continuation's own queries give each context key (known only after the fact). The oracle
 bounds what any prompt-only scorer can reach at this budget. `--layers`: also, for each layer, the mix policy at a
 uniform budget everywhere but that layer, which keeps its whole cache: which layers' eviction costs the most
-(what the `searched` allocation's layer gains measure on calibration text).
+(what the `searched` allocation's layer gains measure on calibration text). `--heads L,...`: the same with only one
+KV head of layer L at full cache (a per-head plan; what the head gains measure).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--continuation", type=int, default=128)
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--layers", action="store_true", help="also: one layer at full cache, the others at the budget")
+    ap.add_argument("--heads", default="", help="also: one KV head of each of these layers at full cache")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -104,6 +106,14 @@ def main(argv=None):
             with torch.no_grad():
                 out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
             add(f"mix, layer {i} at full cache", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
+        h = model.config.num_key_value_heads
+        one_head = KVConfig(budget=a.budget + (1 - a.budget) / (n * h), **mix)
+        for i, j in [(int(i), j) for i in filter(None, a.heads.split(",")) for j in range(h)]:
+            plan = [[1.0 if (li, lj) == (i, j) else a.budget for lj in range(h)] for li in range(n)]
+            cache = replay(spec_from(one_head, n, None, model, plan), rec)
+            with torch.no_grad():
+                out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
+            add(f"mix, layer {i} head {j} at full cache", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
         spec = spec_from(KVConfig(budget=a.budget, **mix), n, [a.budget] * n, model)
         with torch.no_grad():
             out = model(input_ids=x[:, C:], cache=replay(spec, rec), use_cache=True)

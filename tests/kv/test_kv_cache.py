@@ -276,3 +276,53 @@ def test_calibration_objective_runs_a_plan_once(model):
     other = obj(plan, budget=0.6)
     assert obj.calls == 2 and other != first
     assert CalibrationObjective(model, windows, cfg)(plan) == pytest.approx(first, rel=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("decode", [False, True])
+def test_per_head_plan_equals_a_per_head_masked_full_forward(model, decode):
+    """A per-KV-head plan (StreamingLLM, head 0 of each layer keeps 4x what head 1 keeps): each head is stored apart
+    (bytes = the kept tokens, no padding) and the logits equal the plain model's with a mask per query head."""
+    from adaflex.retrofit.kv.apply import uninstall
+
+    x = torch.randint(0, 250, (2, 90))
+    n, groups = model.config.num_hidden_layers, model.config.num_attention_heads // model.config.num_key_value_heads
+    spec = spec_from(KVConfig(budget=0.25, policy="streaming", sinks=2, window=4, decode=decode), n,
+                     head_fractions=[[0.4, 0.1]] * n)
+    counts = spec.static_head_counts(64)
+    assert counts.shape == (n, 2) and counts.sum() == 16 * n * 2 and (counts[:, 0] > 3 * counts[:, 1]).all()
+    uninstall(model)
+    m = torch.ones(4, 90, 90, dtype=torch.bool).tril()
+    for q in range(4):  # query heads 0, 1 read KV head 0; 2, 3 read KV head 1
+        c = int(counts[0, q // groups])
+        for p in range(64, 90):
+            m[q, p, 2:(64 - (c - 2) if not decode else p - (c - 2))] = False
+    ref = model(x, attention_mask=m[None].expand(2, 4, 90, 90)).logits[:, 64:]
+    install(model, spec)
+    cache = model.adaflex_make_cache()
+    model(x[:, :64], cache=cache, use_cache=True)
+    assert all(layer.ragged for layer in cache.layers)
+    assert cache.stored_bytes() == 2 * int(counts.sum()) * 2 * 16 * 4  # rows, K and V, head_dim 16, fp32
+    step = torch.cat([model(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(64, 90)], 1)
+    assert (step - ref).abs().max() < 5e-5
+    grown = counts if decode else counts + 26
+    assert [layer.head_lengths() for layer in cache.layers] == grown.tolist()
+
+
+@torch.no_grad()
+def test_per_head_plan_with_int8_storage_padding_and_beams(model):
+    """Heads stored apart also work with int8 storage, left padding in a batch and beam search (row reorders)."""
+    n = model.config.num_hidden_layers
+    spec = spec_from(KVConfig(budget=0.25, storage="int8", policy="mix", sinks=2, window=8), n, model=model,
+                     head_fractions=[[0.1, 0.4]] * n)
+    install(model, spec)
+    ids = torch.randint(0, 250, (2, 120))
+    mask = torch.ones(2, 120, dtype=torch.long)
+    ids[1, :20], mask[1, :20] = 258, 0
+    cache = model.adaflex_make_cache()
+    g = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=258, cache=cache,
+                       num_beams=2)
+    assert g.shape == (2, 125)
+    lengths = [layer.head_lengths() for layer in cache.layers]
+    assert all(a < b for a, b in lengths) and lengths == spec.static_head_counts(120).tolist()
+    assert cost_figures(model, ids[:1, :100])["kv_bytes_ratio"] == pytest.approx(0.25, abs=0.01)

@@ -56,18 +56,26 @@ def test_ci_recipe_searched_mix_plan_survives_export_and_load(tiny_dir, tmp_path
     from adaflex.retrofit.recipe import load_recipe
 
     report = run(load_recipe("recipes/ci/kv-tiny.yaml"), str(tiny_dir), out=tmp_path / "run", log=lambda m: None)
-    fr = json.loads((tmp_path / "run" / "plan.json").read_text())["stages"][0]["plan"]["fractions"]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())["stages"][0]["plan"]
+    fr, hf = plan["fractions"], plan.get("head_fractions")
     assert len(fr) == 4 and sum(fr) / 4 == pytest.approx(0.5, abs=0.01)
     assert report["kv_bytes_ratio"] == pytest.approx(0.5, abs=0.05)
     export(tmp_path / "run", tmp_path / "exp")
     model, _ = load(tmp_path / "exp")
     assert model.adaflex_kv.fractions == fr and model.adaflex_kv.policy.name == "mix"
+    assert model.adaflex_kv.head_fractions == hf
     cache = model.adaflex_make_cache()
     out = model.generate(torch.randint(0, 250, (1, 120)), max_new_tokens=6, do_sample=False, pad_token_id=258,
                          cache=cache)
     assert out.shape[1] == 126
-    expect = kv_alloc.plan_counts(fr, 120, total=240, min_keep=10).tolist()
-    assert [layer.stored for layer in cache.layers] == expect  # decoding keeps each layer's size fixed
+    # decoding keeps each layer's (each KV head's, with a per-head plan) size fixed
+    if hf is None:
+        expect = kv_alloc.plan_counts(fr, 120, total=240, min_keep=10).tolist()
+        assert [layer.stored for layer in cache.layers] == expect
+    else:
+        expect = kv_alloc.plan_counts(np.ravel(hf), 120, total=480, min_keep=10).reshape(4, 2).tolist()
+        assert [layer.head_lengths() for layer in cache.layers] == expect
+        assert cache.stored_bytes() == sum(map(sum, expect)) * 2 * 16 * 4  # K and V, head_dim 16, fp32: no padding
 
 
 def test_searched_allocation_fits_and_keeps_uniform_candidate(tiny_dir, text_file, tmp_path):
@@ -75,9 +83,10 @@ def test_searched_allocation_fits_and_keeps_uniform_candidate(tiny_dir, text_fil
                  log=lambda m: None)
     m = report["stages"][0]
     assert "uniform" in m["candidates_nll"] and m["searched_nll"] <= min(m["candidates_nll"].values()) + 1e-9
-    assert len(m["layer_gains"]) == 4
-    # candidates, the gains (one baseline + one per layer), then what the coordinate search has left of 6 trials
-    assert m["evaluations"] <= len(m["candidates_nll"]) + 5 + 2
+    assert len(m["layer_gains"]) == 4 and np.shape(m["head_gains"]) == (4, 2)
+    # candidates, the gains (one baseline + one per layer + one per KV head of the 4 layers), then what the coordinate
+    # search has left of 6 trials
+    assert m["evaluations"] <= len(m["candidates_nll"]) + 5 + 8 + 2
 
 
 def test_search_plan_promotes_the_layer_whose_tokens_matter():
@@ -87,7 +96,7 @@ def test_search_plan_promotes_the_layer_whose_tokens_matter():
     from adaflex.retrofit.kv.config import KVConfig
 
     class Objective:
-        ctx, calls, budgets = 100, 0, []
+        ctx, calls, budgets, heads = 100, 0, [], 1
 
         def __call__(self, fractions, budget=None):
             self.calls += 1
@@ -102,6 +111,44 @@ def test_search_plan_promotes_the_layer_whose_tokens_matter():
     fractions, found = search_plan(Objective(), cfg, 6, 0.25, np.full(6, 0.25), np.full(6, 0.25))
     assert found["search_start"].startswith("top1@1") and fractions[2] == pytest.approx(fractions.max())
     assert found["searched_nll"] < found["candidates_nll"]["uniform"]
+
+
+def test_search_plan_promotes_the_kv_head_whose_tokens_matter():
+    """Only KV head 1 of layer 2 matters: head gains are measured in the layers of largest gain, the plan comes back
+    per head [L, H] and gives that head its full cache."""
+    from adaflex.retrofit.kv.apply import search_plan
+    from adaflex.retrofit.kv.config import KVConfig
+
+    class Objective:
+        ctx, calls, heads = 100, 0, 2
+
+        def __call__(self, fractions, budget=None):
+            self.calls += 1
+            f = np.asarray(fractions, dtype=float)
+            f = np.repeat(f[:, None], 2, 1) if f.size == 6 else f.reshape(6, 2)  # per layer, or per head
+            f = f * ((budget or 0.25) * f.size / f.sum())
+            return 3.0 - 0.5 * min(1.0, f[2, 1]) - 0.01 * f.sum()
+
+    cfg = KVConfig(budget=0.25, allocation="searched", sinks=2, window=8, trials=6, groups=2, head_gains=2)
+    obj = Objective()
+    fractions, found = search_plan(obj, cfg, 6, 0.25, np.full(6, 0.25), np.full(6, 0.25))
+    heads = np.array(found["head_gains"])
+    assert heads.shape == (6, 2) and np.argmax(heads) == 2 * 2 + 1
+    assert np.count_nonzero(heads) <= 4  # two layers measured
+    assert fractions.shape == (6, 2) and fractions[2, 1] == pytest.approx(1.0)
+    assert found["search_start"].startswith("top") and fractions.mean() == pytest.approx(0.25)
+
+
+def test_apply_refuses_a_head_plan_of_another_shape(tiny_dir):
+    from adaflex.retrofit.errors import UsageError
+    from adaflex.retrofit.kv.apply import apply
+    from adaflex.retrofit.kv.config import KVConfig
+
+    model, _ = load(tiny_dir)
+    plan = {"num_layers": 4, "config": KVConfig().model_dump(mode="json"), "fractions": None,
+            "head_fractions": [[0.25] * 3] * 4}
+    with pytest.raises(UsageError, match=r"head_fractions has shape \(4, 3\), the model has 4 layers of 2 KV heads"):
+        apply(model, plan)
 
 
 def test_cli_passkey_and_flags(tiny_dir, text_file, tmp_path):

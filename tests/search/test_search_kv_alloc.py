@@ -193,3 +193,12 @@ def test_promotion_plans_are_feasible_and_promote_only_positive_gains(n, mean, s
         raised = set(np.flatnonzero(f > f.min() + 1e-12).tolist())
         assert raised <= positive, name
         assert sum(int(part[3:part.index("@")]) for part in name.split("+")) == len(raised)
+
+
+def test_promotion_plans_with_sizes_and_no_pairs():
+    gains = np.zeros(40)
+    gains[[3, 7, 11, 20]] = [0.4, 0.3, 0.2, 0.1]
+    plans = kv.promotion_plans(gains, 0.25, 0.05, pairs=0, sizes=(1, 3, 8))
+    # only the counts asked for, and never more than the 4 units of positive gain
+    assert sorted(plans) == ["top1@0.5", "top1@1", "top3@0.5", "top3@1"]
+    assert set(np.flatnonzero(plans["top3@1"] == 1.0)) == {3, 7, 11}
