@@ -13,8 +13,8 @@ Allocations:
     searched           offline: coordinate search over per-layer fractions (contiguous layer groups),
                        started from the best of uniform / pyramid / CAKE-average / PrefixKV, against the
                        continuation NLL of the calibration windows through the compressed cache; with
-                       `layer_gains` (and `head_gains`) also from plans that give the layers (KV heads) whose
-                       full cache lowers that NLL most their full cache, and over single layers (heads)
+                       `layer_gains` also from plans that give full caches to the layers (with `head_gains`:
+                       the KV heads) whose full cache lowers that NLL most, moving single layers (heads)
 """
 
 from __future__ import annotations
@@ -301,13 +301,14 @@ def search_plan(objective, cfg: KVConfig, n: int, mean: float, cake_average, pre
     units = None  # gains of what the search moves: layers, or KV heads (flattened [L·H])
     if cfg.layer_gains:
         layers, heads = measure_gains(objective, cfg, mean, n) if gains is None else gains
+        heads = None if heads is None else np.asarray(heads)
         found["layer_gains"] = np.asarray(layers).round(5).tolist()
         if heads is None:
             units = np.asarray(layers)
             cands.update(kv_alloc.promotion_plans(units, mean, floor_frac))
         else:
-            found["head_gains"] = np.asarray(heads).round(5).tolist()
-            units = np.asarray(heads).ravel()
+            found["head_gains"] = heads.round(5).tolist()
+            units = heads.ravel()
             cands = {k: np.repeat(np.asarray(v, dtype=np.float64), heads.shape[1]) for k, v in cands.items()}
             cands.update(kv_alloc.promotion_plans(units, mean, floor_frac, pairs=0, sizes=HEAD_SIZES))
     trials = max(1, cfg.trials - len(cands))

@@ -109,6 +109,11 @@ class KVSpec:
         return min(1.0, self.budget / self.bytes_per_value) if self.budget is not None else 1.0
 
     @property
+    def cascades(self) -> bool:
+        """CAKE's run-time allocation (no static plan, per layer or per head, given)."""
+        return self.allocation == "cake" and self.fractions is None and self.head_fractions is None
+
+    @property
     def is_full(self) -> bool:
         return self.tokens is None and self.token_fraction >= 1.0
 
@@ -422,7 +427,7 @@ class BudgetedCache(Cache):
         if layer.capacity is None:
             if spec.total(layer.stored) >= layer.stored * spec.num_layers:
                 return 0
-            need = spec.policy.needs_attention or (spec.allocation == "cake" and spec.fractions is None)
+            need = spec.policy.needs_attention or spec.cascades
             return min(spec.window, q) if need else 0
         return min(q, 256) if spec.policy.needs_attention else 0
 
@@ -460,7 +465,7 @@ class BudgetedCache(Cache):
             kw = {"values": layer.full_precision()[1]} if spec.policy.needs_values else {}
             layer.scores = spec.policy.score(probs, groups, k, mass, **kw).float()
             layer.mass = None  # decisions from here on use the running scores
-        if spec.allocation == "cake" and spec.fractions is None:
+        if spec.cascades:
             self._cascade(layer, probs, total)
             return
         if self._counts is None or self._counts[0] != k:

@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
