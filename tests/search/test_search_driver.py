@@ -191,3 +191,30 @@ def test_a_trial_started_past_the_studys_total_fails_as_surplus():
     fake.total = 3  # room for one more (the failed surplus does not count): the objective goes past the check
     with pytest.raises(AttributeError, match="sample"):
         study.optimize(lambda t: Session.objective(fake, t), n_trials=1)
+
+
+def test_search_drives_the_searched_kv_allocation(tiny_dir, tmp_path, one_thread):
+    """`adaflex search` can vary the kv stage's allocation to `searched`: such a trial fits the plan on the recipe's
+    calibration windows (gains, candidates, coordinate search) and its cache holds the budget."""
+    from adaflex.retrofit import search_driver
+
+    raw = {
+        "seed": 0,
+        "data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 3, "seq_len": 64}},
+        "stages": [{"kv": {"budget": 0.5, "allocation": "uniform", "policy": "mix", "sinks": 2, "window": 8,
+                           "kernel": 3, "trials": 4, "groups": 2}}],
+        "search": {"trials": 4, "quality": {"windows": 2}, "single_methods": False,
+                   "stages": {"kv": {"enabled": True, "budget": 0.5, "allocation": ["uniform", "searched"]}}},
+    }
+    summary = search_driver.search(validate(raw, "r.yaml"), raw, str(tiny_dir), {"kv": 0.6}, out=tmp_path / "out",
+                                   show_progress=False, log=lambda m: None)
+    import optuna
+
+    study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    searched = [t for t in done if t.user_attrs["stages"][0][1]["allocation"] == "searched"]
+    assert searched and [t for t in done if t not in searched]  # both allocations were tried
+    for t in searched:
+        met = t.user_attrs["stage_metrics"][0]
+        assert met["allocation"] == "searched" and met["evaluations"] > 4 and met["search_start"]
+        assert t.user_attrs["measured"]["kv_bytes_ratio"] == pytest.approx(0.5, abs=0.06)
