@@ -46,7 +46,10 @@ BAKED = False  # the plan is re-applied on load from the export's config block
 
 def spec_from(cfg: KVConfig, num_layers: int, fractions=None, model=None, head_fractions=None) -> KVSpec:
     """The cache spec of a stage's settings; with `model`, the byte cost of the storage type is resolved.
-    `head_fractions` [L, H]: a per-KV-head plan (replaces `fractions`)."""
+    `fractions`: a static plan per layer [L], or per KV head [L, H]; `head_fractions` [L, H]: a per-head plan next to
+    its per-layer means (a stored plan carries both)."""
+    if fractions is not None and np.ndim(fractions) == 2:
+        fractions, head_fractions = None, fractions
     bpv = 1.0
     if model is not None:
         c = model.config
@@ -198,7 +201,7 @@ class CalibrationObjective:
         key = (cfg.model_dump_json(), f.shape, tuple(np.round(f.ravel(), 9)))
         if key not in self._seen:
             self.calls += 1
-            spec = spec_from(cfg, self.n, f if f.ndim == 1 else None, self.model, f if f.ndim == 2 else None)
+            spec = spec_from(cfg, self.n, f, self.model)
             tot, cnt = 0.0, 0
             for rec, cont in self.records:
                 nll, c = continuation_nll(self.model, replay(spec, rec), rec, cont)

@@ -230,7 +230,7 @@ class BudgetedLayer(DynamicLayer):
             return [p.shape[-2] for p in self.keys]
         return [self.stored] * (self.keys.shape[1] if self.is_initialized else 0)
 
-    def _stored(self) -> list[str]:
+    def _storage_names(self) -> list[str]:
         return ["keys", "values"] + (["k_scale", "v_scale"] if self.k_scale is not None else [])
 
     def get_seq_length(self) -> int:
@@ -269,7 +269,7 @@ class BudgetedLayer(DynamicLayer):
     def _rows(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in self._stored():
+        for name in self._storage_names():
             t = getattr(self, name)
             setattr(self, name, [fn(p) for p in t] if isinstance(t, list) else fn(t))
         self.valid = fn(self.valid)
@@ -301,7 +301,8 @@ class BudgetedLayer(DynamicLayer):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return sum(p.numel() * p.element_size() for name in self._stored() for p in _per_head(getattr(self, name)))
+        parts = [p for name in self._storage_names() for p in _per_head(getattr(self, name))]
+        return sum(p.numel() * p.element_size() for p in parts)
 
     def bookkeeping_bytes(self) -> int:
         n = 0 if self.valid is None else self.valid.numel()
@@ -331,7 +332,7 @@ class BudgetedLayer(DynamicLayer):
         new_k = max(counts)
         valid = self.valid.new_zeros(self.valid.shape[0], len(indices), new_k)
         scores = None if self.scores is None else self.scores.new_zeros(valid.shape)
-        stored = {name: _per_head(getattr(self, name)) for name in self._stored()}
+        stored = {name: _per_head(getattr(self, name)) for name in self._storage_names()}
         for name in stored:
             setattr(self, name, [])
         for j, (idx, n) in enumerate(zip(indices, lengths, strict=True)):
@@ -346,7 +347,7 @@ class BudgetedLayer(DynamicLayer):
                 scores[:, j, new_k - idx.shape[-1]:] = torch.gather(self.scores[:, j, part], 1, idx[:, 0])
         self.valid, self.scores = valid, scores
         if len(set(counts)) == 1:  # equal again: one tensor per kind
-            for name in self._stored():
+            for name in self._storage_names():
                 setattr(self, name, torch.cat(getattr(self, name), dim=1))
         self.heads_uniform = False
         self._returned = None
@@ -468,14 +469,12 @@ class BudgetedCache(Cache):
         if spec.cascades:
             self._cascade(layer, probs, total)
             return
-        if self._counts is None or self._counts[0] != k:
-            self._counts = (k, spec.static_counts(k), spec.static_head_counts(k))
-        heads = self._counts[2]
-        if heads is not None:
-            layer.head_caps = [int(c) for c in heads[layer.budget_idx]]
-            layer.capacity = max(layer.head_caps)
-        else:
-            layer.capacity = int(self._counts[1][layer.budget_idx])
+        if self._counts is None or self._counts[0] != k:  # per layer [L], or per KV head [L, H]
+            heads = spec.static_head_counts(k)
+            self._counts = (k, spec.static_counts(k) if heads is None else heads)
+        counts = self._counts[1][layer.budget_idx]
+        layer.head_caps = [int(c) for c in counts] if np.ndim(counts) else None
+        layer.capacity = int(np.max(counts))
         layer.shrink(layer.capacity, layer.head_caps)
 
     def _cascade(self, layer: BudgetedLayer, probs, total: int) -> None:

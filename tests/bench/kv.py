@@ -206,9 +206,7 @@ def main(argv=None):
             fr = plans[("prefixkv", b)]
         elif al == "searched":
             fr = plans[(pol, "searched", b)]
-        if fr is not None and np.ndim(fr) == 2:  # a per-KV-head plan
-            return spec_from(cfg, n, None, model, fr)
-        return spec_from(cfg, n, fr, model)
+        return spec_from(cfg, n, fr, model)  # per layer, or per KV head
 
     rows = []
     full_spec = spec_from(KVConfig(budget=1.0, **base), n)

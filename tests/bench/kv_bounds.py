@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +42,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     from adaflex.retrofit import models
-    from adaflex.retrofit.kv.apply import install, spec_from
+    from adaflex.retrofit.kv.apply import continuation_nll, head_gains, install, layer_gains, spec_from
     from adaflex.retrofit.kv.attention import profile
     from adaflex.retrofit.kv.config import KVConfig
     from adaflex.retrofit.kv.policies import Policy, group_mean
@@ -58,15 +59,20 @@ def main(argv=None):
             return self.per_layer[self.calls - 1]
 
     model, tok = models.load(a.model)
-    n = model.config.num_hidden_layers
+    n, h = model.config.num_hidden_layers, model.config.num_key_value_heads
+    heads = [int(i) for i in filter(None, a.heads.split(","))]
+    mix = dict(policy="mix", stat="rms", kernel=15)
     ids = tok(DATA.read_text(), add_special_tokens=False).input_ids
     C, N = a.context, a.continuation
     span = C + N
     install(model, spec_from(KVConfig(budget=1.0), n, model=model))
     nll: dict[str, float] = {}
 
+    def put(name, total):  # summed NLL of a row over the windows
+        nll[name] = nll.get(name, 0.0) + total
+
     def add(name, logits, tgt):
-        nll[name] = nll.get(name, 0.0) + float(F.cross_entropy(logits.float(), tgt, reduction="sum"))
+        put(name, float(F.cross_entropy(logits.float(), tgt, reduction="sum")))
 
     for w in range(a.windows):
         x = torch.tensor([ids[w * span:(w + 1) * span]])
@@ -96,28 +102,28 @@ def main(argv=None):
             with torch.no_grad():
                 out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
             add(name, torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
-        mix = dict(policy="mix", stat="rms", kernel=15)
-        # one layer's whole cache on top: the plan keeps its proportions at the budget that leaves the others as
-        # they were
-        one_more = KVConfig(budget=a.budget + (1 - a.budget) / n, **mix)
-        for i in range(n if a.layers else 0):
-            plan = [1.0 if j == i else a.budget for j in range(n)]
-            cache = replay(spec_from(one_more, n, plan, model), rec)
-            with torch.no_grad():
-                out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
-            add(f"mix, layer {i} at full cache", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
-        h = model.config.num_key_value_heads
-        one_head = KVConfig(budget=a.budget + (1 - a.budget) / (n * h), **mix)
-        for i, j in [(int(i), j) for i in filter(None, a.heads.split(",")) for j in range(h)]:
-            plan = [[1.0 if (li, lj) == (i, j) else a.budget for lj in range(h)] for li in range(n)]
-            cache = replay(spec_from(one_head, n, None, model, plan), rec)
-            with torch.no_grad():
-                out = model(input_ids=x[:, C:], cache=cache, use_cache=True)
-            add(f"mix, layer {i} head {j} at full cache", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
-        spec = spec_from(KVConfig(budget=a.budget, **mix), n, [a.budget] * n, model)
-        with torch.no_grad():
-            out = model(input_ids=x[:, C:], cache=replay(spec, rec), use_cache=True)
-        add("mix (rms, k15)", torch.cat([rec.logits, out.logits[0, :-1].float()]), tgt)
+        # the searched allocation's gains on this window: NLL with one layer (head) at full cache, the rest at the
+        # budget; each plan is evaluated once (the uniform baseline serves both kinds of gain and its own row)
+        seen: dict = {}
+
+        def objective(fractions, budget=None, rec=rec, x=x, seen=seen):
+            f = np.asarray(fractions, dtype=np.float64)
+            key = (budget, f.shape, f.tobytes())
+            if key not in seen:
+                spec = spec_from(KVConfig(budget=budget or a.budget, **mix), n, f, model)
+                total, count = continuation_nll(model, replay(spec, rec), rec, x[:, C:])
+                seen[key] = total / count
+            return seen[key]
+
+        base = objective(np.full(n, a.budget))
+        if a.layers:
+            for i, g in enumerate(layer_gains(objective, a.budget, n)):
+                put(f"mix, layer {i} at full cache", (base - g) * N)
+        if heads:
+            gains = head_gains(objective, a.budget, n, h, heads)
+            for i, j in [(i, j) for i in heads for j in range(h)]:
+                put(f"mix, layer {i} head {j} at full cache", (base - gains[i, j]) * N)
+        put("mix (rms, k15)", base * N)
     count = a.windows * N
     print(f"| selection ({a.budget:.0%} of {C} tokens, uniform) | perplexity | × full |")
     print("|---|---|---|")
