@@ -67,6 +67,9 @@ class RouterPolicy:
         self.constant = [int(allowed[b].nonzero()[0]) if int(allowed[b].sum()) == 1 else None
                          for b in range(allowed.shape[0])]
 
+    def constant_count(self, b: int) -> int | None:
+        return self.constant[b]
+
     def prepare(self, valid: torch.Tensor):
         weights, wmask = window_weights(valid, self.windows)
         wnorm = (wmask.float() / wmask.float().sum(1, keepdim=True).clamp_min(1))[:, None]  # [B, 1, W]
@@ -90,6 +93,9 @@ class FixedPolicy:
 
     def prepare(self, valid):
         return valid.shape[0]
+
+    def constant_count(self, b: int) -> int | None:
+        return None if self.rows is not None else int(self.counts[b])
 
     def decide(self, b, h, B):
         if self.rows is not None:
@@ -116,6 +122,9 @@ class RandomPolicy:
             drop = set(self.rng.sample(self.candidates, min(k, len(self.candidates), self.L - 1)))
             rows.append([0 if b in drop else 1 for b in range(self.L)])
         return rows
+
+    def constant_count(self, b: int) -> None:
+        return None
 
     def decide(self, b, h, rows):
         return torch.tensor([r[b] for r in rows], device=h.device)
@@ -197,6 +206,7 @@ class _Pass:
         self.fixed = routes is not None
         self.routes = routes if routes is not None else torch.ones(B, L, dtype=torch.long)
         self.owned = False
+        self._layers: nn.ModuleList | None = None
         self._rows: dict[int, object] = {}
         if self.fixed:
             for s in range(2 * L):
@@ -216,6 +226,27 @@ class _Pass:
             take = [r for r, n in enumerate(counts) if n > rep]
             self._rows[b + rep * self.L] = (None if not take else "all" if len(take) == self.B
                                             else torch.tensor(take, device=self.routes.device))
+
+    def layers(self, rt: RoutedRuntime) -> nn.ModuleList:
+        """What the decoder loop runs: a block every row runs once is the block itself and one no row runs
+        is left out, so the per-block wrapper is paid only where rows differ, a router decides or a block
+        repeats (decoding a single sequence then costs what a statically cut model does)."""
+        if self._layers is None:
+            if self.fixed:
+                lo, hi = self.routes.min(0).values.tolist(), self.routes.max(0).values.tolist()
+                uniform = [a if a == z else None for a, z in zip(lo, hi, strict=True)]
+            else:
+                uniform = [self.policy.constant_count(b) for b in range(self.L)]
+            out = []
+            for b, c in enumerate(uniform):
+                if c == 1:
+                    out.append(rt.blocks[b])
+                elif c == 0 and (self.fixed or b < self.L - 1):  # the last block's step keeps a path non-empty
+                    self.routes[:, b] = 0
+                else:
+                    out.append(rt.steps[b])
+            self._layers = nn.ModuleList(out)
+        return self._layers
 
     def rows(self, slot: int):
         if slot not in self._rows:
@@ -340,7 +371,7 @@ class RoutedRuntime:
             if routes is not None:
                 cache.adaflex_rowplan = (routes, self.current)
         self.current.owned = False  # the input of this call is not ours to write in place
-        dec.layers = self.steps
+        dec.layers = self.current.layers(self)
         try:
             out = self._orig_forward(*args, **kwargs)
         finally:

@@ -8,7 +8,8 @@ import torch
 from adaflex.retrofit.data import MCItem
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.evaluate import choice_logliks, cost_figures
-from adaflex.retrofit.routes.runtime import FixedPolicy, RandomPolicy, forced_paths, install, path_counts, uninstall
+from adaflex.retrofit.routes.runtime import (FixedPolicy, RandomPolicy, counts_path, forced_paths, install, path_counts,
+                                             uninstall)
 from tiny import byte_tokenizer, tiny_llama
 
 PATHS = [[0, 2, 2, 3], [1, 3], [0, 1, 1, 2, 3, 3]]
@@ -143,6 +144,49 @@ def test_skipped_blocks_not_called_and_cost_counts_rows(model):
     finally:
         for h in hooks:
             h.remove()
+        uninstall(model)
+
+
+@torch.no_grad()
+def test_block_wrapper_runs_only_where_rows_differ_or_a_router_decides(model, monkeypatch):
+    from adaflex.retrofit.routes import runtime
+    from adaflex.retrofit.routes.router import Routers
+
+    stepped = []
+    base = runtime._Step.forward
+    monkeypatch.setattr(runtime._Step, "forward", lambda self, *a, **k: (stepped.append(self.b), base(self, *a, **k))[1])
+    x = torch.randint(0, 250, (2, 7))
+    want = manual(model, [1, 3], x[:1])[0, -1].argmax()
+    try:
+        # rows agree on blocks 0, 2, 3: decoding wraps block 1 only (the prefill's fixed rows: every block)
+        with forced_paths(model, [[0, 1, 2, 3], [0, 2, 3]]):
+            ref = model(x, use_cache=False).logits
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            model(x[:, :5], cache=cache, use_cache=True)
+        stepped.clear()
+        got = torch.cat([model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in (5, 6)], 1)
+        torch.testing.assert_close(got, ref[:, 5:], atol=1e-5, rtol=1e-5)
+        assert stepped == [1, 1]
+        # one static path: no wrapper at all, prefill or decoding, and the output is the path's
+        install(model, FixedPolicy(counts=path_counts([1, 3], 4)))
+        stepped.clear()
+        out = model.generate(x[:1], max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(x[:1]))
+        assert stepped == []
+        assert out[0, 7] == want
+        # routers: only the block with a choice runs through its step; a block whose labels always skipped
+        # it is left out and recorded as skipped
+        routers = Routers(4, model.config.hidden_size, 8)
+        routers.allowed[:] = torch.tensor([[0, 1, 0], [1, 1, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.bool)
+        rt = install(model, runtime.RouterPolicy(routers, 8, 0.0), routers)
+        stepped.clear()
+        logits = model(x, use_cache=False).logits
+        assert stepped == [1]
+        assert rt.last_routes[:, 2].tolist() == [0, 0] and rt.last_routes[:, [0, 3]].eq(1).all()
+        with forced_paths(model, [counts_path(r) for r in rt.last_routes.tolist()]):
+            torch.testing.assert_close(model(x, use_cache=False).logits, logits, atol=1e-5, rtol=1e-5)
+    finally:
         uninstall(model)
 
 
