@@ -1,7 +1,8 @@
 """Execution by path for any Llama-style transformers model, without editing its modeling file.
 
 `install(model, policy)` wraps the decoder's `forward` (on the instance). During a call the decoder's
-`layers` list is swapped for one step per block; step b
+`layers` list is swapped for the blocks themselves where every row runs a block once, nothing where no row
+runs it, and a step elsewhere; step b
 
   * decides, at prefill only, how many times each row runs block b (0, 1 or 2) from the hidden states
     entering it (routers, a fixed path, or a random baseline), and
@@ -241,7 +242,9 @@ class _Pass:
             for b, c in enumerate(uniform):
                 if c == 1:
                     out.append(rt.blocks[b])
-                elif c == 0 and (self.fixed or b < self.L - 1):  # the last block's step keeps a path non-empty
+                elif c == 0 and self.fixed:
+                    continue
+                elif c == 0 and b < self.L - 1:  # decided now; the last block's step keeps a path non-empty
                     self.routes[:, b] = 0
                 else:
                     out.append(rt.steps[b])
