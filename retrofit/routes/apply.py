@@ -14,7 +14,7 @@ from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import RoutesConfig
 from .label import BlockRunner, fingerprint, keep, label_all, load_examples, summary
-from .router import Routers
+from .router import Routers, fit_guard
 from .runtime import FixedPolicy, RouterPolicy, install, path_counts, runtime_of, uninstall
 from .train import teacher_features, train_routers
 
@@ -94,9 +94,10 @@ def calibrate_dial(model, routers: Routers, windows: int, prompts, budget: float
 def dial_prompts(ctx: StageContext, cfg: RoutesConfig, examples) -> dict[str, list[torch.Tensor]]:
     """Prompts the auto dial must meet the budget on: the training examples' and, when the recipe has
     calibration data, the first three quarters of its windows (routers trained on a few examples decide
-    differently on long prompts of other text; the budget should hold on the data the model will see)."""
+    differently on long prompts of other text; the budget should hold on the data the model will see), except
+    with the out-of-domain guard, which runs other text dense on purpose."""
     out = {"train": [ex.prompt for ex in examples[: cfg.calibrate_examples]]}
-    if ctx.recipe.data.calibration is not None:
+    if ctx.recipe.data.calibration is not None and cfg.guard is None:  # guarded: other text runs dense by design
         cal = ctx.calibration[: cfg.calibrate_examples]
         out["calibration"] = [w[None, : max(2, w.shape[0] * 3 // 4)] for w in cal]
     return out
@@ -121,7 +122,7 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
     where = f"recipe: stages.{ctx.index}.routes"
     L, d = check(model, cfg, where)
     base = {"num_layers": L, "hidden_size": d, "windows": cfg.windows, "bottleneck": cfg.bottleneck,
-            "fallback_dense": cfg.fallback_dense, "max_executed": cfg.max_executed}
+            "fallback_dense": cfg.fallback_dense, "max_executed": cfg.max_executed, "guard": cfg.guard}
     if cfg.path is not None:
         path_counts(cfg.path, L, f"{where}.path")
         return StageResult({**base, "policy": "path", "path": list(cfg.path), "dial": 0.0},
@@ -151,6 +152,16 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
                                     [tuple(r["label"]) for r in kept], cfg.windows)
     labels = torch.tensor([r["counts"] for r in kept], dtype=torch.long)
     routers, tstats = train_routers(feats, wmask, labels, cfg, ctx.seed)
+    if cfg.guard is not None and routers.first_routed() is not None:
+        b0 = routers.first_routed()
+        w = wmask.float()[..., None]
+        try:
+            mean, basis, threshold = fit_guard((feats[:, b0] * w).sum(1) / w.sum(1).clamp_min(1), cfg.guard_rank,
+                                               cfg.guard)
+        except ValueError as e:
+            raise UsageError(f"{where}.guard: {e}; label more examples or set guard: null") from None
+        routers.set_guard(mean, basis, threshold)
+        tstats["guard_threshold"] = threshold
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     prompts = dial_prompts(ctx, cfg, examples)
     if cfg.dial == "auto":
@@ -180,8 +191,11 @@ def routers_from(tensors: dict, plan: dict) -> Routers | None:
         got_d = None if w is None else w.shape[1]
         raise UsageError(f"routes: routers saved for {n_blocks} blocks of width {got_d}; "
                          f"the plan says {L} of width {d}")
-    routers = Routers(L, d, w.shape[0])
+    basis = sd.get("guard_basis")
+    routers = Routers(L, d, w.shape[0], guard_rank=0 if basis is None else basis.shape[0])
     sd.setdefault("allowed", routers.allowed)  # routers saved before the class mask: every class allowed
+    for k in ("guard_mean", "guard_basis", "guard_threshold"):  # saved before the guard: none
+        sd.setdefault(k, getattr(routers, k))
     try:
         routers.load_state_dict(sd)
     except RuntimeError as e:

@@ -71,6 +71,12 @@ class RoutesConfig(Strict):
     dial: float | Literal["auto"] = Field("auto", description="p in [-1, 1]: <0 towards skip, >0 towards repeat; "
                                                               "auto: the largest p in [-1, 0] meeting max_executed")
     calibrate_examples: int = Field(32, ge=1, description="prompts used to calibrate the auto dial")
+    guard: float | None = Field(None, gt=0, lt=1, description="out-of-domain guard: a prompt whose pooled state "
+                                "entering the first routed block lies farther from the training prompts' "
+                                "principal subspace than this quantile of held-out training prompts runs every "
+                                "block (routers learnt one task's paths; null: off). The dial then meets the "
+                                "budget on the training prompts")
+    guard_rank: int = Field(8, ge=1, description="principal directions of the guard's subspace")
     # static use and failure policy
     path: list[int] | None = Field(None, description="a fixed path for every input (no search, no routers)")
     fallback_dense: bool = Field(False, description="run dense when the router weights are missing")

@@ -29,11 +29,35 @@ class Routers(nn.Module):
     `allowed[b, c]`: whether block b's labels ever chose class c. A class no label chose gets no gradient of
     its own, so its logit stays near its initial value and the dial could pick it for any input: it is masked."""
 
-    def __init__(self, num_layers: int, width: int, bottleneck: int = 32):
+    def __init__(self, num_layers: int, width: int, bottleneck: int = 32, guard_rank: int = 0):
         super().__init__()
         self.num_layers, self.width, self.bottleneck = num_layers, width, bottleneck
         self.blocks = nn.ModuleList(make_mlp(width, bottleneck) for _ in range(num_layers))
         self.register_buffer("allowed", torch.ones(num_layers, 3, dtype=torch.bool))
+        # out-of-domain guard (fit_guard): mean and principal directions of the training prompts' pooled
+        # state entering the first routed block, and the residual norm beyond which a prompt runs every block
+        self.register_buffer("guard_mean", torch.zeros(width))
+        self.register_buffer("guard_basis", torch.zeros(guard_rank, width))
+        self.register_buffer("guard_threshold", torch.tensor(float("inf")))
+
+    def first_routed(self) -> int | None:
+        """The first block with a choice (every block before it always executes)."""
+        choice = (self.allowed.sum(1) > 1).nonzero()
+        return int(choice[0]) if len(choice) else None
+
+    @property
+    def guarded(self) -> bool:
+        return bool(torch.isfinite(self.guard_threshold)) and self.first_routed() is not None
+
+    def set_guard(self, mean: torch.Tensor, basis: torch.Tensor, threshold: float) -> None:
+        self.guard_mean.copy_(mean)
+        self.guard_basis = basis.to(self.guard_mean)
+        self.guard_threshold.fill_(threshold)
+
+    @torch.no_grad()
+    def outside(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, d]: the prompt's mean state entering `first_routed()` -> bool [B], True out of domain."""
+        return guard_residual(pooled, self.guard_mean, self.guard_basis) > self.guard_threshold
 
     def logits(self, b: int, pooled: torch.Tensor, wmask: torch.Tensor) -> torch.Tensor:
         """pooled [B, W, d], wmask [B, W] (1 for real windows) -> logits [B, 3] averaged over windows,
@@ -101,3 +125,30 @@ def decide(logits: torch.Tensor, dial: float = 0.0) -> torch.Tensor:
         shift = torch.tensor([-dial * DIAL_SCALE, 0.0, dial * DIAL_SCALE], device=logits.device)
         logits = torch.log_softmax(logits.float(), -1) + shift
     return logits.argmax(-1)
+
+
+def guard_residual(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Distance of each row of x [N, d] from the affine subspace mean + span(basis rows)."""
+    r = x.float() - mean.float()
+    basis = basis.float()
+    return (r - (r @ basis.T) @ basis).norm(dim=1)
+
+
+def fit_guard(x: torch.Tensor, rank: int, quantile: float, folds: int = 4) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Out-of-domain guard from in-domain pooled states x [N, d]: mean, top-`rank` principal directions
+    [rank, d] and the `quantile` of held-out residuals (each fold measured against the subspace of the
+    others: in-sample residuals are too small, since the subspace was fitted to them)."""
+    x = x.float()
+    n = x.shape[0]
+    if n < 2 * folds:
+        raise ValueError(f"{n} training prompts, at least {2 * folds} needed")
+
+    def subspace(rows):
+        mean = rows.mean(0)
+        k = min(rank, rows.shape[0] - 1, rows.shape[1])
+        return mean, torch.linalg.svd(rows - mean, full_matrices=False).Vh[:k]
+
+    fold = torch.arange(n) % folds
+    held = torch.cat([guard_residual(x[fold == f], *subspace(x[fold != f])) for f in range(folds)])
+    mean, basis = subspace(x)
+    return mean, basis, float(torch.quantile(held, quantile))

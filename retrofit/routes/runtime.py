@@ -30,7 +30,7 @@ from torch import nn
 from adaflex.kernels.routes import gather_rows, scatter_add_rows
 
 from ..errors import UsageError
-from .router import Routers, window_weights
+from .router import EXECUTE, Routers, window_weights
 
 
 def path_counts(path, num_layers: int, where: str = "path") -> tuple[int, ...]:
@@ -67,6 +67,7 @@ class RouterPolicy:
         allowed = routers.allowed.cpu()
         self.constant = [int(allowed[b].nonzero()[0]) if int(allowed[b].sum()) == 1 else None
                          for b in range(allowed.shape[0])]
+        self.guard_block = routers.first_routed() if routers.guarded else None
 
     def constant_count(self, b: int) -> int | None:
         return self.constant[b]
@@ -83,7 +84,14 @@ class RouterPolicy:
         if h.device not in moved:  # once per pass, not per block
             moved[h.device] = (weights.to(h.device, h.dtype), wnorm.to(h.device))
         w, wn = moved[h.device]
-        return self.routers.choose(b, torch.bmm(w, h), wn, self.dial)
+        pooled = torch.bmm(w, h)
+        c = self.routers.choose(b, pooled, wn, self.dial)
+        if b == self.guard_block:  # decided once per prompt, where the routers first have a choice
+            moved["outside"] = self.routers.outside(torch.bmm(wn.to(h.dtype), pooled)[:, 0])
+        outside = moved.get("outside")
+        if outside is not None and bool(outside.any()):  # out of domain: every block runs
+            c = torch.where(outside, EXECUTE, c)
+        return c
 
 
 class FixedPolicy:

@@ -195,11 +195,12 @@ def main():
 
 
 def table(results, fit, total):
-    lines = [("| system | blocks run (ARC-E) | ARC-E acc | ARC-E acc_norm | HS acc | HS acc_norm | prefill tok/s "
+    lines = [("| system | blocks run (ARC-E / HS) | ARC-E acc | ARC-E acc_norm | HS acc | HS acc_norm | prefill tok/s "
              "| decode tok/s | prefill × (ideal) | decode × (ideal) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         s = r["speed"]
-        lines.append(f"| {name} | {r['arc_easy']['executed_mean']:.2f} | {r['arc_easy']['acc']:.3f} | "
+        lines.append(f"| {name} | {r['arc_easy']['executed_mean']:.2f} / {r['hellaswag']['executed_mean']:.2f} | "
+                     f"{r['arc_easy']['acc']:.3f} | "
                      f"{r['arc_easy']['acc_norm']:.3f} | {r['hellaswag']['acc']:.3f} | "
                      f"{r['hellaswag']['acc_norm']:.3f} | "
                      f"{s['prefill_tok_s']:.1f} | {s['decode_tok_s']:.1f} | {s['prefill_speedup']:.2f} "

@@ -9,7 +9,7 @@ from adaflex.retrofit.data import MCItem
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.evaluate import choice_logliks, cost_figures
 from adaflex.retrofit.routes.runtime import (FixedPolicy, RandomPolicy, counts_path, forced_paths, install, path_counts,
-                                             uninstall)
+                                             runtime_of, uninstall)
 from tiny import byte_tokenizer, tiny_llama
 
 PATHS = [[0, 2, 2, 3], [1, 3], [0, 1, 1, 2, 3, 3]]
@@ -280,4 +280,41 @@ def test_routes_with_budgeted_cache_give_repeat_slots_their_block_budget(model, 
         assert out.shape == (3, 53)
     finally:
         kv_uninstall(model)
+        uninstall(model)
+
+
+@torch.no_grad()
+def test_guard_runs_out_of_domain_prompts_dense_and_survives_reload(model):
+    from adaflex.retrofit.routes.apply import routers_from
+    from adaflex.retrofit.routes.router import Routers
+    from adaflex.retrofit.routes.runtime import RouterPolicy
+
+    d = model.config.hidden_size
+    routers = Routers(4, d, 8)
+    routers.allowed[:] = torch.tensor([[0, 1, 0], [1, 1, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    for b in (1, 2):  # these routers always skip
+        routers.blocks[b][2].weight.zero_()
+        routers.blocks[b][2].bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    x = torch.randint(0, 250, (2, 8))  # 8 tokens: 8 one-token windows, the pooled state is the token mean
+    entering = model.model(x, output_hidden_states=True, use_cache=False).hidden_states[1].mean(1)  # block 1
+    gap = (entering[1] - entering[0]).norm()
+    routers.set_guard(entering[0], torch.zeros(0, d), float(gap / 2))  # row 0 in domain, row 1 out of it
+    assert routers.guarded and routers.first_routed() == 1
+    rt = install(model, RouterPolicy(routers, 8, 0.0), routers)
+    try:
+        got = model(x, use_cache=False).logits
+        assert rt.last_routes.tolist() == [[1, 0, 0, 1], [1, 1, 1, 1]]
+        with forced_paths(model, [[0, 3], [0, 1, 2, 3]]):
+            torch.testing.assert_close(model(x, use_cache=False).logits, got, atol=1e-5, rtol=1e-5)
+        # saved and reloaded (adaflex.safetensors keys), and routers saved before the guard: no guard
+        plan = {"num_layers": 4, "hidden_size": d}
+        tensors = {f"router.{k}": v for k, v in routers.state_dict().items()}
+        again = routers_from(tensors, plan)
+        assert again.guarded and torch.equal(again.outside(entering), torch.tensor([False, True]))
+        old = routers_from({k: v for k, v in tensors.items() if "guard" not in k}, plan)
+        assert not old.guarded and not old.outside(entering).any()
+        install(model, RouterPolicy(old, 8, 0.0), old)
+        model(x, use_cache=False)
+        assert runtime_of(model).last_routes.tolist() == [[1, 0, 0, 1], [1, 0, 0, 1]]
+    finally:
         uninstall(model)

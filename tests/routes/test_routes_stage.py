@@ -69,6 +69,20 @@ def test_run_export_reload_restores_routers(tiny_dir, tmp_path):
         apply(fresh, plan, bad)
 
 
+def test_guard_is_fitted_on_the_training_prompts_and_reloaded(tiny_dir, tmp_path):
+    # a loose text tolerance: labels skip blocks, so there are routers to guard
+    cfg = {**RECIPE["stages"][0]["routes"], "examples": 10, "text_tolerance": 5.0, "guard": 0.9}
+    report = run({**RECIPE, "stages": [{"routes": cfg}]}, str(tiny_dir), out=tmp_path / "run")
+    threshold = report["stages"][0]["guard_threshold"]
+    assert 0 < threshold < float("inf")
+    m, _ = load(tmp_path / "run")
+    routers = m.model.adaflex_router
+    assert routers.guarded and float(routers.guard_threshold) == pytest.approx(threshold)
+    assert routers.guard_basis.shape == (8, m.config.hidden_size)
+    with pytest.raises(UsageError, match=r"stages\.0\.routes\.guard: 3 training prompts, at least 8 needed"):
+        run({**RECIPE, "stages": [{"routes": {**cfg, "examples": 3}}]}, str(tiny_dir), out=tmp_path / "few")
+
+
 @pytest.mark.parametrize("setting, message", [
     ("routes.path=[0,1,7]", "block 7 out of range 0..3"),
     ("routes.max_executed=0", "max_executed"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adaflex.retrofit.routes.config import RoutesConfig
@@ -116,3 +117,25 @@ def test_folded_inference_path_decides_as_the_router_logits_do():
     with torch.no_grad():  # changed weights are seen (the folded bias is keyed by the tensor's version)
         routers.blocks[1][2].bias.add_(torch.tensor([50.0, 0.0, 0.0]))
     assert (routers.choose(1, pooled, wnorm, 0.0) == 0).all()
+
+
+def test_guard_threshold_from_held_out_prompts_flags_states_off_the_subspace():
+    from adaflex.retrofit.routes.router import fit_guard, guard_residual
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 3, generator=g)).Q.T  # a 3-d subspace of R^16
+
+    def sample(n):
+        return 5 + torch.randn(n, 3, generator=g) @ basis * 4 + 0.1 * torch.randn(n, 16, generator=g)
+
+    mean, got, threshold = fit_guard(sample(80), rank=3, quantile=0.9)
+    assert got.shape == (3, 16)
+    fresh = guard_residual(sample(400), mean, got) > threshold
+    assert 0.02 < fresh.float().mean() < 0.25  # about 1 - quantile of new in-domain states
+    off = torch.linalg.svd(torch.cat([basis, torch.randn(1, 16, generator=g)]), full_matrices=True).Vh[-1]
+    assert (guard_residual(sample(50) + off, mean, got) > threshold).all()  # a step off the subspace
+    s = sample(50)
+    torch.testing.assert_close(guard_residual(s + 3 * basis[0], mean, got), guard_residual(s, mean, got),
+                               atol=0.05, rtol=0)  # a step along it changes nothing
+    with pytest.raises(ValueError, match="7 training prompts, at least 8"):
+        fit_guard(sample(7), rank=3, quantile=0.9)
