@@ -239,7 +239,7 @@ class _Pass:
     def layers(self, rt: RoutedRuntime) -> nn.ModuleList:
         """What the decoder loop runs: a block every row runs once is the block itself and one no row runs
         is left out, so the per-block wrapper is paid only where rows differ, a router decides or a block
-        repeats (decoding a single sequence then costs what a statically cut model does)."""
+        repeats (decoding a single sequence then runs the same modules as a statically cut model)."""
         if self._layers is None:
             if self.fixed:
                 lo, hi = self.routes.min(0).values.tolist(), self.routes.max(0).values.tolist()
