@@ -152,8 +152,7 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
                                     [tuple(r["label"]) for r in kept], cfg.windows)
     labels = torch.tensor([r["counts"] for r in kept], dtype=torch.long)
     routers, tstats = train_routers(feats, wmask, labels, cfg, ctx.seed)
-    if cfg.guard is not None and routers.first_routed() is not None:
-        b0 = routers.first_routed()
+    if cfg.guard is not None and (b0 := routers.first_routed()) is not None:
         w = wmask.float()[..., None]
         try:
             mean, basis, threshold = fit_guard((feats[:, b0] * w).sum(1) / w.sum(1).clamp_min(1), cfg.guard_rank,

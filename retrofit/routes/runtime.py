@@ -216,10 +216,7 @@ class _Pass:
         self.routes = routes if routes is not None else torch.ones(B, L, dtype=torch.long)
         self.owned = False
         self._layers: nn.ModuleList | None = None
-        self._rows: dict[int, object] = {}
-        if self.fixed:
-            for s in range(2 * L):
-                self._rows[s] = self._classify(_slot_rows(routes, s, L))
+        self._rows: dict[int, object] = {}  # slot -> row group, classified when a step first asks (rows())
 
     def _classify(self, rows: torch.Tensor):
         if rows.numel() == 0:
