@@ -48,6 +48,7 @@ def executed_mean(model, prompts: list[torch.Tensor], pad: int = 0, batch: int =
     """Mean blocks executed per prompt under the installed routes (prefill decisions, left padding)."""
     rt = runtime_of(model)
     total, n = 0, 0
+    prompts = sorted(prompts, key=lambda p: p.shape[1])  # similar lengths per batch: less padding
     for s in range(0, len(prompts), batch):
         chunk = prompts[s : s + batch]
         width = max(p.shape[1] for p in chunk)
@@ -63,9 +64,10 @@ def executed_mean(model, prompts: list[torch.Tensor], pad: int = 0, batch: int =
 
 
 def calibrate_dial(model, routers: Routers, windows: int, prompts, budget: float | None, pad: int,
-                   steps: int = 12) -> tuple[float, float]:
+                   steps: int = 8) -> tuple[float, float]:
     """The largest dial p in [-1, 0] whose mean executed blocks is within the budget on every source of
-    prompts (`prompts`: a list of prompts, or a dict source -> list); returns (p, the highest source mean)."""
+    prompts (`prompts`: a list of prompts, or a dict source -> list); returns (p, the highest source mean).
+    Bisection to 2^-steps of the range (8 steps: 0.03 nats of DIAL_SCALE)."""
     sources = prompts if isinstance(prompts, dict) else {"prompts": prompts}
 
     def mean_at(p):
@@ -91,12 +93,14 @@ def calibrate_dial(model, routers: Routers, windows: int, prompts, budget: float
     return lo, lo_mean
 
 
-def dial_prompts(ctx: StageContext, cfg: RoutesConfig, examples) -> dict[str, list[torch.Tensor]]:
-    """Prompts the auto dial must meet the budget on: the training examples' and, when the recipe has
-    calibration data, the first three quarters of its windows (routers trained on a few examples decide
-    differently on long prompts of other text; the budget should hold on the data the model will see), except
-    with the out-of-domain guard, which runs other text dense on purpose."""
-    out = {"train": [ex.prompt for ex in examples[: cfg.calibrate_examples]]}
+def dial_prompts(ctx: StageContext, cfg: RoutesConfig, held) -> dict[str, list[torch.Tensor]]:
+    """Prompts the auto dial must meet the budget on: `held`, prompts of the training files that were not
+    labelled (the routers fit their own training prompts closely and skip more confidently there than on
+    new prompts) and, when the recipe has calibration data, the first three quarters of its windows
+    (routers trained on a few examples decide differently on long prompts of other text; the budget should
+    hold on the data the model will see), except with the out-of-domain guard, which runs other text dense on
+    purpose."""
+    out = {"train": [ex.prompt for ex in held[: cfg.calibrate_examples]]}
     if ctx.recipe.data.calibration is not None and cfg.guard is None:  # guarded: other text runs dense by design
         cal = ctx.calibration[: cfg.calibrate_examples]
         out["calibration"] = [w[None, : max(2, w.shape[0] * 3 // 4)] for w in cal]
@@ -162,7 +166,8 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
         routers.set_guard(mean, basis, threshold)
         tstats["guard_threshold"] = threshold
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    prompts = dial_prompts(ctx, cfg, examples)
+    held = load_examples(cfg, tok, paths, ctx.seed, start=cfg.examples, count=cfg.calibrate_examples)
+    prompts = dial_prompts(ctx, cfg, held or examples)  # small training files: the labelled prompts
     if cfg.dial == "auto":
         dial, calibrated = calibrate_dial(model, routers, cfg.windows, prompts, cfg.max_executed, pad)
     else:

@@ -23,7 +23,7 @@ DataPath = Annotated[str, AfterValidator(_existing_file)]  # as in recipe.py (wh
 
 class RoutesConfig(Strict):
     # budget and search (fixed keys)
-    max_executed: int | None = Field(None, ge=1, description="blocks executed per example, on average (the dial "
+    max_executed: float | None = Field(None, ge=1, description="blocks executed per example, on average (the dial "
                                       "is calibrated to it; also caps each label when label_cap is true)")
     label_cap: bool = Field(False, description="labels must execute <= max_executed blocks (needs deep searches: "
                                                "a path L-k deep is >= k/2 expansions below the root)")
@@ -70,7 +70,8 @@ class RoutesConfig(Strict):
     beta: float = Field(0.999, ge=0, lt=1, description="effective-number class weights")
     dial: float | Literal["auto"] = Field("auto", description="p in [-1, 1]: <0 towards skip, >0 towards repeat; "
                                                               "auto: the largest p in [-1, 0] meeting max_executed")
-    calibrate_examples: int = Field(32, ge=1, description="prompts used to calibrate the auto dial")
+    calibrate_examples: int = Field(32, ge=1, description="unlabelled prompts of the training files (those after "
+                                    "the labelled ones) the auto dial is calibrated on")
     guard: float | None = Field(None, gt=0, lt=1, description="out-of-domain guard: a prompt whose pooled state "
                                 "entering the first routed block lies farther from the training prompts' "
                                 "principal subspace than this quantile of held-out training prompts runs every "

@@ -11,6 +11,9 @@ Rewards:
 Block evaluations are counted: a path reuses the hidden states of its longest prefix already computed
 for this example (a trie of states, at most `prefix_cache` kept), so blocks before the first changed
 position are not recomputed; the naive count (every path from the embeddings) is reported beside it.
+A multiple-choice example runs as one packed row, the context once and each choice after it at the
+positions it would have, attending to the context and to itself only (a 4D mask): the same scores as one
+row per choice, with the context's tokens computed once instead of once per choice.
 """
 
 from __future__ import annotations
@@ -40,10 +43,35 @@ class Example:
     prompt: torch.Tensor  # [1, P] prompt tokens the routers read at prefill
     targets: list  # per row: (positions LongTensor, token ids LongTensor)
     label: int = 0  # mc: index of the correct choice
+    packed: tuple | None = None  # mc: (ids [1, N], position ids [1, N], segment [N], targets in the packed row)
 
 
-def load_examples(cfg, tokenizer, paths: list[str], seed: int) -> list[Example]:
-    """`cfg.examples` examples drawn (seeded) from the training files, in a fixed order."""
+def _pack(ctx: list[int], choices: list[list[int]]) -> tuple:
+    """Context then every choice in one row; choice r's token j sits at position len(ctx) + j, and its
+    targets are predicted from the last context token and then from its own tokens."""
+    Tc = len(ctx)
+    ids, pos, seg, targets, start = list(ctx), list(range(Tc)), [0] * Tc, [], Tc
+    for r, c in enumerate(choices):
+        ids += c
+        pos += range(Tc, Tc + len(c))
+        seg += [r + 1] * len(c)
+        targets.append((torch.tensor([Tc - 1] + list(range(start, start + len(c) - 1))), torch.tensor(c)))
+        start += len(c)
+    return torch.tensor([ids]), torch.tensor([pos]), torch.tensor(seg), targets
+
+
+def packed_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask [1, 1, N, N] (eager and sdpa attention read it as is): causal, and a choice's token
+    sees the context (segment 0) and its own segment."""
+    i = torch.arange(len(seg))
+    allow = (i[None, :] <= i[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+    return torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[None, None]
+
+
+def load_examples(cfg, tokenizer, paths: list[str], seed: int, start: int = 0,
+                  count: int | None = None) -> list[Example]:
+    """Examples drawn (seeded) from the training files, in a fixed order: the first `cfg.examples`, or the
+    `count` after the first `start` (prompts the MCTS does not label; indices restart at 0)."""
     pool: list[tuple[str, object]] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for path in paths:
@@ -58,7 +86,7 @@ def load_examples(cfg, tokenizer, paths: list[str], seed: int) -> list[Example]:
     rng = random.Random(seed)
     rng.shuffle(pool)
     out = []
-    for kind, item in pool[: cfg.examples]:
+    for kind, item in pool[start : start + (cfg.examples if count is None else count)]:
         i = len(out)
         if kind == "mc":
             pairs = [_encode_pair(tokenizer, item.context, ch) for ch in item.choices]
@@ -74,7 +102,8 @@ def load_examples(cfg, tokenizer, paths: list[str], seed: int) -> list[Example]:
                 pos = torch.arange(len(ctx) - 1, len(s) - 1)
                 targets.append((pos, torch.tensor(cont)))
             # the evaluator's prefill holds the context but its last token (which starts the choices)
-            out.append(Example(i, "mc", rows, torch.tensor([ctx[:-1]]), targets, item.label))
+            out.append(Example(i, "mc", rows, torch.tensor([ctx[:-1]]), targets, item.label,
+                               packed=_pack(ctx, [c for _, c in pairs])))
         else:
             w = item
             half = len(w) // 2
@@ -94,7 +123,8 @@ class BlockRunner:
         self.evaluations = 0  # block calls
 
     @torch.no_grad()
-    def inputs(self, ids: torch.Tensor):
+    def inputs(self, ids: torch.Tensor, **extra):
+        """Embeddings and the blocks' kwargs for `ids` (`extra`: position_ids, a 4D attention_mask)."""
         captured = {}
 
         class _Stop(Exception):
@@ -107,7 +137,7 @@ class BlockRunner:
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.decoder(input_ids=ids, use_cache=False)
+            self.decoder(input_ids=ids, use_cache=False, **extra)
         except _Stop:
             pass
         finally:
@@ -124,13 +154,15 @@ class BlockRunner:
 
     @torch.no_grad()
     def logprobs(self, h: torch.Tensor, targets) -> list[float]:
-        """Summed log-probability of each row's target tokens (head only at the scored positions)."""
-        hn = self.decoder.norm(h)
-        out = []
-        for r, (pos, tok) in enumerate(targets):
-            logp = torch.log_softmax(self.head(hn[r, pos]).float(), -1)
-            out.append(logp[torch.arange(len(tok)), tok].sum().item())
-        return out
+        """Summed log-probability of each target's tokens (head only at the scored positions); target r
+        reads row r of h, or row 0 when h is one packed row."""
+        T = h.shape[1]
+        flat = torch.cat([pos + (r if h.shape[0] > 1 else 0) * T for r, (pos, _) in enumerate(targets)])
+        # one head call on the distinct positions (a packed row's choices share their first one)
+        where, inverse = torch.unique(flat, return_inverse=True)
+        logp = torch.log_softmax(self.head(self.decoder.norm(h.reshape(-1, h.shape[-1])[where])).float(), -1)
+        picked = logp[inverse, torch.cat([tok for _, tok in targets])]
+        return [float(x.sum()) for x in picked.split([len(tok) for _, tok in targets])]
 
 
 class PathScorer:
@@ -138,7 +170,13 @@ class PathScorer:
 
     def __init__(self, runner: BlockRunner, ex: Example, cfg):
         self.runner, self.ex, self.cfg = runner, ex, cfg
-        self.h0, self.kw = runner.inputs(ex.rows)
+        if ex.packed is not None and runner.model.config._attn_implementation in ("eager", "sdpa"):
+            ids, pos, seg, self.targets = ex.packed
+            dtype = next(runner.blocks[0].parameters()).dtype
+            self.h0, self.kw = runner.inputs(ids, position_ids=pos, attention_mask=packed_mask(seg, dtype))
+        else:  # one row per choice (attention implementations that take no 4D mask)
+            self.h0, self.kw = runner.inputs(ex.rows)
+            self.targets = ex.targets
         self.states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.computed = 0
         self.naive = 0
@@ -162,7 +200,7 @@ class PathScorer:
         return h
 
     def __call__(self, path: tuple) -> float:
-        lp = self.runner.logprobs(self.hidden(path), self.ex.targets)
+        lp = self.runner.logprobs(self.hidden(path), self.targets)
         if self.ex.kind == "mc":
             lead = lp[self.ex.label] - max(v for j, v in enumerate(lp) if j != self.ex.label)
             if self.dense_lead is None:  # the dense path is always scored first
@@ -201,9 +239,11 @@ def label_example(runner: BlockRunner, ex: Example, cfg, num_layers: int, seed: 
 
 def fingerprint(cfg, model, paths: list[str], seed: int) -> str:
     # `examples` is left out: example i is the same whatever the count, so a run may grow or shrink its set
-    keys = {k: getattr(cfg, k) for k in ("max_executed", "label_cap", "simulations", "text_len", "max_tokens", "c",
+    keys = {k: getattr(cfg, k) for k in ("label_cap", "simulations", "text_len", "max_tokens", "c",
                                         "lam", "epsilon", "min_saving", "early_stop", "text_tolerance",
                                         "mc_reward", "margin_tolerance", "expand", "widening")}
+    if cfg.label_cap:  # the budget shapes the labels only when it caps them (else only the dial reads it)
+        keys["max_executed"] = cfg.max_executed
     keys.update(paths=[str(p) for p in paths], seed=seed, L=len(decoder_layers(model)),
                 d=model.config.hidden_size, model=str(getattr(model.config, "_name_or_path", "")))
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -62,12 +63,31 @@ def test_prefix_reuse_counts_and_rewards_match_runtime(setup):
     assert not hasattr(model, "adaflex_routes_runtime") or model.adaflex_routes_runtime._forced is None
 
 
+def test_packed_row_scores_as_one_row_per_choice(setup):
+    # the context runs once, each choice after it under the 4D mask: same log-likelihoods as the padded rows
+    model, tok = setup
+    cfg = RoutesConfig(examples=4, train=[ARC], max_tokens=40)
+    exs = [ex for ex in load_examples(cfg, tok, [ARC], seed=0) if ex.kind == "mc"]
+    assert exs
+    runner = BlockRunner(model)
+    for ex in exs:
+        packed = PathScorer(runner, ex, cfg)
+        rows = PathScorer(runner, dataclasses.replace(ex, packed=None), cfg)
+        assert packed.h0.shape[:2] == (1, ex.packed[0].shape[1]) and rows.h0.shape[0] == len(ex.targets)
+        assert packed.h0.shape[1] < ex.rows.numel()  # fewer tokens per block evaluation
+        for path in [(0, 1, 2, 3), (0, 2, 3), (1, 1, 3)]:
+            got = runner.logprobs(packed.hidden(path), packed.targets)
+            want = runner.logprobs(rows.hidden(path), rows.targets)
+            assert got == pytest.approx(want, abs=1e-3)
+        assert len({round(v, 3) for v in want}) > 1  # the choices differ: a mixed-up target would show
+
+
 def test_margin_reward_keeps_the_lead_of_dense_within_tolerance():
     from adaflex.retrofit.routes.label import Example, success_of
 
     class Fixed(PathScorer):  # log-likelihoods per path, no model
         def __init__(self, table, cfg):
-            self.cfg, self.ex = cfg, Example(0, "mc", None, None, [], label=0)
+            self.cfg, self.ex, self.targets = cfg, Example(0, "mc", None, None, [], label=0), []
             self.dense_nll = self.dense_lead = None
 
         def hidden(self, path):

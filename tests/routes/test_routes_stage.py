@@ -166,3 +166,32 @@ def test_expansion_prior_is_block_influence_of_the_calibration_or_the_prompts():
     per = [block_influence(model, p.prompt) for p in prompts[:2]]  # the first calibrate_examples prompts
     assert expansion_prior(without, cfg, prompts) == pytest.approx([(a + b) / 2 for a, b in zip(*per)])
     assert expansion_prior(with_cal, RoutesConfig(expand="random"), prompts) is None
+
+
+def test_auto_dial_reads_prompts_the_mcts_did_not_label(tiny_dir, tmp_path, monkeypatch):
+    """The routers fit their labelled prompts closely, so the dial is calibrated on the next prompts of the
+    training files (the labelled examples' prompts only when the files hold no more)."""
+    from adaflex.retrofit.models import load as load_model
+    from adaflex.retrofit.routes import apply as routes_apply
+    from adaflex.retrofit.routes.config import RoutesConfig
+    from adaflex.retrofit.routes.label import load_examples
+
+    _, tok = load_model(str(tiny_dir))
+    cfg = RoutesConfig(**RECIPE["stages"][0]["routes"])
+    first = load_examples(cfg, tok, [WIKI], 0)
+    nxt = load_examples(cfg, tok, [WIKI], 0, start=cfg.examples, count=cfg.calibrate_examples)
+    both = load_examples(RoutesConfig(**{**cfg.model_dump(), "examples": cfg.examples + cfg.calibrate_examples}),
+                         tok, [WIKI], 0)
+    assert [e.prompt.tolist() for e in first + nxt] == [e.prompt.tolist() for e in both]
+    seen = {}
+    real = routes_apply.calibrate_dial
+
+    def spy(model, routers, windows, prompts, *a, **k):
+        seen.update(prompts)
+        return real(model, routers, windows, prompts, *a, **k)
+
+    monkeypatch.setattr(routes_apply, "calibrate_dial", spy)
+    run(RECIPE, str(tiny_dir), out=tmp_path / "run")
+    assert [p.tolist() for p in seen["train"]] == [e.prompt.tolist() for e in nxt]
+    labelled = {str(e.prompt.tolist()) for e in first}
+    assert not labelled & {str(p.tolist()) for p in seen["train"]}
