@@ -104,7 +104,7 @@ def main():
     ap.add_argument("--hellaswag", type=int, default=1000, help="HellaSwag dev items (first N)")
     ap.add_argument("--speed-prompts", type=int, default=6)
     ap.add_argument("--decode", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "runs/bench-routes"))
     ap.add_argument("--speed-only", action="store_true",

@@ -122,3 +122,13 @@ def test_sharded_labelling_resumes(setup, tmp_path):
     with pytest.raises(UsageError, match="other settings"):
         label_all(model, exs, RoutesConfig(**base), tmp_path, "other", 0)
     assert json.loads((tmp_path / "labels-meta.json").read_text())["fingerprint"] == "fp"
+
+
+def test_label_fingerprint_reads_the_budget_only_when_it_caps_labels(setup):
+    from adaflex.retrofit.routes.label import fingerprint
+
+    model, _ = setup
+    fp = {(cap, budget): fingerprint(RoutesConfig(max_executed=budget, label_cap=cap), model, [ARC], 0)
+          for cap in (False, True) for budget in (3, 2.5)}
+    assert fp[False, 3] == fp[False, 2.5]  # uncapped labels do not depend on the budget: a new dial reuses them
+    assert fp[True, 3] != fp[True, 2.5] and fp[True, 3] != fp[False, 3]
