@@ -80,7 +80,9 @@ def calibrate_dial(model, routers: Routers, windows: int, prompts, budget: float
     at0 = mean_at(0.0)
     if budget is None or at0 <= budget:
         return 0.0, at0
-    lo, hi, lo_mean = -1.0, 0.0, 1.0  # p = -1 skips every block but the last one: within any budget >= 1
+    # p = -1 leans 8 nats to skip, but only where a label skipped (Routers.allowed): the budget may stay out
+    # of reach, and then (-1, its mean) is returned for the caller to report
+    lo, hi, lo_mean = -1.0, 0.0, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
         m = mean_at(mid)
@@ -175,6 +177,10 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
         calibrated = max(executed_mean(model, ps, pad) for ps in prompts.values() if ps)
         uninstall(model)
         dial = float(cfg.dial)
+    if cfg.max_executed is not None and calibrated > cfg.max_executed:
+        _log(f"routes: warning: {calibrated:.2f} blocks run on the dial's prompts at dial {dial:.3f}, over "
+             f"max_executed {cfg.max_executed} (only blocks some label skipped can be skipped); label more examples "
+             "or raise max_executed")
     metrics = {**stats, "kept": len(kept), **tstats, "dial": dial, "calibrated_executed_mean": calibrated}
     _log(f"routes: {stats['labelled']}/{stats['examples']} labelled, {len(kept)} kept; block evaluations "
          f"{stats['block_evals']} vs {stats['block_evals_naive']} naive ({stats['prefix_reuse_saving']:.0%} saved); "

@@ -195,3 +195,23 @@ def test_auto_dial_reads_prompts_the_mcts_did_not_label(tiny_dir, tmp_path, monk
     assert [p.tolist() for p in seen["train"]] == [e.prompt.tolist() for e in nxt]
     labelled = {str(e.prompt.tolist()) for e in first}
     assert not labelled & {str(p.tolist()) for p in seen["train"]}
+
+
+@torch.no_grad()
+def test_dial_out_of_reach_returns_its_limit_and_the_stage_warns(tiny_dir, tmp_path, monkeypatch, capsys):
+    from adaflex.retrofit.routes import apply as routes_apply
+    from adaflex.retrofit.routes.router import SKIP, Routers
+    from tiny import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    routers = Routers(L, d, 8)
+    routers.allowed[:, SKIP] = False
+    routers.allowed[1, SKIP] = True  # one block may be skipped: at best L - 1 blocks run
+    prompts = [torch.randint(0, 250, (1, 9)) for _ in range(4)]
+    p, got = routes_apply.calibrate_dial(model, routers, 8, prompts, 1.0, 0)
+    assert p == -1.0 and L - 1 <= got <= L
+    monkeypatch.setattr(routes_apply, "calibrate_dial", lambda *a, **k: (-1.0, 3.5))
+    run(RECIPE, str(tiny_dir), out=tmp_path / "run")
+    assert "3.50 blocks run on the dial's prompts at dial -1.000, over max_executed 3" in capsys.readouterr().err
