@@ -13,7 +13,7 @@ from ..evaluate import decoder_layers, reference_of
 from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import RoutesConfig
-from .label import BlockRunner, fingerprint, keep, label_all, load_examples, summary
+from .label import BlockRunner, fingerprint, keep, label_all, summary, to_examples, training_pool
 from .router import Routers, fit_guard
 from .runtime import FixedPolicy, RouterPolicy, install, path_counts, runtime_of, uninstall
 from .train import teacher_features, train_routers
@@ -139,7 +139,8 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
         if cal is None:
             raise UsageError(f"{where}.train: give MCTS data files (or data.calibration)")
         paths = [cal.path]
-    examples = load_examples(cfg, tok, paths, ctx.seed)
+    pool = training_pool(cfg, tok, paths, ctx.seed)
+    examples = to_examples(cfg, tok, pool[: cfg.examples])
     if not examples:
         raise UsageError(f"{where}.train: no usable example in {paths}")
     state = Path(ctx.state_dir) if ctx.state_dir is not None else Path(".adaflex-routes")
@@ -168,7 +169,7 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
         routers.set_guard(mean, basis, threshold)
         tstats["guard_threshold"] = threshold
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    held = load_examples(cfg, tok, paths, ctx.seed, start=cfg.examples, count=cfg.calibrate_examples)
+    held = to_examples(cfg, tok, pool[cfg.examples : cfg.examples + cfg.calibrate_examples])
     prompts = dial_prompts(ctx, cfg, held or examples)  # small training files: the labelled prompts
     if cfg.dial == "auto":
         dial, calibrated = calibrate_dial(model, routers, cfg.windows, prompts, cfg.max_executed, pad)

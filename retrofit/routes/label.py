@@ -72,8 +72,13 @@ def load_examples(cfg, tokenizer, paths: list[str], seed: int, start: int = 0,
                   count: int | None = None) -> list[Example]:
     """Examples drawn (seeded) from the training files, in a fixed order: the first `cfg.examples`, or the
     `count` after the first `start` (prompts the MCTS does not label; indices restart at 0)."""
+    pool = training_pool(cfg, tokenizer, paths, seed)
+    return to_examples(cfg, tokenizer, pool[start : start + (cfg.examples if count is None else count)])
+
+
+def training_pool(cfg, tokenizer, paths: list[str], seed: int) -> list[tuple[str, object]]:
+    """Every candidate of the training files, ("mc", MCItem) or ("text", window), in a seeded order."""
     pool: list[tuple[str, object]] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for path in paths:
         layout = detect_layout(path)
         if layout in MC_LAYOUTS:
@@ -83,10 +88,15 @@ def load_examples(cfg, tokenizer, paths: list[str], seed: int, start: int = 0,
             n = max(1, min(4096, len(tokenizer(text[:400000]).input_ids) // cfg.text_len))
             wins = calibration_windows(tokenizer, text, n, cfg.text_len, seed, path)
             pool += [("text", w) for w in wins]
-    rng = random.Random(seed)
-    rng.shuffle(pool)
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def to_examples(cfg, tokenizer, items: list[tuple[str, object]]) -> list[Example]:
+    """Tokenised examples of pool entries (indices from 0; a choice question without usable tokens is left out)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
-    for kind, item in pool[start : start + (cfg.examples if count is None else count)]:
+    for kind, item in items:
         i = len(out)
         if kind == "mc":
             pairs = [_encode_pair(tokenizer, item.context, ch) for ch in item.choices]
