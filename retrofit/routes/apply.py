@@ -158,7 +158,8 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
     feats, wmask = teacher_features(runner, [by_index[r["index"]].prompt for r in kept],
                                     [tuple(r["label"]) for r in kept], cfg.windows)
     labels = torch.tensor([r["counts"] for r in kept], dtype=torch.long)
-    routers, tstats = train_routers(feats, wmask, labels, cfg, ctx.seed)
+    seed = ctx.seed if cfg.router_seed is None else cfg.router_seed
+    routers, tstats = train_routers(feats, wmask, labels, cfg, seed)
     if cfg.guard is not None and (b0 := routers.first_routed()) is not None:
         w = wmask.float()[..., None]
         try:

@@ -59,6 +59,8 @@ class RoutesConfig(Strict):
     labels_dir: str | None = Field(None, description="folder for labels shared by shard workers (default: stage state)")
     # routers
     bottleneck: int = Field(32, ge=1)
+    router_seed: int | None = Field(None, ge=0, description="seed of the routers' initialisation and batch order "
+                                    "(default: the stage's seed); labels do not depend on it")
     windows: int = Field(8, ge=1, description="mean-pooling windows over the prompt (min(windows, T))")
     epochs: int = Field(20, ge=1)
     min_steps: int = Field(300, ge=0, description="at least this many optimizer steps (more epochs on few examples)")

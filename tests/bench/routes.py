@@ -101,7 +101,8 @@ def main():
     ap.add_argument("--max-executed", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], help="extra recipe override KEY=VALUE")
     ap.add_argument("--arc", type=int, default=570, help="ARC-Easy validation items")
-    ap.add_argument("--hellaswag", type=int, default=1000, help="HellaSwag dev items (first N)")
+    ap.add_argument("--hellaswag", type=int, default=None,
+                    help="HellaSwag dev items (first N; default 1000, none with --router-seeds)")
     ap.add_argument("--speed-prompts", type=int, default=6)
     ap.add_argument("--decode", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=5)
@@ -109,6 +110,10 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "runs/bench-routes"))
     ap.add_argument("--speed-only", action="store_true",
                     help="skip the accuracy runs: baselines at the routes' mean executed blocks on --arc items")
+    ap.add_argument("--router-seeds", default="",
+                    help="comma-separated router seeds: train routers with each on the same (resumed) labels, "
+                         "dial each to the budget and report ARC-Easy (and --hellaswag items if given) per seed; "
+                         "no baselines, no speed")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
@@ -128,6 +133,9 @@ def main():
     reference_of(model)
     L = len(model.get_decoder().layers)
 
+    if a.router_seeds:
+        return seed_spread(a, recipe, model, tok, out, sets)
+
     # ---- fit routes (labels resume from out/state) ----
     t0 = time.perf_counter()
     impl = registry.implementation("routes")
@@ -139,7 +147,7 @@ def main():
     impl.apply(routed, fitted.plan, fitted.tensors)
 
     arc = read_mc(ROOT.parent / "shared/data/arc_easy_validation.jsonl", limit=a.arc)
-    hs = read_mc(ROOT.parent / "shared/data/hellaswag_dev.jsonl", limit=a.hellaswag)
+    hs = read_mc(ROOT.parent / "shared/data/hellaswag_dev.jsonl", limit=1000 if a.hellaswag is None else a.hellaswag)
     results: dict[str, dict] = {}
     if a.speed_only:  # the routes' budget from their prefill decisions on the ARC-Easy contexts
         from adaflex.retrofit.routes.apply import executed_mean
@@ -192,6 +200,42 @@ def main():
                   f"{s['decode_speedup']:.3f} ({s['ideal_decode']:.3f}) |")
         return
     print(table(results, fitted.metrics, total))
+
+
+def seed_spread(a, recipe, model, tok, out: Path, sets: list[str]) -> None:
+    """Routes accuracy across router seeds: labels, dial prompts and evaluation items fixed, only the routers'
+    initialisation and batch order change (how much of a routes-vs-dense gap is one seed's luck)."""
+    impl = registry.implementation("routes")
+    arc = read_mc(ROOT.parent / "shared/data/arc_easy_validation.jsonl", limit=a.arc)
+    hs = read_mc(ROOT.parent / "shared/data/hellaswag_dev.jsonl", limit=a.hellaswag) if a.hellaswag else []
+    rows = []
+    for seed in [int(s) for s in a.router_seeds.split(",")]:
+        r_recipe = load_recipe(a.recipe, [*sets, f"routes.router_seed={seed}"])
+        (_method, cfg), = r_recipe.stage_items()
+        fitted = impl.fit(StageContext(model, tok, r_recipe, 0, out / "state"), cfg)
+        routed = copy.deepcopy(model)
+        impl.apply(routed, fitted.plan, fitted.tensors)
+        row = {"seed": seed, "dial": fitted.metrics["dial"], "arc_easy": mc_eval(routed, tok, arc, f"seed {seed} arc")}
+        if hs:
+            row["hellaswag"] = mc_eval(routed, tok, hs, f"seed {seed} hellaswag")
+        rows.append(row)
+        log(f"router seed {seed}: {json.dumps(row)}")
+        del routed
+    (out / "seeds.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+    head = "| router seed | dial | ARC-E blocks | ARC-E acc | ARC-E acc_norm |" + (
+        " HS blocks | HS acc | HS acc_norm |" if hs else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        e = r["arc_easy"]
+        line = f"| {r['seed']} | {r['dial']:.3f} | {e['executed_mean']:.2f} | {e['acc']:.3f} | {e['acc_norm']:.3f} |"
+        if hs:
+            h = r["hellaswag"]
+            line += f" {h['executed_mean']:.2f} | {h['acc']:.3f} | {h['acc_norm']:.3f} |"
+        lines.append(line)
+    accs = [r["arc_easy"]["acc"] for r in rows]
+    lines.append(f"\nARC-Easy acc over {len(rows)} router seeds: mean {sum(accs) / len(accs):.4f}, "
+                 f"min {min(accs):.3f}, max {max(accs):.3f}")
+    print("\n".join(lines))
 
 
 def table(results, fit, total):

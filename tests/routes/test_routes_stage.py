@@ -215,3 +215,27 @@ def test_dial_out_of_reach_returns_its_limit_and_the_stage_warns(tiny_dir, tmp_p
     monkeypatch.setattr(routes_apply, "calibrate_dial", lambda *a, **k: (-1.0, 3.5))
     run(RECIPE, str(tiny_dir), out=tmp_path / "run")
     assert "3.50 blocks run on the dial's prompts at dial -1.000, over max_executed 3" in capsys.readouterr().err
+
+
+def test_router_seed_seeds_the_routers_only(tiny_dir, tmp_path, monkeypatch):
+    """`router_seed` reseeds the routers' training (default: the stage's seed); the labels stay the same."""
+    from adaflex.retrofit.routes import apply as routes_apply
+
+    seeds, labels = [], []
+    real = routes_apply.train_routers
+
+    def spy(feats, wmask, lab, cfg, seed=0):
+        seeds.append(seed)
+        labels.append(lab.clone())
+        return real(feats, wmask, lab, cfg, seed)
+
+    monkeypatch.setattr(routes_apply, "train_routers", spy)
+    reseeded = json.loads(json.dumps(RECIPE))
+    reseeded["stages"][0]["routes"]["router_seed"] = 7
+    run(RECIPE, str(tiny_dir), out=tmp_path / "a")
+    run(reseeded, str(tiny_dir), out=tmp_path / "b")
+    assert seeds == [0, 7]
+    assert torch.equal(labels[0], labels[1])
+    a, b = (load_file(str(tmp_path / r / "adaflex.safetensors")) for r in ("a", "b"))
+    key = next(k for k in a if k.endswith("router.blocks.1.0.weight"))
+    assert not torch.equal(a[key], b[key])
