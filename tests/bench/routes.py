@@ -134,7 +134,7 @@ def main():
     L = len(model.get_decoder().layers)
 
     if a.router_seeds:
-        return seed_spread(a, recipe, model, tok, out, sets)
+        return seed_spread(a, model, tok, out, sets)
 
     # ---- fit routes (labels resume from out/state) ----
     t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def main():
     print(table(results, fitted.metrics, total))
 
 
-def seed_spread(a, recipe, model, tok, out: Path, sets: list[str]) -> None:
+def seed_spread(a, model, tok, out: Path, sets: list[str]) -> None:
     """Routes accuracy across router seeds: labels, dial prompts and evaluation items fixed, only the routers'
     initialisation and batch order change (how much of a routes-vs-dense gap is one seed's luck)."""
     impl = registry.implementation("routes")
