@@ -1,0 +1,181 @@
+"""How far can a per-question choice of skipped blocks go on SmolLM2? (a script, not collected by pytest)
+
+    OMP_NUM_THREADS=2 python tests/bench/routes_choosers.py [--train 400 --blocks 12-17 --skip 4 --out runs/choosers]
+
+Scores ARC-Easy train questions (--train, a seeded sample) and all ARC-Easy validation questions under dense and
+every --skip-block skip among --blocks (prefix reuse: blocks before a path's first change run once per question),
+with each prompt's states entering the first candidate block (token mean and last token). Then, trained on the
+train questions only and applied to validation: linear (ridge) choosers that pick one skip set per question from
+those states, targets the per-set lead of the correct choice over dense's, correctness, or agreement with dense's
+answer; feature set, target and ridge strength chosen by 5-fold cross-validation on train. Prints dense, every
+static set, the best static set on train, the chosen chooser, and the oracle (any set right) on validation;
+with --val 0 only the sets' train accuracy (e.g. --skip 1 --blocks 1-28 ranks single blocks for a candidate list).
+Scores are cached per split in --out and resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adaflex.retrofit import models
+from adaflex.retrofit.data import read_mc
+from adaflex.retrofit.recipe import load_recipe
+from adaflex.retrofit.routes.label import BlockRunner, PathScorer, to_examples
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared/data"
+FEATURES = ("mean", "last", "mean+last")
+TARGETS = ("lead", "correct", "agree")
+ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def log(msg):
+    print(f"[choosers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def score_split(model, tok, cfg, items, sets, first: int, cache: Path) -> dict:
+    """Per question: choice log-likelihoods under each path in `sets` (skipped blocks), and the prompt's
+    mean and last-token states entering block `first`. Saved to `cache` every 25 questions (resumes)."""
+    rec = torch.load(cache) if cache.is_file() else {"sets": sets, "lp": [], "label": [], "mean": [], "last": []}
+    if rec["sets"] != sets:
+        raise SystemExit(f"{cache}: scored for other skip sets; choose another --out")
+    runner = BlockRunner(model)
+    L = len(runner.blocks)
+    exs = to_examples(cfg, tok, [("mc", it) for it in items])
+    t0 = time.perf_counter()
+    for i, ex in enumerate(exs[len(rec["lp"]):], start=len(rec["lp"])):
+        scorer = PathScorer(runner, ex, cfg)
+        h = scorer.hidden(tuple(range(first)))
+        P = ex.prompt.shape[1]  # the prefill: the context without its last token
+        rec["mean"].append(h[0, :P].float().mean(0))
+        rec["last"].append(h[0, P - 1].float())
+        rec["lp"].append([runner.logprobs(scorer.hidden(tuple(b for b in range(L) if b not in s)), scorer.targets)
+                          for s in sets])
+        rec["label"].append(ex.label)
+        if (i + 1) % 25 == 0 or i + 1 == len(exs):
+            torch.save(rec, cache)
+            log(f"{cache.name}: {i + 1}/{len(exs)} ({time.perf_counter() - t0:.0f} s)")
+    return rec
+
+
+def tables(rec) -> tuple[torch.Tensor, torch.Tensor]:
+    """lead [N, S]: correct choice's log-likelihood minus the best other one; pick [N, S]: argmax choice."""
+    n, S = len(rec["lp"]), len(rec["sets"])
+    lead, pick = torch.zeros(n, S), torch.zeros(n, S, dtype=torch.long)
+    for i, (lps, y) in enumerate(zip(rec["lp"], rec["label"], strict=True)):
+        lp = torch.tensor(lps)  # [S, choices]
+        lead[i] = lp[:, y] - torch.cat([lp[:, :y], lp[:, y + 1:]], 1).max(1).values
+        pick[i] = lp.argmax(1)
+    return lead, pick
+
+
+def target(name: str, lead, pick) -> torch.Tensor:
+    """Regression target per skip set (column 0 is dense and is not a choice)."""
+    if name == "lead":
+        return (lead[:, 1:] - lead[:, :1]).clamp(-10, 10)
+    if name == "correct":
+        return (lead[:, 1:] > 0).float()
+    return (pick[:, 1:] == pick[:, :1]).float()
+
+
+def features(rec, name: str) -> torch.Tensor:
+    return torch.cat([torch.stack(rec[k]) for k in name.split("+")], 1)
+
+
+def fit(X, Y, alpha: float):
+    """Ridge on standardised features with an unpenalised intercept -> predict(X) [N, S]."""
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    ym = Y.mean(0)
+    W = torch.linalg.solve(Z.T @ Z + alpha * torch.eye(Z.shape[1]), Z.T @ (Y - ym))
+    return lambda Xn: ((Xn - mu) / sd) @ W + ym
+
+
+def chosen_acc(pred: torch.Tensor, lead: torch.Tensor) -> float:
+    """Accuracy when each question runs the skip set with the highest prediction."""
+    choice = 1 + pred.argmax(1)
+    return (lead[torch.arange(len(lead)), choice] > 0).float().mean().item()
+
+
+def cv_acc(X, Y, lead, alpha: float, folds: int = 5) -> float:
+    fold = torch.arange(len(X)) % folds
+    right = 0.0
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        right += chosen_acc(fit(X[tr], Y[tr], alpha)(X[te]), lead[te]) * int(te.sum())
+    return right / len(X)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=400, help="ARC-Easy train questions (seeded sample)")
+    ap.add_argument("--val", type=int, default=None, help="ARC-Easy validation questions (default all 570)")
+    ap.add_argument("--blocks", default="12-17", help="candidate blocks: lo-hi or a comma list")
+    ap.add_argument("--skip", type=int, default=4, help="blocks skipped by every candidate set")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/choosers")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if "-" in a.blocks:
+        lo, hi = (int(x) for x in a.blocks.split("-"))
+        cand = list(range(lo, hi + 1))
+    else:
+        cand = sorted(int(x) for x in a.blocks.split(","))
+    sets = [()] + list(itertools.combinations(cand, a.skip))
+    lo = cand[0]
+    recipe = load_recipe(ROOT / "recipes/bench/smollm2-routes.yaml", [])
+    (_method, cfg), = recipe.stage_items()
+    model, tok = models.load(recipe.model)
+    model.eval()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_items = read_mc(DATA / "arc_easy_train.jsonl")
+    random.Random(123).shuffle(train_items)
+    val_items = read_mc(DATA / "arc_easy_validation.jsonl", limit=a.val)
+    tag = f"{a.blocks.replace(',', '_')}-k{a.skip}"
+    tr = score_split(model, tok, cfg, train_items[: a.train], sets, lo, out / f"train-{tag}.pt")
+    lt, pt = tables(tr)
+    if not val_items:  # --val 0: a scan of the sets on train questions only (e.g. --skip 1 to rank blocks)
+        print("| path | train acc | train: mean lead change against dense |\n|---|---|---|")
+        for s in sorted(range(len(sets)), key=lambda s: -(lt[:, s] > 0).float().mean().item()):
+            print(f"| skip {','.join(map(str, sets[s])) or 'none (dense)'} | {(lt[:, s] > 0).float().mean():.3f} | "
+                  f"{(lt[:, s] - lt[:, 0]).mean():+.3f} |")
+        return
+    va = score_split(model, tok, cfg, val_items, sets, lo, out / f"val-{tag}.pt")
+    lv, pv = tables(va)
+    acc = lambda lead, s: (lead[:, s] > 0).float().mean().item()  # noqa: E731
+    print(f"ARC-Easy: {len(lt)} train questions, {len(lv)} validation; {len(sets) - 1} sets of {a.skip} skipped "
+          f"blocks among {a.blocks}\n")
+    print("| path | train acc | val acc | val: same answer as dense |\n|---|---|---|---|")
+    print(f"| dense | {acc(lt, 0):.3f} | {acc(lv, 0):.3f} | 1.000 |")
+    for s in range(1, len(sets)):
+        print(f"| skip {','.join(map(str, sets[s]))} | {acc(lt, s):.3f} | {acc(lv, s):.3f} | "
+              f"{(pv[:, s] == pv[:, 0]).float().mean():.3f} |")
+    best = 1 + max(range(len(sets) - 1), key=lambda s: acc(lt, s + 1))
+    cv = {(f, t, al): cv_acc(features(tr, f), target(t, lt, pt), lt, al)
+          for f in FEATURES for t in TARGETS for al in ALPHAS}
+    f, t, al = max(cv, key=cv.get)
+    pred = fit(features(tr, f), target(t, lt, pt), al)(features(va, f))
+    used = len(set((1 + pred.argmax(1)).tolist()))
+    oracle = (lv[:, 1:] > 0).any(1).float().mean().item()
+    print(f"\nbest static set on train: skip {sets[best]} -> val {acc(lv, best):.3f}")
+    print(f"chooser picked by 5-fold CV on train: features {f}, target {t}, ridge {al:g} (CV acc {cv[f, t, al]:.3f}) "
+          f"-> val {chosen_acc(pred, lv):.3f} ({used} sets used)")
+    print(f"oracle (a set that answers right, when there is one) -> val {oracle:.3f}; dense {acc(lv, 0):.3f}")
+    print("\nevery chooser, val acc (for reference; only the CV column chose):")
+    print("| features | target | ridge | CV acc (train) | val acc |\n|---|---|---|---|---|")
+    for (f, t, al), c in cv.items():
+        p = fit(features(tr, f), target(t, lt, pt), al)(features(va, f))
+        print(f"| {f} | {t} | {al:g} | {c:.3f} | {chosen_acc(p, lv):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
