@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import random
 import sys
 import time
@@ -47,9 +48,10 @@ def score_split(model, tok, cfg, items, sets, first: int, cache: Path) -> dict:
     rec = torch.load(cache) if cache.is_file() else {"sets": sets, "lp": [], "label": [], "mean": [], "last": []}
     if rec["sets"] != sets:
         raise SystemExit(f"{cache}: scored for other skip sets; choose another --out")
+    exs = to_examples(cfg, tok, [("mc", it) for it in items])
+    rec = {k: v[: len(exs)] if k != "sets" else v for k, v in rec.items()}  # a smaller --train: its prefix
     runner = BlockRunner(model)
     L = len(runner.blocks)
-    exs = to_examples(cfg, tok, [("mc", it) for it in items])
     t0 = time.perf_counter()
     for i, ex in enumerate(exs[len(rec["lp"]):], start=len(rec["lp"])):
         scorer = PathScorer(runner, ex, cfg)
@@ -61,7 +63,8 @@ def score_split(model, tok, cfg, items, sets, first: int, cache: Path) -> dict:
                           for s in sets])
         rec["label"].append(ex.label)
         if (i + 1) % 25 == 0 or i + 1 == len(exs):
-            torch.save(rec, cache)
+            torch.save(rec, cache.with_suffix(".tmp"))
+            os.replace(cache.with_suffix(".tmp"), cache)  # an interruption leaves the previous cache whole
             log(f"{cache.name}: {i + 1}/{len(exs)} ({time.perf_counter() - t0:.0f} s)")
     return rec
 
