@@ -127,17 +127,25 @@ def main():
     ap.add_argument("--out", default="runs/choosers")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if "-" in a.blocks:
-        lo, hi = (int(x) for x in a.blocks.split("-"))
-        cand = list(range(lo, hi + 1))
-    else:
-        cand = sorted(int(x) for x in a.blocks.split(","))
+    try:
+        if "-" in a.blocks:
+            lo, hi = (int(x) for x in a.blocks.split("-"))
+            cand = list(range(lo, hi + 1))
+        else:
+            cand = sorted({int(x) for x in a.blocks.split(",")})
+    except ValueError:
+        ap.error(f"--blocks {a.blocks!r}: expected lo-hi or a comma list of block indices")
     sets = [()] + list(itertools.combinations(cand, a.skip))
+    if len(sets) < 2 or a.skip < 1:
+        ap.error(f"--skip {a.skip} with --blocks {a.blocks}: no skip set (need 1 <= skip <= {len(cand)})")
     lo = cand[0]
     recipe = load_recipe(ROOT / "recipes/bench/smollm2-routes.yaml", [])
     (_method, cfg), = recipe.stage_items()
     model, tok = models.load(recipe.model)
     model.eval()
+    L = len(model.get_decoder().layers)
+    if cand[0] < 0 or cand[-1] >= L:
+        ap.error(f"--blocks {a.blocks}: the model has blocks 0-{L - 1}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     train_items = read_mc(DATA / "arc_easy_train.jsonl")
