@@ -6,8 +6,9 @@ Scores ARC-Easy train questions (--train, a seeded sample) and all ARC-Easy vali
 every --skip-block skip among --blocks (prefix reuse: blocks before a path's first change run once per question),
 with each prompt's states entering the first candidate block (token mean and last token). Then, trained on the
 train questions only and applied to validation: linear (ridge) choosers that pick one skip set per question from
-those states, targets the per-set lead of the correct choice over dense's, correctness, or agreement with dense's
-answer; feature set, target and ridge strength chosen by 5-fold cross-validation on train. Prints dense, every
+those states (ridge regression, or the mean over the k nearest train questions), targets the per-set lead of the
+correct choice over dense's, correctness, or agreement with dense's answer; feature set, target and chooser chosen
+by 5-fold cross-validation on train. Prints dense, every
 static set, the best static set on train, the chosen chooser, and the oracle (any set right) on validation;
 with --val 0 only the sets' train accuracy (e.g. --skip 1 --blocks 1-28 ranks single blocks for a candidate list).
 Scores are cached per split in --out and resume after an interruption.
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared/data"
 FEATURES = ("mean", "last", "mean+last")
 TARGETS = ("lead", "correct", "agree")
-ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+CHOOSERS = [("ridge", a) for a in (1.0, 10.0, 100.0, 1000.0, 10000.0)] + [("knn", k) for k in (5, 15, 45, 135)]
 
 
 def log(msg):
@@ -93,12 +94,18 @@ def features(rec, name: str) -> torch.Tensor:
     return torch.cat([torch.stack(rec[k]) for k in name.split("+")], 1)
 
 
-def fit(X, Y, alpha: float):
-    """Ridge on standardised features with an unpenalised intercept -> predict(X) [N, S]."""
+def fit(X, Y, chooser: tuple[str, float]):
+    """predict(X) [N, S] from standardised features: ridge (strength p, unpenalised intercept), or the mean
+    target of the p nearest training questions by cosine similarity."""
+    kind, p = chooser
     mu, sd = X.mean(0), X.std(0) + 1e-6
     Z = (X - mu) / sd
+    if kind == "knn":
+        Z = torch.nn.functional.normalize(Z, dim=1)
+        return lambda Xn: Y[(torch.nn.functional.normalize((Xn - mu) / sd, dim=1) @ Z.T).topk(
+            min(int(p), len(Z)), dim=1).indices].mean(1)
     ym = Y.mean(0)
-    W = torch.linalg.solve(Z.T @ Z + alpha * torch.eye(Z.shape[1]), Z.T @ (Y - ym))
+    W = torch.linalg.solve(Z.T @ Z + p * torch.eye(Z.shape[1]), Z.T @ (Y - ym))
     return lambda Xn: ((Xn - mu) / sd) @ W + ym
 
 
@@ -108,12 +115,12 @@ def chosen_acc(pred: torch.Tensor, lead: torch.Tensor) -> float:
     return (lead[torch.arange(len(lead)), choice] > 0).float().mean().item()
 
 
-def cv_acc(X, Y, lead, alpha: float, folds: int = 5) -> float:
+def cv_acc(X, Y, lead, chooser, folds: int = 5) -> float:
     fold = torch.arange(len(X)) % folds
     right = 0.0
     for f in range(folds):
         tr, te = fold != f, fold == f
-        right += chosen_acc(fit(X[tr], Y[tr], alpha)(X[te]), lead[te]) * int(te.sum())
+        right += chosen_acc(fit(X[tr], Y[tr], chooser)(X[te]), lead[te]) * int(te.sum())
     return right / len(X)
 
 
@@ -171,21 +178,21 @@ def main():
         print(f"| skip {','.join(map(str, sets[s]))} | {acc(lt, s):.3f} | {acc(lv, s):.3f} | "
               f"{(pv[:, s] == pv[:, 0]).float().mean():.3f} |")
     best = 1 + max(range(len(sets) - 1), key=lambda s: acc(lt, s + 1))
-    cv = {(f, t, al): cv_acc(features(tr, f), target(t, lt, pt), lt, al)
-          for f in FEATURES for t in TARGETS for al in ALPHAS}
-    f, t, al = max(cv, key=cv.get)
-    pred = fit(features(tr, f), target(t, lt, pt), al)(features(va, f))
+    cv = {(f, t, ch): cv_acc(features(tr, f), target(t, lt, pt), lt, ch)
+          for f in FEATURES for t in TARGETS for ch in CHOOSERS}
+    f, t, ch = max(cv, key=cv.get)
+    pred = fit(features(tr, f), target(t, lt, pt), ch)(features(va, f))
     used = len(set((1 + pred.argmax(1)).tolist()))
     oracle = (lv[:, 1:] > 0).any(1).float().mean().item()
     print(f"\nbest static set on train: skip {sets[best]} -> val {acc(lv, best):.3f}")
-    print(f"chooser picked by 5-fold CV on train: features {f}, target {t}, ridge {al:g} (CV acc {cv[f, t, al]:.3f}) "
-          f"-> val {chosen_acc(pred, lv):.3f} ({used} sets used)")
+    print(f"chooser picked by 5-fold CV on train: features {f}, target {t}, {ch[0]} {ch[1]:g} "
+          f"(CV acc {cv[f, t, ch]:.3f}) -> val {chosen_acc(pred, lv):.3f} ({used} sets used)")
     print(f"oracle (a set that answers right, when there is one) -> val {oracle:.3f}; dense {acc(lv, 0):.3f}")
     print("\nevery chooser, val acc (for reference; only the CV column chose):")
-    print("| features | target | ridge | CV acc (train) | val acc |\n|---|---|---|---|---|")
-    for (f, t, al), c in cv.items():
-        p = fit(features(tr, f), target(t, lt, pt), al)(features(va, f))
-        print(f"| {f} | {t} | {al:g} | {c:.3f} | {chosen_acc(p, lv):.3f} |")
+    print("| features | target | chooser | CV acc (train) | val acc |\n|---|---|---|---|---|")
+    for (f, t, ch), c in cv.items():
+        p = fit(features(tr, f), target(t, lt, pt), ch)(features(va, f))
+        print(f"| {f} | {t} | {ch[0]} {ch[1]:g} | {c:.3f} | {chosen_acc(p, lv):.3f} |")
 
 
 if __name__ == "__main__":
