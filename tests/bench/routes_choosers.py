@@ -109,6 +109,11 @@ def fit(X, Y, chooser: tuple[str, float]):
     return lambda Xn: ((Xn - mu) / sd) @ W + ym
 
 
+def acc(lead: torch.Tensor, s: int) -> float:
+    """Accuracy of skip set (column) s."""
+    return (lead[:, s] > 0).float().mean().item()
+
+
 def chosen_acc(pred: torch.Tensor, lead: torch.Tensor) -> float:
     """Accuracy when each question runs the skip set with the highest prediction."""
     choice = 1 + pred.argmax(1)
@@ -163,13 +168,12 @@ def main():
     lt, pt = tables(tr)
     if not val_items:  # --val 0: a scan of the sets on train questions only (e.g. --skip 1 to rank blocks)
         print("| path | train acc | train: mean lead change against dense |\n|---|---|---|")
-        for s in sorted(range(len(sets)), key=lambda s: -(lt[:, s] > 0).float().mean().item()):
-            print(f"| skip {','.join(map(str, sets[s])) or 'none (dense)'} | {(lt[:, s] > 0).float().mean():.3f} | "
+        for s in sorted(range(len(sets)), key=lambda s: -acc(lt, s)):
+            print(f"| skip {','.join(map(str, sets[s])) or 'none (dense)'} | {acc(lt, s):.3f} | "
                   f"{(lt[:, s] - lt[:, 0]).mean():+.3f} |")
         return
     va = score_split(model, tok, cfg, val_items, sets, lo, out / f"val-{tag}.pt")
     lv, pv = tables(va)
-    acc = lambda lead, s: (lead[:, s] > 0).float().mean().item()  # noqa: E731
     print(f"ARC-Easy: {len(lt)} train questions, {len(lv)} validation; {len(sets) - 1} sets of {a.skip} skipped "
           f"blocks among {a.blocks}\n")
     print("| path | train acc | val acc | val: same answer as dense |\n|---|---|---|---|")
@@ -178,21 +182,21 @@ def main():
         print(f"| skip {','.join(map(str, sets[s]))} | {acc(lt, s):.3f} | {acc(lv, s):.3f} | "
               f"{(pv[:, s] == pv[:, 0]).float().mean():.3f} |")
     best = 1 + max(range(len(sets) - 1), key=lambda s: acc(lt, s + 1))
-    cv = {(f, t, ch): cv_acc(features(tr, f), target(t, lt, pt), lt, ch)
-          for f in FEATURES for t in TARGETS for ch in CHOOSERS}
-    f, t, ch = max(cv, key=cv.get)
-    pred = fit(features(tr, f), target(t, lt, pt), ch)(features(va, f))
-    used = len(set((1 + pred.argmax(1)).tolist()))
+    Xt, Xv = {f: features(tr, f) for f in FEATURES}, {f: features(va, f) for f in FEATURES}
+    Yt = {t: target(t, lt, pt) for t in TARGETS}
+    cv = {(f, t, ch): cv_acc(Xt[f], Yt[t], lt, ch) for f in FEATURES for t in TARGETS for ch in CHOOSERS}
+    pred = {key: fit(Xt[key[0]], Yt[key[1]], key[2])(Xv[key[0]]) for key in cv}  # trained on all of train
+    f, t, ch = picked = max(cv, key=cv.get)
+    used = len(set((1 + pred[picked].argmax(1)).tolist()))
     oracle = (lv[:, 1:] > 0).any(1).float().mean().item()
     print(f"\nbest static set on train: skip {sets[best]} -> val {acc(lv, best):.3f}")
     print(f"chooser picked by 5-fold CV on train: features {f}, target {t}, {ch[0]} {ch[1]:g} "
-          f"(CV acc {cv[f, t, ch]:.3f}) -> val {chosen_acc(pred, lv):.3f} ({used} sets used)")
+          f"(CV acc {cv[picked]:.3f}) -> val {chosen_acc(pred[picked], lv):.3f} ({used} sets used)")
     print(f"oracle (a set that answers right, when there is one) -> val {oracle:.3f}; dense {acc(lv, 0):.3f}")
     print("\nevery chooser, val acc (for reference; only the CV column chose):")
     print("| features | target | chooser | CV acc (train) | val acc |\n|---|---|---|---|---|")
     for (f, t, ch), c in cv.items():
-        p = fit(features(tr, f), target(t, lt, pt), ch)(features(va, f))
-        print(f"| {f} | {t} | {ch[0]} {ch[1]:g} | {c:.3f} | {chosen_acc(p, lv):.3f} |")
+        print(f"| {f} | {t} | {ch[0]} {ch[1]:g} | {c:.3f} | {chosen_acc(pred[f, t, ch], lv):.3f} |")
 
 
 if __name__ == "__main__":
