@@ -1,0 +1,38 @@
+"""The arithmetic of tests/bench/routes_choosers.py (leads, targets, choosers) on hand-made scores."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import routes_choosers as rc  # noqa: E402
+
+# two questions, dense + two skip sets, three choices each
+REC = {"sets": [(), (1,), (2,)], "label": [0, 2],
+       "lp": [[[-1.0, -2.0, -3.0], [-2.5, -2.0, -3.0], [-0.5, -4.0, -3.0]],
+              [[-1.0, -2.0, -1.5], [-3.0, -2.0, -1.0], [-1.0, -2.0, -3.0]]]}
+
+
+def test_tables_lead_and_pick():
+    lead, pick = rc.tables(REC)
+    assert torch.allclose(lead, torch.tensor([[1.0, -0.5, 2.5], [-0.5, 1.0, -2.0]]))
+    assert pick.tolist() == [[0, 1, 0], [0, 2, 0]]
+    assert rc.acc(lead, 0) == 0.5 and rc.acc(lead, 1) == 0.5 and rc.acc(lead, 2) == 0.5
+    assert torch.allclose(rc.target("lead", lead, pick), torch.tensor([[-1.5, 1.5], [1.5, -1.5]]))
+    assert rc.target("correct", lead, pick).tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    assert rc.target("agree", lead, pick).tolist() == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def test_choosers_pick_the_best_predicted_set():
+    lead, pick = rc.tables(REC)
+    good = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # set 2 for question 0, set 1 for question 1: both right
+    assert rc.chosen_acc(good, lead) == 1.0
+    assert rc.chosen_acc(1 - good, lead) == 0.0
+    # one nearest neighbour on the training rows returns each row's own target; a strong ridge its column means
+    X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]])
+    Y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.0, 2.0]])
+    assert torch.equal(rc.fit(X, Y, ("knn", 1))(X), Y)
+    assert torch.allclose(rc.fit(X, Y, ("ridge", 1e9))(X), Y.mean(0).expand_as(Y), atol=1e-4)
