@@ -3,14 +3,17 @@
     OMP_NUM_THREADS=2 python tests/bench/routes_choosers.py [--train 400 --blocks 12-17 --skip 4 --out runs/choosers]
 
 Scores ARC-Easy train questions (--train, a seeded sample) and all ARC-Easy validation questions under dense and
-every --skip-block skip among --blocks (prefix reuse: blocks before a path's first change run once per question),
-with each prompt's states entering the first candidate block (token mean and last token). Then, trained on the
-train questions only and applied to validation: linear (ridge) choosers that pick one skip set per question from
-those states (ridge regression, or the mean over the k nearest train questions), targets the per-set lead of the
-correct choice over dense's, correctness, or agreement with dense's answer; feature set, target and chooser chosen
-by 5-fold cross-validation on train. Prints dense, every
-static set, the best static set on train, the chosen chooser, and the oracle (any set right) on validation;
+every set of --skip blocks among --blocks skipped (prefix reuse: blocks before a path's first change run once per
+question), with each prompt's states entering the first candidate block (token mean and last token). Then, trained
+on the train questions only and applied to validation: choosers that pick one set per question from those states
+(ridge regression, or the mean over the k nearest train questions), targets the per-set lead of the correct choice
+over dense's, correctness, or agreement with dense's answer; feature set, target and chooser chosen by 5-fold
+cross-validation on train. Prints dense, every static set, the best static set on train, the chosen chooser, and
+the oracle (any set right) on validation;
 with --val 0 only the sets' train accuracy (e.g. --skip 1 --blocks 1-28 ranks single blocks for a candidate list).
+--move repeat runs each candidate set's blocks twice instead of skipping them; --repeat B,... adds blocks that every
+non-dense path runs twice, --drop B,... blocks that every non-dense path skips (e.g. --skip 5 --repeat 27: five
+skipped, one repeated, 26 executed).
 Scores are cached per split in --out and resume after an interruption.
 """
 
@@ -43,8 +46,17 @@ def log(msg):
 
 
 @torch.no_grad()
-def score_split(model, tok, cfg, items, sets, first: int, cache: Path) -> dict:
-    """Per question: choice log-likelihoods under each path in `sets` (skipped blocks), and the prompt's
+def path_of(L: int, moved: tuple, move: str, repeat: tuple = (), drop: tuple = ()) -> tuple:
+    """The executed blocks in order: `moved` skipped (move "skip") or run twice ("repeat"); on every path but
+    dense (no moved blocks) `repeat` runs twice as well and `drop` is skipped."""
+    skip = (set(moved) if move == "skip" else set()) | (set(drop) if moved else set())
+    twice = (set(moved) if move == "repeat" else set()) | (set(repeat) if moved else set())
+    return tuple(x for b in range(L) if b not in skip for x in (b,) * (1 + (b in twice)))
+
+
+def score_split(model, tok, cfg, items, sets, first: int, cache: Path, move: str = "skip",
+                repeat: tuple = (), drop: tuple = ()) -> dict:
+    """Per question: choice log-likelihoods under each path of `sets` (see path_of), and the prompt's
     mean and last-token states entering block `first`. Saved to `cache` every 25 questions (resumes)."""
     rec = torch.load(cache) if cache.is_file() else {"sets": sets, "lp": [], "label": [], "mean": [], "last": []}
     if rec["sets"] != sets:
@@ -60,7 +72,7 @@ def score_split(model, tok, cfg, items, sets, first: int, cache: Path) -> dict:
         P = ex.prompt.shape[1]  # the prefill: the context without its last token
         rec["mean"].append(h[0, :P].float().mean(0))
         rec["last"].append(h[0, P - 1].float())
-        rec["lp"].append([runner.logprobs(scorer.hidden(tuple(b for b in range(L) if b not in s)), scorer.targets)
+        rec["lp"].append([runner.logprobs(scorer.hidden(path_of(L, s, move, repeat, drop)), scorer.targets)
                           for s in sets])
         rec["label"].append(ex.label)
         if (i + 1) % 25 == 0 or i + 1 == len(exs):
@@ -134,7 +146,11 @@ def main():
     ap.add_argument("--train", type=int, default=400, help="ARC-Easy train questions (seeded sample)")
     ap.add_argument("--val", type=int, default=None, help="ARC-Easy validation questions (default all 570)")
     ap.add_argument("--blocks", default="12-17", help="candidate blocks: lo-hi or a comma list")
-    ap.add_argument("--skip", type=int, default=4, help="blocks skipped by every candidate set")
+    ap.add_argument("--skip", type=int, default=4, help="blocks in every candidate set")
+    ap.add_argument("--move", choices=("skip", "repeat"), default="skip",
+                    help="what a candidate set does to its blocks: skip them or run each twice")
+    ap.add_argument("--repeat", default="", help="comma list of blocks every non-dense path also runs twice")
+    ap.add_argument("--drop", default="", help="comma list of blocks every non-dense path also skips")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/choosers")
     a = ap.parse_args()
@@ -145,8 +161,10 @@ def main():
             cand = list(range(lo, hi + 1))
         else:
             cand = sorted({int(x) for x in a.blocks.split(",")})
+        repeat, drop = (tuple(sorted({int(x) for x in v.split(",") if x.strip()})) for v in (a.repeat, a.drop))
     except ValueError:
-        ap.error(f"--blocks {a.blocks!r}: expected lo-hi or a comma list of block indices")
+        ap.error(f"--blocks {a.blocks!r} / --repeat {a.repeat!r} / --drop {a.drop!r}: expected lo-hi or comma "
+                 "lists of block indices")
     sets = [()] + list(itertools.combinations(cand, a.skip))
     if len(sets) < 2 or a.skip < 1:
         ap.error(f"--skip {a.skip} with --blocks {a.blocks}: no skip set (need 1 <= skip <= {len(cand)})")
@@ -156,30 +174,37 @@ def main():
     model, tok = models.load(recipe.model)
     model.eval()
     L = len(model.get_decoder().layers)
-    if cand[0] < 0 or cand[-1] >= L:
-        ap.error(f"--blocks {a.blocks}: the model has blocks 0-{L - 1}")
+    if min(cand + list(repeat + drop)) < 0 or max(cand + list(repeat + drop)) >= L:
+        ap.error(f"--blocks {a.blocks} / --repeat {a.repeat} / --drop {a.drop}: the model has blocks 0-{L - 1}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     train_items = read_mc(DATA / "arc_easy_train.jsonl")
     random.Random(123).shuffle(train_items)
     val_items = read_mc(DATA / "arc_easy_validation.jsonl", limit=a.val)
-    tag = f"{a.blocks.replace(',', '_')}-k{a.skip}"
-    tr = score_split(model, tok, cfg, train_items[: a.train], sets, lo, out / f"train-{tag}.pt")
+    tag = f"{a.blocks.replace(',', '_')}-k{a.skip}" + ("-repeat" if a.move == "repeat" else "") + \
+        (f"-r{'_'.join(map(str, repeat))}" if repeat else "") + (f"-d{'_'.join(map(str, drop))}" if drop else "")
+    tr = score_split(model, tok, cfg, train_items[: a.train], sets, lo, out / f"train-{tag}.pt", a.move, repeat,
+                     drop)
     lt, pt = tables(tr)
+    rep = (f" + skip {','.join(map(str, drop))}" if drop else "") + \
+        (f" + repeat {','.join(map(str, repeat))}" if repeat else "")
+
+    def name(s: int) -> str:
+        return f"{a.move} {','.join(map(str, sets[s]))}{rep}" if s else "dense"
     if not val_items:  # --val 0: a scan of the sets on train questions only (e.g. --skip 1 to rank blocks)
         print("| path | train acc | train: mean lead change against dense |\n|---|---|---|")
         for s in sorted(range(len(sets)), key=lambda s: -acc(lt, s)):
-            print(f"| skip {','.join(map(str, sets[s])) or 'none (dense)'} | {acc(lt, s):.3f} | "
+            print(f"| {name(s)} | {acc(lt, s):.3f} | "
                   f"{(lt[:, s] - lt[:, 0]).mean():+.3f} |")
         return
-    va = score_split(model, tok, cfg, val_items, sets, lo, out / f"val-{tag}.pt")
+    va = score_split(model, tok, cfg, val_items, sets, lo, out / f"val-{tag}.pt", a.move, repeat, drop)
     lv, pv = tables(va)
-    print(f"ARC-Easy: {len(lt)} train questions, {len(lv)} validation; {len(sets) - 1} sets of {a.skip} skipped "
-          f"blocks among {a.blocks}\n")
+    print(f"ARC-Easy: {len(lt)} train questions, {len(lv)} validation; {len(sets) - 1} sets of {a.skip} "
+          f"{a.move}{'ped' if a.move == 'skip' else 'ed'} blocks among {a.blocks}{rep}\n")
     print("| path | train acc | val acc | val: same answer as dense |\n|---|---|---|---|")
     print(f"| dense | {acc(lt, 0):.3f} | {acc(lv, 0):.3f} | 1.000 |")
     for s in range(1, len(sets)):
-        print(f"| skip {','.join(map(str, sets[s]))} | {acc(lt, s):.3f} | {acc(lv, s):.3f} | "
+        print(f"| {name(s)} | {acc(lt, s):.3f} | {acc(lv, s):.3f} | "
               f"{(pv[:, s] == pv[:, 0]).float().mean():.3f} |")
     best = 1 + max(range(len(sets) - 1), key=lambda s: acc(lt, s + 1))
     Xt, Xv = {f: features(tr, f) for f in FEATURES}, {f: features(va, f) for f in FEATURES}
@@ -189,7 +214,7 @@ def main():
     f, t, ch = picked = max(cv, key=cv.get)
     used = len(set((1 + pred[picked].argmax(1)).tolist()))
     oracle = (lv[:, 1:] > 0).any(1).float().mean().item()
-    print(f"\nbest static set on train: skip {sets[best]} -> val {acc(lv, best):.3f}")
+    print(f"\nbest static set on train: {name(best)} -> val {acc(lv, best):.3f}")
     print(f"chooser picked by 5-fold CV on train: features {f}, target {t}, {ch[0]} {ch[1]:g} "
           f"(CV acc {cv[picked]:.3f}) -> val {chosen_acc(pred[picked], lv):.3f} ({used} sets used)")
     print(f"oracle (a set that answers right, when there is one) -> val {oracle:.3f}; dense {acc(lv, 0):.3f}")

@@ -36,3 +36,12 @@ def test_choosers_pick_the_best_predicted_set():
     Y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.0, 2.0]])
     assert torch.equal(rc.fit(X, Y, ("knn", 1))(X), Y)
     assert torch.allclose(rc.fit(X, Y, ("ridge", 1e9))(X), Y.mean(0).expand_as(Y), atol=1e-4)
+
+
+def test_path_of_skips_repeats_and_keeps_dense_dense():
+    assert rc.path_of(5, (), "skip") == (0, 1, 2, 3, 4)
+    assert rc.path_of(5, (1, 3), "skip") == (0, 2, 4)
+    assert rc.path_of(5, (2,), "repeat") == (0, 1, 2, 2, 3, 4)
+    assert rc.path_of(5, (1, 3), "skip", repeat=(4,)) == (0, 2, 4, 4)
+    assert rc.path_of(5, (2,), "skip", repeat=(4,), drop=(0,)) == (1, 3, 4, 4)
+    assert rc.path_of(5, (), "skip", repeat=(4,), drop=(0,)) == (0, 1, 2, 3, 4)  # column 0 stays the dense path
