@@ -45,7 +45,6 @@ def log(msg):
     print(f"[choosers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-@torch.no_grad()
 def path_of(L: int, moved: tuple, move: str, repeat: tuple = (), drop: tuple = ()) -> tuple:
     """The executed blocks in order: `moved` skipped (move "skip") or run twice ("repeat"); on every path but
     dense (no moved blocks) `repeat` runs twice as well and `drop` is skipped."""
@@ -54,6 +53,7 @@ def path_of(L: int, moved: tuple, move: str, repeat: tuple = (), drop: tuple = (
     return tuple(x for b in range(L) if b not in skip for x in (b,) * (1 + (b in twice)))
 
 
+@torch.no_grad()
 def score_split(model, tok, cfg, items, sets, first: int, cache: Path, move: str = "skip",
                 repeat: tuple = (), drop: tuple = ()) -> dict:
     """Per question: choice log-likelihoods under each path of `sets` (see path_of), and the prompt's
