@@ -54,17 +54,16 @@ def path_of(L: int, moved: tuple, move: str, repeat: tuple = (), drop: tuple = (
 
 
 @torch.no_grad()
-def score_split(model, tok, cfg, items, sets, first: int, cache: Path, move: str = "skip",
-                repeat: tuple = (), drop: tuple = ()) -> dict:
-    """Per question: choice log-likelihoods under each path of `sets` (see path_of), and the prompt's
-    mean and last-token states entering block `first`. Saved to `cache` every 25 questions (resumes)."""
-    rec = torch.load(cache) if cache.is_file() else {"sets": sets, "lp": [], "label": [], "mean": [], "last": []}
-    if rec["sets"] != sets:
-        raise SystemExit(f"{cache}: scored for other skip sets; choose another --out")
+def score_split(model, tok, cfg, items, paths: list[tuple], first: int, cache: Path) -> dict:
+    """Per question: choice log-likelihoods under each of `paths` (executed blocks in order, dense first), and
+    the prompt's mean and last-token states entering block `first`. Saved to `cache` every 25 questions
+    (resumes)."""
+    rec = torch.load(cache) if cache.is_file() else {"paths": paths, "lp": [], "label": [], "mean": [], "last": []}
+    if rec.get("paths") != paths:
+        raise SystemExit(f"{cache}: scored for other paths; choose another --out")
     exs = to_examples(cfg, tok, [("mc", it) for it in items])
-    rec = {k: v[: len(exs)] if k != "sets" else v for k, v in rec.items()}  # a smaller --train: its prefix
+    rec = {k: v[: len(exs)] if k != "paths" else v for k, v in rec.items()}  # a smaller --train: its prefix
     runner = BlockRunner(model)
-    L = len(runner.blocks)
     t0 = time.perf_counter()
     for i, ex in enumerate(exs[len(rec["lp"]):], start=len(rec["lp"])):
         scorer = PathScorer(runner, ex, cfg)
@@ -72,8 +71,7 @@ def score_split(model, tok, cfg, items, sets, first: int, cache: Path, move: str
         P = ex.prompt.shape[1]  # the prefill: the context without its last token
         rec["mean"].append(h[0, :P].float().mean(0))
         rec["last"].append(h[0, P - 1].float())
-        rec["lp"].append([runner.logprobs(scorer.hidden(path_of(L, s, move, repeat, drop)), scorer.targets)
-                          for s in sets])
+        rec["lp"].append([runner.logprobs(scorer.hidden(path), scorer.targets) for path in paths])
         rec["label"].append(ex.label)
         if (i + 1) % 25 == 0 or i + 1 == len(exs):
             torch.save(rec, cache.with_suffix(".tmp"))
@@ -84,7 +82,7 @@ def score_split(model, tok, cfg, items, sets, first: int, cache: Path, move: str
 
 def tables(rec) -> tuple[torch.Tensor, torch.Tensor]:
     """lead [N, S]: correct choice's log-likelihood minus the best other one; pick [N, S]: argmax choice."""
-    n, S = len(rec["lp"]), len(rec["sets"])
+    n, S = len(rec["lp"]), len(rec["lp"][0])
     lead, pick = torch.zeros(n, S), torch.zeros(n, S, dtype=torch.long)
     for i, (lps, y) in enumerate(zip(rec["lp"], rec["label"], strict=True)):
         lp = torch.tensor(lps)  # [S, choices]
@@ -183,8 +181,8 @@ def main():
     val_items = read_mc(DATA / "arc_easy_validation.jsonl", limit=a.val)
     tag = f"{a.blocks.replace(',', '_')}-k{a.skip}" + ("-repeat" if a.move == "repeat" else "") + \
         (f"-r{'_'.join(map(str, repeat))}" if repeat else "") + (f"-d{'_'.join(map(str, drop))}" if drop else "")
-    tr = score_split(model, tok, cfg, train_items[: a.train], sets, lo, out / f"train-{tag}.pt", a.move, repeat,
-                     drop)
+    paths = [path_of(L, s, a.move, repeat, drop) for s in sets]
+    tr = score_split(model, tok, cfg, train_items[: a.train], paths, lo, out / f"train-{tag}.pt")
     lt, pt = tables(tr)
     rep = (f" + skip {','.join(map(str, drop))}" if drop else "") + \
         (f" + repeat {','.join(map(str, repeat))}" if repeat else "")
@@ -197,7 +195,7 @@ def main():
             print(f"| {name(s)} | {acc(lt, s):.3f} | "
                   f"{(lt[:, s] - lt[:, 0]).mean():+.3f} |")
         return
-    va = score_split(model, tok, cfg, val_items, sets, lo, out / f"val-{tag}.pt", a.move, repeat, drop)
+    va = score_split(model, tok, cfg, val_items, paths, lo, out / f"val-{tag}.pt")
     lv, pv = tables(va)
     print(f"ARC-Easy: {len(lt)} train questions, {len(lv)} validation; {len(sets) - 1} sets of {a.skip} "
           f"{a.move}{'ped' if a.move == 'skip' else 'ed'} blocks among {a.blocks}{rep}\n")
