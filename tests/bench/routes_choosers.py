@@ -33,6 +33,7 @@ from adaflex.retrofit import models
 from adaflex.retrofit.data import read_mc
 from adaflex.retrofit.recipe import load_recipe
 from adaflex.retrofit.routes.label import BlockRunner, PathScorer, to_examples
+from adaflex.retrofit.routes.runtime import counts_path
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared/data"
@@ -50,7 +51,7 @@ def path_of(L: int, moved: tuple, move: str, repeat: tuple = (), drop: tuple = (
     dense (no moved blocks) `repeat` runs twice as well and `drop` is skipped."""
     skip = (set(moved) if move == "skip" else set()) | (set(drop) if moved else set())
     twice = (set(moved) if move == "repeat" else set()) | (set(repeat) if moved else set())
-    return tuple(x for b in range(L) if b not in skip for x in (b,) * (1 + (b in twice)))
+    return counts_path([0 if b in skip else 1 + (b in twice) for b in range(L)])
 
 
 @torch.no_grad()

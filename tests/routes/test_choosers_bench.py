@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import routes_choosers as rc  # noqa: E402
 
 # two questions, dense + two skip sets, three choices each
-REC = {"sets": [(), (1,), (2,)], "label": [0, 2],
+REC = {"paths": [(0, 1, 2), (0, 2), (0, 1)], "label": [0, 2],
        "lp": [[[-1.0, -2.0, -3.0], [-2.5, -2.0, -3.0], [-0.5, -4.0, -3.0]],
               [[-1.0, -2.0, -1.5], [-3.0, -2.0, -1.0], [-1.0, -2.0, -3.0]]]}
 
