@@ -164,6 +164,9 @@ def main():
     except ValueError:
         ap.error(f"--blocks {a.blocks!r} / --repeat {a.repeat!r} / --drop {a.drop!r}: expected lo-hi or comma "
                  "lists of block indices")
+    both = sorted(set(drop) & set(repeat) or set(cand) & set(drop + repeat))
+    if both:  # one block cannot be skipped and run twice, nor be a candidate and fixed on every path
+        ap.error(f"--blocks {a.blocks} / --repeat {a.repeat} / --drop {a.drop}: block {both[0]} named twice")
     sets = [()] + list(itertools.combinations(cand, a.skip))
     if len(sets) < 2 or a.skip < 1:
         ap.error(f"--skip {a.skip} with --blocks {a.blocks}: no skip set (need 1 <= skip <= {len(cand)})")

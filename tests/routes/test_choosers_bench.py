@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -45,3 +46,13 @@ def test_path_of_skips_repeats_and_keeps_dense_dense():
     assert rc.path_of(5, (1, 3), "skip", repeat=(4,)) == (0, 2, 4, 4)
     assert rc.path_of(5, (2,), "skip", repeat=(4,), drop=(0,)) == (1, 3, 4, 4)
     assert rc.path_of(5, (), "skip", repeat=(4,), drop=(0,)) == (0, 1, 2, 3, 4)  # column 0 stays the dense path
+
+
+@pytest.mark.parametrize("args", [["--drop", "3", "--repeat", "3"], ["--blocks", "12-17", "--drop", "14"],
+                                  ["--blocks", "12,27", "--repeat", "27"]])
+def test_a_block_named_twice_is_refused_before_the_model_loads(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["routes_choosers.py", *args])
+    with pytest.raises(SystemExit) as e:
+        rc.main()
+    assert e.value.code == 2
+    assert "named twice" in capsys.readouterr().err.splitlines()[-1]
