@@ -12,7 +12,7 @@ from types import ModuleType
 from . import drop, kv, prune, routes, shards
 
 _METHODS = [drop, prune, shards, routes, kv]
-# Order in which stages compose (design.md §1); a recipe may list any subset in any order.
+# Order in which stages compose (README.md, Recipes); a recipe may list any subset in any order.
 METHODS: dict[str, ModuleType] = {m.METHOD: m for m in _METHODS}
 
 

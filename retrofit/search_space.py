@@ -20,7 +20,7 @@ from adaflex.search.space import Knob
 from .registry import METHODS, config_class
 from .schema import Strict
 
-ORDER = ["drop", "prune", "shards", "routes", "kv"]  # composition order (design.md §1)
+ORDER = ["drop", "prune", "shards", "routes", "kv"]  # composition order (README.md, Recipes)
 
 
 class QualitySpec(Strict):
