@@ -43,8 +43,8 @@ def search(
     with guard():
         from adaflex.retrofit.errors import UsageError
         from adaflex.retrofit.recipe import apply_override, packaged, read_yaml, resolve_recipe_path, validate
-        from adaflex.retrofit.search_driver import search as run_search
         from adaflex.search.cost import parse_budget
+        from adaflex.study import search as run_search
 
         try:
             axes = parse_budget(budget)

@@ -1,10 +1,6 @@
 """Errors that end a command with a one-line message and a fixed exit code (README.md, Commands)."""
 
-
-class AdaflexError(Exception):
-    """A failure the user can act on. `str(err)` is the one line the CLI prints."""
-
-    exit_code = 1
+from adaflex.search.errors import AdaflexError, InfeasibleBudget
 
 
 class UsageError(AdaflexError):
@@ -13,7 +9,4 @@ class UsageError(AdaflexError):
     exit_code = 2
 
 
-class BudgetInfeasible(AdaflexError):
-    """No configuration meets the requested budget."""
-
-    exit_code = 3
+__all__ = ["AdaflexError", "InfeasibleBudget", "UsageError"]

@@ -14,12 +14,11 @@ import time
 import numpy as np
 import torch
 
-from adaflex.search.errors import InfeasibleBudget
 from adaflex.search.knapsack import additivity_report, allocate
 from adaflex.search.owl import outlier_ratio, owl_sparsities
 
 from ..drop.apply import apply as remove_blocks
-from ..errors import BudgetInfeasible, UsageError
+from ..errors import InfeasibleBudget, UsageError
 from ..evaluate import decoder_layers, reference_of
 from ..stage import StageContext, StageResult
 from .calibrate import capture, dense_statistics, prune_sequential
@@ -57,7 +56,8 @@ def check(model, cfg: PruneConfig, where: str) -> None:
     if bad:
         raise UsageError(f"{where}.protect: block {bad[0]} out of range 0..{len(layers) - 1}")
     if cfg.allocation == "owl" and cfg.sparsity > cfg.max_sparsity:
-        raise BudgetInfeasible(f"{where}.sparsity: {cfg.sparsity:g} is above max_sparsity {cfg.max_sparsity:g}")
+        raise InfeasibleBudget(f"{where}.sparsity: {cfg.sparsity:g} is above max_sparsity {cfg.max_sparsity:g}",
+                               cfg.max_sparsity, cfg.sparsity)
     if cfg.allocation == "dp":
         units = make_units(model, cfg.units)
         levels = cfg.level_grid()
@@ -67,8 +67,8 @@ def check(model, cfg: PruneConfig, where: str) -> None:
                      drop_distortion=_drop_vector(cfg, units, [0.0] * len(units)))
         except InfeasibleBudget as e:
             hint = "" if cfg.allow_drop else "; allow_drop or higher levels reach further"
-            raise BudgetInfeasible(f"{where}.sparsity: {cfg.sparsity:g} unreachable: at most {e.cheapest:.4f} "
-                                   f"with levels up to {max(levels):g}{hint}") from None
+            raise InfeasibleBudget(f"{where}.sparsity: {cfg.sparsity:g} unreachable: at most {e.cheapest:.4f} "
+                                   f"with levels up to {max(levels):g}{hint}", e.cheapest, e.requested) from None
 
 
 def _drop_vector(cfg: PruneConfig, units: list[Unit], values) -> np.ndarray | None:
@@ -112,7 +112,8 @@ def dp_allocation(measurer: CurveMeasurer, units: list[Unit], cfg: PruneConfig, 
     try:
         alloc = solve(curves, drop_vec)
     except InfeasibleBudget as e:
-        raise BudgetInfeasible(f"prune.sparsity: {target:g} unreachable: at most {e.cheapest:.4f}") from None
+        raise InfeasibleBudget(f"prune.sparsity: {target:g} unreachable: at most {e.cheapest:.4f}", e.cheapest,
+                               e.requested) from None
     t_dp = time.perf_counter() - t0 - t_curves
 
     def as_levels(a) -> list:

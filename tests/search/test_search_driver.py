@@ -6,9 +6,9 @@ import pytest
 
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.recipe import load_recipe, packaged, read_yaml, validate
-from adaflex.retrofit.search_driver import setting_of
 from adaflex.retrofit.search_space import build
 from adaflex.search.cost import Shape
+from adaflex.study.cost import setting_of
 from tiny import SHARED
 
 pytestmark = pytest.mark.skipif(not (SHARED / "wikitext2_dev.txt").is_file(), reason="needs ../shared/data")
@@ -138,7 +138,7 @@ def test_retrofit_reports_each_stage(tiny_dir, tmp_path, one_thread):
 
 def test_a_configuration_proposed_again_is_answered_without_refitting(tiny_dir, tmp_path, one_thread, monkeypatch):
     """Two configurations only, six trials: the sampler must repeat; repeats copy the finished trial's result."""
-    from adaflex.retrofit import search_driver
+    from adaflex import study as driver
 
     data = "../shared/data/wikitext2_dev.txt"
     raw = {
@@ -149,16 +149,16 @@ def test_a_configuration_proposed_again_is_answered_without_refitting(tiny_dir, 
                    "stages": {"prune": {"enabled": True, "sparsity": [0.2, 0.3], "allocation": "uniform"}}},
     }
     fits = []
-    real = search_driver.Session.apply_stages
+    real = driver.Session.apply_stages
 
     def counting(self, model, recipe, tmp):
         fits.append(recipe.stages[0].model_dump(mode="json"))
         return real(self, model, recipe, tmp)
 
-    monkeypatch.setattr(search_driver.Session, "apply_stages", counting)
+    monkeypatch.setattr(driver.Session, "apply_stages", counting)
     rec = validate(raw, "r.yaml")
-    summary = search_driver.search(rec, raw, str(tiny_dir), {"params": 0.5}, out=tmp_path / "out",
-                                   show_progress=False, log=lambda m: None)
+    summary = driver.search(rec, raw, str(tiny_dir), {"params": 0.5}, out=tmp_path / "out",
+                            show_progress=False, log=lambda m: None)
     assert summary["trials"]["complete"] == 6
     import optuna
 
@@ -178,7 +178,8 @@ def test_a_trial_started_past_the_studys_total_fails_as_surplus():
 
     import optuna
 
-    from adaflex.retrofit.search_driver import Session, Surplus, _suppress_optuna_noise
+    from adaflex.study.loop import _suppress_optuna_noise
+    from adaflex.study.session import Session, Surplus
 
     _suppress_optuna_noise()
     study = optuna.create_study()
@@ -196,7 +197,7 @@ def test_a_trial_started_past_the_studys_total_fails_as_surplus():
 def test_search_drives_the_searched_kv_allocation(tiny_dir, tmp_path, one_thread):
     """`adaflex search` can vary the kv stage's allocation to `searched`: such a trial fits the plan on the recipe's
     calibration windows (gains, candidates, coordinate search) and its cache holds the budget."""
-    from adaflex.retrofit import search_driver
+    from adaflex import study as driver
 
     raw = {
         "seed": 0,
@@ -206,8 +207,8 @@ def test_search_drives_the_searched_kv_allocation(tiny_dir, tmp_path, one_thread
         "search": {"trials": 4, "quality": {"windows": 2}, "single_methods": False,
                    "stages": {"kv": {"enabled": True, "budget": 0.5, "allocation": ["uniform", "searched"]}}},
     }
-    summary = search_driver.search(validate(raw, "r.yaml"), raw, str(tiny_dir), {"kv": 0.6}, out=tmp_path / "out",
-                                   show_progress=False, log=lambda m: None)
+    summary = driver.search(validate(raw, "r.yaml"), raw, str(tiny_dir), {"kv": 0.6}, out=tmp_path / "out",
+                            show_progress=False, log=lambda m: None)
     import optuna
 
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
