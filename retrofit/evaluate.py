@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from adaflex.search.cost import Shape
+
 from .data import MCItem, read_mc, read_text
 from .errors import UsageError
 from .progress import progress
@@ -22,19 +24,17 @@ from .progress import progress
 
 
 def dense_reference(config) -> dict:
-    """Shapes of the dense model, kept with a retrofitted one (removed blocks still count here)."""
-    d, m = config.hidden_size, config.intermediate_size
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    hd = getattr(config, "head_dim", None) or d // heads
-    per_block = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * m  # q, k, v, o, gate, up, down
+    """Shapes of the dense model, kept with a retrofitted one (removed blocks still count here). The block's
+    MACs are the cost model's (search/cost.py `Shape.block_macs`: q, k, v, o, gate, up, down)."""
+    s = Shape.from_config(config)
     return {
-        "num_layers": config.num_hidden_layers,
-        "hidden_size": d,
-        "num_kv_heads": kv,
-        "head_dim": hd,
-        "vocab_size": config.vocab_size,
-        "block_linear_params": per_block,
-        "linear_macs_per_token": per_block * config.num_hidden_layers + d * config.vocab_size,
+        "num_layers": s.num_layers,
+        "hidden_size": s.hidden_size,
+        "num_kv_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "vocab_size": s.vocab_size,
+        "block_linear_params": s.block_macs,
+        "linear_macs_per_token": s.block_macs * s.num_layers + s.head_macs,
     }
 
 
