@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..evaluate import decoder_layers
 from ..stage import StageContext, StageResult
 from . import indices as ix
-from .config import ShardsConfig
+from .config import ShardsConfig, mos_feasibility
 from .layer import (
     DTYPES,
     LoraDelta,
@@ -78,7 +78,7 @@ def check(model, cfg: ShardsConfig, where: str) -> dict[str, tuple[int, int]]:
             g = math.gcd(*[d for pair in dims.values() for d in pair])
             raise UsageError(f"{where}.shards_per_vector: {n_sh} does not divide {t}'s dims {d_in}×{d_out} "
                              f"(valid: divisors of {g})")
-    why = ix.feasibility(n_layers, cfg.rank, cfg.equivalent_rank, n_sh, cfg.private_rank, cfg.subset_selection)
+    why = mos_feasibility(cfg.rank, cfg.equivalent_rank, n_sh, cfg.private_rank, n_layers, cfg.subset_selection)
     if why:
         raise UsageError(f"{where}.rank: {why} ({n_layers} layers; set subset_selection: false to draw with "
                          "replacement, or raise equivalent_rank)")

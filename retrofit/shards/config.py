@@ -56,14 +56,28 @@ class ShardsConfig(Strict):
 
     @model_validator(mode="after")
     def _shape(self):
-        if self.method != "mos":
-            return self
-        r, e, p = self.rank, self.equivalent_rank, self.private_rank
-        if e > r:
-            raise ValueError(f"equivalent_rank {e} exceeds rank {r} (MoS saves r/e; e > r costs more than LoRA)")
-        if p > r or p > e:
-            raise ValueError(f"private_rank {p} must not exceed rank {r} nor equivalent_rank {e}")
-        if p == e and r > p:
-            raise ValueError(f"private_rank {p} = equivalent_rank leaves no public pool for the other {r - p} "
-                             "rank vectors")
+        if self.method == "mos":
+            why = mos_feasibility(self.rank, self.equivalent_rank, self.shards_per_vector, self.private_rank)
+            if why:
+                raise ValueError(why)
         return self
+
+
+def mos_feasibility(r: int, e: int, n_sh: int, p: int, num_layers: int | None = None,
+                    subset: bool = True) -> str | None:
+    """Why MoS pools of these sizes cannot be drawn, or None: the one statement of the rule (README, "Checks").
+    One side's pool holds e·L·l shards, the first (e−p)·L·l public (indices.py). `num_layers` None: only the
+    checks that need no model (recipe validation); with it, also the draw without replacement."""
+    if e > r:
+        return f"equivalent_rank {e} exceeds rank {r} (MoS saves r/e; e > r costs more than LoRA)"
+    if p > r or p > e:
+        return f"private_rank {p} must not exceed rank {r} nor equivalent_rank {e}"
+    if p == e and r > p:
+        return f"private_rank {p} = equivalent_rank leaves no public pool for the other {r - p} rank vectors"
+    if num_layers is not None and subset:
+        public, need = (e - p) * num_layers * n_sh, (r - p) * n_sh
+        if need > public:
+            return (f"(rank − private_rank)·shards_per_vector = {need} public shards per layer exceed the public "
+                    f"pool of {public} shards ((equivalent_rank − private_rank)·layers·shards_per_vector) drawn "
+                    "without replacement")
+    return None

@@ -14,23 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from .config import mos_feasibility
+
 
 def pool_size(num_layers: int, equivalent_rank: int, n_sh: int) -> int:
     return equivalent_rank * num_layers * n_sh
-
-
-def feasibility(num_layers: int, r: int, e: int, n_sh: int, p: int, subset: bool) -> str | None:
-    """Why these sizes cannot be drawn, or None."""
-    if p > r or p > e:
-        return f"private_rank {p} exceeds rank {r} or equivalent_rank {e}"
-    public = (e - p) * num_layers * n_sh
-    need = (r - p) * n_sh
-    if need and not public:
-        return f"no public pool for {r - p} public rank vectors (private_rank = equivalent_rank)"
-    if subset and need > public:
-        return (f"rank·shards_per_vector = {need} public shards per layer exceed the public pool of "
-                f"{public} shards (equivalent_rank·layers·shards_per_vector) drawn without replacement")
-    return None
 
 
 def _side(g: torch.Generator, layer: int, num_layers: int, r: int, e: int, n_sh: int, p: int, subset: bool,
@@ -61,7 +49,7 @@ def _side(g: torch.Generator, layer: int, num_layers: int, r: int, e: int, n_sh:
 def draw(num_layers: int, r: int, e: int, n_sh: int, p: int = 0, *, subset: bool = True, dissociate: bool = True,
          shard: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Index vectors [L, r, n_sh] for A and for B (int64)."""
-    why = feasibility(num_layers, r, e, n_sh, p, subset)
+    why = mos_feasibility(r, e, n_sh, p, num_layers, subset)
     if why:
         raise ValueError(why)
     g = torch.Generator().manual_seed(seed)

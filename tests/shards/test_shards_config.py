@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 from adaflex.cli.main import app
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.recipe import validate
-from adaflex.retrofit.shards.apply import check
-from adaflex.retrofit.shards.config import ShardsConfig
+from adaflex.retrofit.shards.apply import check, trainable_params
+from adaflex.retrofit.shards.config import ShardsConfig, mos_feasibility
 from tiny import tiny_llama
 
 
@@ -40,6 +40,25 @@ def test_shards_model_checks():
     check(model, ShardsConfig(rank=8, equivalent_rank=1, shards_per_vector=4, subset_selection=False), "x")
     check(model, ShardsConfig(rank=8, equivalent_rank=2, shards_per_vector=32), "x")
     check(model, ShardsConfig(method="lora", rank=8, shards_per_vector=3), "x")  # lora ignores MoS keys
+
+
+SMOL = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+        "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
+
+
+def test_mos_rule_and_parameter_count_on_smollm2_shapes():
+    plan = {"method": "mos", "rank": 8, "equivalent_rank": 1, "num_layers": 30, "shapes": SMOL}
+    assert trainable_params(plan) == 305_280  # methods.md: one unit of rank on SmolLM2-135M
+    assert trainable_params({**plan, "method": "lora"}) == 8 * 305_280
+    assert mos_feasibility(8, 1, 4, 0, num_layers=30) is None
+    assert "private_rank" in mos_feasibility(8, 1, 4, 2, num_layers=30)
+    assert "exceeds rank" in mos_feasibility(4, 8, 4, 0)
+    assert "no public pool" in mos_feasibility(4, 2, 4, 2)
+    # 64 public vectors of 4 shards need 256 distinct shards per layer; the public pool holds 1·30·4
+    assert "without replacement" in mos_feasibility(64, 1, 4, 0, num_layers=30)
+    assert mos_feasibility(64, 1, 4, 0, num_layers=30, subset=False) is None
+    assert mos_feasibility(64, 1, 4, 0) is None  # the block count is not known at recipe validation
+    assert mos_feasibility(30, 1, 4, 0, num_layers=30) is None  # at the edge: the whole pool, once
 
 
 @pytest.mark.parametrize("setting,needle", [("shards.shards_per_vector=3", "does not divide"),
