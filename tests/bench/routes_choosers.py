@@ -32,8 +32,18 @@ import torch
 from adaflex.retrofit import models
 from adaflex.retrofit.data import read_mc
 from adaflex.retrofit.recipe import load_recipe
+from adaflex.retrofit.routes.choosers import (
+    acc,
+    block_args,
+    chosen_acc,
+    cv_acc,
+    features,
+    fit,
+    path_of,
+    tables,
+    target,
+)
 from adaflex.retrofit.routes.label import BlockRunner, PathScorer, to_examples
-from adaflex.retrofit.routes.runtime import counts_path
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared/data"
@@ -44,14 +54,6 @@ CHOOSERS = [("ridge", a) for a in (1.0, 10.0, 100.0, 1000.0, 10000.0)] + [("knn"
 
 def log(msg):
     print(f"[choosers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def path_of(L: int, moved: tuple, move: str, repeat: tuple = (), drop: tuple = ()) -> tuple:
-    """The executed blocks in order: `moved` skipped (move "skip") or run twice ("repeat"); on every path but
-    dense (no moved blocks) `repeat` runs twice as well and `drop` is skipped."""
-    skip = (set(moved) if move == "skip" else set()) | (set(drop) if moved else set())
-    twice = (set(moved) if move == "repeat" else set()) | (set(repeat) if moved else set())
-    return counts_path([0 if b in skip else 1 + (b in twice) for b in range(L)])
 
 
 @torch.no_grad()
@@ -81,65 +83,6 @@ def score_split(model, tok, cfg, items, paths: list[tuple], first: int, cache: P
     return rec
 
 
-def tables(rec) -> tuple[torch.Tensor, torch.Tensor]:
-    """lead [N, S]: correct choice's log-likelihood minus the best other one; pick [N, S]: argmax choice."""
-    n, S = len(rec["lp"]), len(rec["lp"][0])
-    lead, pick = torch.zeros(n, S), torch.zeros(n, S, dtype=torch.long)
-    for i, (lps, y) in enumerate(zip(rec["lp"], rec["label"], strict=True)):
-        lp = torch.tensor(lps)  # [S, choices]
-        lead[i] = lp[:, y] - torch.cat([lp[:, :y], lp[:, y + 1:]], 1).max(1).values
-        pick[i] = lp.argmax(1)
-    return lead, pick
-
-
-def target(name: str, lead, pick) -> torch.Tensor:
-    """Regression target per skip set (column 0 is dense and is not a choice)."""
-    if name == "lead":
-        return (lead[:, 1:] - lead[:, :1]).clamp(-10, 10)
-    if name == "correct":
-        return (lead[:, 1:] > 0).float()
-    return (pick[:, 1:] == pick[:, :1]).float()
-
-
-def features(rec, name: str) -> torch.Tensor:
-    return torch.cat([torch.stack(rec[k]) for k in name.split("+")], 1)
-
-
-def fit(X, Y, chooser: tuple[str, float]):
-    """predict(X) [N, S] from standardised features: ridge (strength p, unpenalised intercept), or the mean
-    target of the p nearest training questions by cosine similarity."""
-    kind, p = chooser
-    mu, sd = X.mean(0), X.std(0) + 1e-6
-    Z = (X - mu) / sd
-    if kind == "knn":
-        Z = torch.nn.functional.normalize(Z, dim=1)
-        return lambda Xn: Y[(torch.nn.functional.normalize((Xn - mu) / sd, dim=1) @ Z.T).topk(
-            min(int(p), len(Z)), dim=1).indices].mean(1)
-    ym = Y.mean(0)
-    W = torch.linalg.solve(Z.T @ Z + p * torch.eye(Z.shape[1]), Z.T @ (Y - ym))
-    return lambda Xn: ((Xn - mu) / sd) @ W + ym
-
-
-def acc(lead: torch.Tensor, s: int) -> float:
-    """Accuracy of skip set (column) s."""
-    return (lead[:, s] > 0).float().mean().item()
-
-
-def chosen_acc(pred: torch.Tensor, lead: torch.Tensor) -> float:
-    """Accuracy when each question runs the skip set with the highest prediction."""
-    choice = 1 + pred.argmax(1)
-    return (lead[torch.arange(len(lead)), choice] > 0).float().mean().item()
-
-
-def cv_acc(X, Y, lead, chooser, folds: int = 5) -> float:
-    fold = torch.arange(len(X)) % folds
-    right = 0.0
-    for f in range(folds):
-        tr, te = fold != f, fold == f
-        right += chosen_acc(fit(X[tr], Y[tr], chooser)(X[te]), lead[te]) * int(te.sum())
-    return right / len(X)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", type=int, default=400, help="ARC-Easy train questions (seeded sample)")
@@ -155,18 +98,9 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     try:
-        if "-" in a.blocks:
-            lo, hi = (int(x) for x in a.blocks.split("-"))
-            cand = list(range(lo, hi + 1))
-        else:
-            cand = sorted({int(x) for x in a.blocks.split(",")})
-        repeat, drop = (tuple(sorted({int(x) for x in v.split(",") if x.strip()})) for v in (a.repeat, a.drop))
-    except ValueError:
-        ap.error(f"--blocks {a.blocks!r} / --repeat {a.repeat!r} / --drop {a.drop!r}: expected lo-hi or comma "
-                 "lists of block indices")
-    both = sorted(set(drop) & set(repeat) or set(cand) & set(drop + repeat))
-    if both:  # one block cannot be skipped and run twice, nor be a candidate and fixed on every path
-        ap.error(f"--blocks {a.blocks} / --repeat {a.repeat} / --drop {a.drop}: block {both[0]} named twice")
+        cand, repeat, drop = block_args(a.blocks, a.repeat, a.drop)
+    except ValueError as e:
+        ap.error(str(e))
     sets = [()] + list(itertools.combinations(cand, a.skip))
     if len(sets) < 2 or a.skip < 1:
         ap.error(f"--skip {a.skip} with --blocks {a.blocks}: no skip set (need 1 <= skip <= {len(cand)})")

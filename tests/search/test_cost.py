@@ -4,6 +4,7 @@ import pytest
 
 from adaflex.search.cost import Setting, Shape, cost, feasible, pareto_front, parse_budget, violations
 from adaflex.search.space import Knob, corner_points
+from tiny import tiny_llama
 
 # tests/tiny.py's model: 4 blocks, hidden 64, MLP 160, 4 heads of 16, 2 KV heads, vocab 259
 TINY = Shape(
@@ -18,11 +19,6 @@ DENSE = 4 * (BLOCK + ATTN) + HEAD  # 239808
 
 
 def test_shape_from_config_matches_hand_count():
-    import sys
-
-    sys.path.insert(0, "tests")
-    from tiny import tiny_llama
-
     shape = Shape.from_config(tiny_llama().config)
     assert shape == TINY
     assert shape.block_macs == BLOCK == 43008

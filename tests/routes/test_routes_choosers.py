@@ -1,15 +1,16 @@
-"""The arithmetic of tests/bench/routes_choosers.py (leads, targets, choosers) on hand-made scores."""
+"""The arithmetic of tests/bench/routes_choosers.py (retrofit/routes/choosers.py: leads, targets, choosers) on
+hand-made scores, and the script's refusal of a block named twice."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import routes_choosers as rc  # noqa: E402
+from adaflex.retrofit.routes import choosers as rc
+from tiny import ROOT
 
 # two questions, dense + two skip sets, three choices each
 REC = {"paths": [(0, 1, 2), (0, 2), (0, 1)], "label": [0, 2],
@@ -48,11 +49,15 @@ def test_path_of_skips_repeats_and_keeps_dense_dense():
     assert rc.path_of(5, (), "skip", repeat=(4,), drop=(0,)) == (0, 1, 2, 3, 4)  # column 0 stays the dense path
 
 
-@pytest.mark.parametrize("args", [["--drop", "3", "--repeat", "3"], ["--blocks", "12-17", "--drop", "14"],
-                                  ["--blocks", "12,27", "--repeat", "27"]])
-def test_a_block_named_twice_is_refused_before_the_model_loads(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["routes_choosers.py", *args])
-    with pytest.raises(SystemExit) as e:
-        rc.main()
-    assert e.value.code == 2
-    assert "named twice" in capsys.readouterr().err.splitlines()[-1]
+@pytest.mark.parametrize("args", [("12-17", "3", "3"), ("12-17", "", "14"), ("12,27", "27", "")])
+def test_a_block_named_twice_is_refused(args):
+    with pytest.raises(ValueError, match="named twice"):
+        rc.block_args(*args)
+    assert rc.block_args("12-14", "27", "0") == ([12, 13, 14], (27,), (0,))
+
+
+def test_the_script_refuses_a_block_named_twice_before_the_model_loads():
+    r = subprocess.run([sys.executable, str(ROOT / "tests/bench/routes_choosers.py"), "--drop", "3", "--repeat", "3"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2
+    assert "named twice" in r.stderr.splitlines()[-1]
