@@ -3,7 +3,7 @@
 Python API: `run(recipe, model)` retrofits, `load(path)` restores any MODEL (name, directory, export or
 run directory) with its adaptive parts, `export(run_dir, out)` writes a checkpoint."""
 
-from .errors import AdaflexError, InfeasibleBudget, UsageError
+from .errors import AdaflexError, BudgetInfeasible, UsageError
 from .recipe import Recipe, load_recipe
 
 
@@ -26,4 +26,4 @@ def export(run_dir, out, merge_adapters: bool = False):
     return _export(run_dir, out, merge_adapters)
 
 
-__all__ = ["AdaflexError", "InfeasibleBudget", "Recipe", "UsageError", "export", "load", "load_recipe", "run"]
+__all__ = ["AdaflexError", "BudgetInfeasible", "Recipe", "UsageError", "export", "load", "load_recipe", "run"]

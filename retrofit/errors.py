@@ -1,6 +1,6 @@
 """Errors that end a command with a one-line message and a fixed exit code (README.md, Commands)."""
 
-from adaflex.search.errors import AdaflexError, InfeasibleBudget
+from adaflex.search.errors import AdaflexError, BudgetInfeasible
 
 
 class UsageError(AdaflexError):
@@ -9,4 +9,4 @@ class UsageError(AdaflexError):
     exit_code = 2
 
 
-__all__ = ["AdaflexError", "InfeasibleBudget", "UsageError"]
+__all__ = ["AdaflexError", "BudgetInfeasible", "UsageError"]

@@ -2,7 +2,7 @@
 3 is "budget infeasible").
 
 They live here, not in retrofit/, because `search/` imports nothing else of adaflex: the pure algorithms raise
-`InfeasibleBudget` themselves, and retrofit/errors.py re-exports both classes for the rest of the package.
+`BudgetInfeasible` themselves, and retrofit/errors.py re-exports both classes for the rest of the package.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class AdaflexError(Exception):
     exit_code = 1
 
 
-class InfeasibleBudget(AdaflexError):
+class BudgetInfeasible(AdaflexError):
     """No configuration meets the requested budget.
 
     Attributes:

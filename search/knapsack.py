@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InfeasibleBudget
+from .errors import BudgetInfeasible
 
 __all__ = ["AdditivityReport", "Allocation", "additivity_report", "allocate", "spearman"]
 
@@ -88,7 +88,7 @@ def allocate(
             apply to this explicit drop level.
 
     Raises:
-        InfeasibleBudget: even the sparsest allowed configuration keeps too many weights;
+        BudgetInfeasible: even the sparsest allowed configuration keeps too many weights;
             `.cheapest` is the highest reachable sparsity.
     """
     D = np.asarray(curves, dtype=np.float64)
@@ -134,7 +134,7 @@ def allocate(
     min_kept = np.where(allowed, kept, np.inf).min(axis=1)
     if min_kept.sum() > fits:
         best = 1.0 - float(min_kept.sum()) / total
-        raise InfeasibleBudget(
+        raise BudgetInfeasible(
             f"sparsity {target:.4f} unreachable: at most {best:.4f} with the allowed levels",
             cheapest=best,
             requested=target,

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InfeasibleBudget
+from .errors import BudgetInfeasible
 
 __all__ = [
     "average_plans",
@@ -117,7 +117,7 @@ def _bounds(n_layers: int, total: int, lengths, min_keep) -> tuple[np.ndarray, n
     if total > hi.sum():
         raise ValueError(f"total {total} exceeds the {int(hi.sum())} tokens the layers hold")
     if total < lo.sum():
-        raise InfeasibleBudget(
+        raise BudgetInfeasible(
             f"total {total} below the per-layer floors ({int(lo.sum())})",
             cheapest=int(lo.sum()),
             requested=total,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InfeasibleBudget
+from .errors import BudgetInfeasible
 
 __all__ = ["outlier_ratio", "owl_from_scores", "owl_sparsities"]
 
@@ -61,7 +61,7 @@ def owl_sparsities(
         max_sparsity: upper clip (< 1: a block is never emptied by pruning).
 
     Raises:
-        InfeasibleBudget: target above max_sparsity (`.cheapest` = max_sparsity).
+        BudgetInfeasible: target above max_sparsity (`.cheapest` = max_sparsity).
     """
     lod = np.asarray(lod, dtype=np.float64)
     if lod.ndim != 1 or lod.size == 0 or not np.all(np.isfinite(lod)):
@@ -76,7 +76,7 @@ def owl_sparsities(
     if not 0.0 <= target < 1.0:
         raise ValueError(f"target sparsity {target} outside [0, 1)")
     if target > max_sparsity:
-        raise InfeasibleBudget(
+        raise BudgetInfeasible(
             f"sparsity {target} above max_sparsity {max_sparsity}", cheapest=max_sparsity, requested=target
         )
     w = w / w.sum()

@@ -24,7 +24,7 @@ from adaflex.retrofit.progress import bar
 from adaflex.retrofit.recipe import Recipe
 from adaflex.retrofit.search_space import SearchSection, build
 from adaflex.search.cost import AXES, feasible, format_budget
-from adaflex.search.errors import InfeasibleBudget
+from adaflex.search.errors import BudgetInfeasible
 
 from .evaluate_best import evaluate_best
 from .outputs import finish
@@ -105,7 +105,7 @@ def search(
     low = session.cheapest()
     if low is not None and not feasible(low, budget):
         got = format_budget({a: low.axis(a) for a in budget})
-        raise InfeasibleBudget(
+        raise BudgetInfeasible(
             f"--budget {format_budget(budget)}: the cheapest configuration of the search space "
             f"costs {got} (predicted, every stage at its cheapest setting)"
         )
@@ -189,7 +189,7 @@ def search(
     if interrupted:
         raise KeyboardInterrupt
     if summary["best"] is None:
-        raise InfeasibleBudget(summary["infeasible"])
+        raise BudgetInfeasible(summary["infeasible"])
     if evaluate:
         summary["evaluation"] = evaluate_best(study, session, summary, out, log)
         io.write_json(out / "search.json", summary)

@@ -18,7 +18,7 @@ from adaflex.search.knapsack import additivity_report, allocate
 from adaflex.search.owl import outlier_ratio, owl_sparsities
 
 from ..drop.apply import apply as remove_blocks
-from ..errors import InfeasibleBudget, UsageError
+from ..errors import BudgetInfeasible, UsageError
 from ..evaluate import decoder_layers, reference_of
 from ..stage import StageContext, StageResult
 from .calibrate import capture, dense_statistics, prune_sequential
@@ -56,7 +56,7 @@ def check(model, cfg: PruneConfig, where: str) -> None:
     if bad:
         raise UsageError(f"{where}.protect: block {bad[0]} out of range 0..{len(layers) - 1}")
     if cfg.allocation == "owl" and cfg.sparsity > cfg.max_sparsity:
-        raise InfeasibleBudget(f"{where}.sparsity: {cfg.sparsity:g} is above max_sparsity {cfg.max_sparsity:g}",
+        raise BudgetInfeasible(f"{where}.sparsity: {cfg.sparsity:g} is above max_sparsity {cfg.max_sparsity:g}",
                                cfg.max_sparsity, cfg.sparsity)
     if cfg.allocation == "dp":
         units = make_units(model, cfg.units)
@@ -65,9 +65,9 @@ def check(model, cfg: PruneConfig, where: str) -> None:
             allocate(np.zeros((len(units), len(levels))), levels, [u.size for u in units], cfg.sparsity,
                      granularity=cfg.granularity, max_sparsity=cfg.max_sparsity,
                      drop_distortion=_drop_vector(cfg, units, [0.0] * len(units)))
-        except InfeasibleBudget as e:
+        except BudgetInfeasible as e:
             hint = "" if cfg.allow_drop else "; allow_drop or higher levels reach further"
-            raise InfeasibleBudget(f"{where}.sparsity: {cfg.sparsity:g} unreachable: at most {e.cheapest:.4f} "
+            raise BudgetInfeasible(f"{where}.sparsity: {cfg.sparsity:g} unreachable: at most {e.cheapest:.4f} "
                                    f"with levels up to {max(levels):g}{hint}", e.cheapest, e.requested) from None
 
 
@@ -111,8 +111,8 @@ def dp_allocation(measurer: CurveMeasurer, units: list[Unit], cfg: PruneConfig, 
 
     try:
         alloc = solve(curves, drop_vec)
-    except InfeasibleBudget as e:
-        raise InfeasibleBudget(f"prune.sparsity: {target:g} unreachable: at most {e.cheapest:.4f}", e.cheapest,
+    except BudgetInfeasible as e:
+        raise BudgetInfeasible(f"prune.sparsity: {target:g} unreachable: at most {e.cheapest:.4f}", e.cheapest,
                                e.requested) from None
     t_dp = time.perf_counter() - t0 - t_curves
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaflex.search.errors import InfeasibleBudget
+from adaflex.search.errors import BudgetInfeasible
 from adaflex.search.knapsack import additivity_report, allocate, spearman
 
 LEVELS = np.array([0.0, 0.25, 0.5, 0.75])
@@ -53,7 +53,7 @@ def test_matches_brute_force_when_costs_are_exact(prob):
     budget = (1 - target) * total
     ref = brute_force(curves, LEVELS, sizes, budget)
     if ref is None:
-        with pytest.raises(InfeasibleBudget):
+        with pytest.raises(BudgetInfeasible):
             allocate(curves, LEVELS, sizes, target, granularity=1 / total)
         return
     a = allocate(curves, LEVELS, sizes, target, granularity=1 / total)
@@ -71,7 +71,7 @@ def test_rounding_is_safe_and_bounded(prob, gran):
     budget = (1 - target) * total
     ref = brute_force(curves, LEVELS, sizes, budget)
     if ref is None:
-        with pytest.raises(InfeasibleBudget):
+        with pytest.raises(BudgetInfeasible):
             allocate(curves, LEVELS, sizes, target, granularity=gran)
         return
     a = allocate(curves, LEVELS, sizes, target, granularity=gran)
@@ -100,7 +100,7 @@ def test_drop_level_matches_brute_force(prob, data):
     total = sizes.sum()
     ref = brute_force(curves, LEVELS, sizes, (1 - target) * total, drop=drop)
     if ref is None:
-        with pytest.raises(InfeasibleBudget):
+        with pytest.raises(BudgetInfeasible):
             allocate(curves, LEVELS, sizes, target, granularity=1 / total, drop_distortion=drop)
         return
     a = allocate(curves, LEVELS, sizes, target, granularity=1 / total, drop_distortion=drop)
@@ -120,13 +120,13 @@ def test_drop_competes_with_width():
 
 def test_infeasible_reports_cheapest():
     curves = np.zeros((3, 4))
-    with pytest.raises(InfeasibleBudget) as err:
+    with pytest.raises(BudgetInfeasible) as err:
         allocate(curves, LEVELS, [1, 2, 3], 0.6, max_sparsity=0.5)
     assert err.value.cheapest == pytest.approx(0.5)
     assert err.value.requested == 0.6
     assert err.value.exit_code == 3
     # per-unit caps: units can reach 0.75, 0.25, 0.25 -> weighted max (0.75 + 0.5 + 0.25) / 3
-    with pytest.raises(InfeasibleBudget) as err:
+    with pytest.raises(BudgetInfeasible) as err:
         allocate(curves, LEVELS, [1, 2, 1], 0.6, max_sparsity=[0.75, 0.25, 0.25])
     assert err.value.cheapest == pytest.approx((0.75 + 0.5 + 0.25) / 4)
 

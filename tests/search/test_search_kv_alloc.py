@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaflex.search import kv_alloc as kv
-from adaflex.search.errors import InfeasibleBudget
+from adaflex.search.errors import BudgetInfeasible
 
 
 @st.composite
@@ -85,7 +85,7 @@ def test_cake_spreads_the_excess():
 def test_budget_errors():
     with pytest.raises(ValueError):
         kv.cake([1, 1], 30, [10, 10])
-    with pytest.raises(InfeasibleBudget) as err:
+    with pytest.raises(BudgetInfeasible) as err:
         kv.uniform(3, 5, lengths=10, min_keep=2)
     assert err.value.cheapest == 6
     with pytest.raises(ValueError):
@@ -139,7 +139,7 @@ def test_prefixkv_floor_and_errors():
     starved = kv.prefixkv([peaked, flat], 10)
     assert starved[0] <= 2  # the plain method starves the peaked layer
     assert kv.prefixkv([peaked, flat], 10, min_keep=4)[0] >= 4
-    with pytest.raises(InfeasibleBudget):
+    with pytest.raises(BudgetInfeasible):
         kv.prefixkv([peaked, flat], 5, min_keep=4)
     with pytest.raises(ValueError):
         kv.prefixkv([peaked, flat], 61)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaflex.search.errors import InfeasibleBudget
+from adaflex.search.errors import BudgetInfeasible
 from adaflex.search.owl import outlier_ratio, owl_from_scores, owl_sparsities
 
 
@@ -47,7 +47,7 @@ def test_clipping_keeps_the_mean():
 
 
 def test_infeasible_and_bad_inputs():
-    with pytest.raises(InfeasibleBudget) as err:
+    with pytest.raises(BudgetInfeasible) as err:
         owl_sparsities([0.1, 0.2], 0.995)
     assert err.value.cheapest == 0.99
     with pytest.raises(ValueError):
