@@ -34,7 +34,3 @@ def get(name: str) -> Method:
 def config_class(name: str):
     return get(name).config
 
-
-def position(name: str) -> int:
-    """Composition rank of a method (its line above)."""
-    return list(METHODS).index(name)
