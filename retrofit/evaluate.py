@@ -1,5 +1,5 @@
 """Evaluation: perplexity (strided, or context→continuation through the cache), multiple choice by
-log-likelihood, and the cost figures every report carries (design.md §3).
+log-likelihood, and the cost figures every report carries (README.md, Commands).
 
 The LM head (49152 classes for SmolLM2) costs as much as the decoder stack when applied everywhere,
 so the multiple-choice and cached protocols run the decoder and apply the head only where scored.

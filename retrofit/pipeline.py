@@ -1,6 +1,6 @@
 """`adaflex retrofit`: apply a recipe's stages to a model and report dense vs retrofitted side by side.
 
-The run directory (design.md §4) doubles as the progress state: each finished evaluation and stage is
+The run directory (README.md, "Run directory") doubles as the progress state: each finished evaluation and stage is
 written atomically under `state/`, so rerunning the same command resumes where it stopped.
 """
 
