@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from . import io, models, registry
 from .errors import UsageError
 from .pipeline import apply_plan, load_run, split_tensors, version
+from .state import state_of
 
 
 def _dense_state(model) -> dict[str, torch.Tensor]:
@@ -63,14 +64,13 @@ def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False) -
 
 
 def _export_stages(model, plan: dict, adaptive: dict, out: Path, merge_adapters: bool) -> list[dict]:
-    """Let each stage write its extra export files; a stage's `export_extra(model, plan, tensors, out_dir,
-    merge)` may also change the model (e.g. merge adapters) and returns keys for its config entry
-    (`baked: true` makes load skip it)."""
+    """Let each stage write its extra export files (`Method.export_extra`), which may also change the model
+    (e.g. merge adapters) and returns keys for its config entry (`baked: true` makes load skip it)."""
     stages = []
     for i, st in enumerate(plan["stages"]):
-        hook = getattr(registry.implementation(st["method"]), "export_extra", None)
-        info = hook(model, st["plan"], split_tensors(adaptive, i, st["method"]), out, merge_adapters) if hook else None
-        stages.append({**st, **(info or {})})
+        method = registry.get(st["method"])
+        info = method.export_extra(model, st["plan"], split_tensors(adaptive, i, st["method"]), out, merge_adapters)
+        stages.append({**st, **info})
     return stages
 
 
@@ -90,7 +90,7 @@ def load_export(path: str | Path, dtype=None):
     path = Path(path)
     model, tok = models.load_hf(path, dtype=dtype)
     block = json.loads((path / "config.json").read_text())["adaflex"]
-    model.adaflex_dense = block["dense_reference"]
+    state_of(model).dense = block["dense_reference"]
     tpath = path / "adaflex.safetensors"
     tensors = load_file(str(tpath)) if tpath.is_file() else {}
     apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)

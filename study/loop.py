@@ -93,10 +93,8 @@ def search(
     if storage is not None and journal_path(storage) is None and "://" not in storage:
         open_storage(storage, out, heartbeat)  # raises the usage error before anything is loaded
     for sp in build(recipe, 64):  # checks that need no model (the block count only bounds default knobs)
-        impl = registry.implementation(sp.method)
-        needs = getattr(impl, "needs_calibration", None)
         cfg = registry.config_class(sp.method).model_validate(sp.base)
-        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+        if registry.get(sp.method).needs_calibration(cfg) and recipe.data.calibration is None:
             raise UsageError(f"recipe: data.calibration: required by the {sp.method} stage")
     model, tok = models.load(model_spec or recipe.model)
     raw = {**raw, "model": model_name}

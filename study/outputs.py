@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from adaflex.retrofit import io
+from adaflex.retrofit import io, registry
 from adaflex.retrofit.recipe import validate
 from adaflex.search.cost import AXES, format_budget, pareto_front
 
@@ -67,8 +67,9 @@ def plot(path: Path, rows: list[dict], dense_q: float | None, budget: dict, axis
         pts = [r for r in done if bool(r["feasible"]) == feas and "+" in r["stages"]]
         if pts:
             ax.scatter([r[key] for r in pts], [r["quality"] for r in pts], c=color, s=22, label=f"composed, {label}")
-    markers = {"drop": "v", "prune": "s", "shards": "P", "routes": "^", "kv": "D"}
-    for m, mk in markers.items():
+    markers = "vsP^D<>hX*"  # one per method, in registry order
+    for i, m in enumerate(registry.METHODS):
+        mk = markers[i % len(markers)]
         pts = [r for r in done if r["stages"] == m]
         if pts:
             ax.scatter(

@@ -134,17 +134,15 @@ class Session:
 
         done, prefix = [], []
         for i, (method, cfg) in enumerate(recipe.stage_items()):
-            impl = registry.implementation(method)
+            impl = registry.get(method)
             prefix.append([method, cfg.model_dump(mode="json")])
             key = json.dumps(prefix, sort_keys=True)
             res: StageResult | None = self.memo.get(key)
             if res is None:
-                check = getattr(impl, "check", None)
-                if check is not None:
-                    check(model, cfg, f"trial: stages.{i}.{method}")
-                # prune's distortion curves are cached on disk under the upstream stages' key (the cache
-                # itself checks the model, data and settings); other stages work in the trial's folder
-                if method == "prune":
+                impl.check(model, cfg, f"trial: stages.{i}.{method}")
+                # a method whose fit checks what it finds in its state folder (prune's distortion curves)
+                # keeps it under the upstream stages' key, shared by trials; others work in the trial's folder
+                if impl.reuses_state:
                     state = self.out / "cache" / hashlib.sha256(json.dumps(prefix[:-1]).encode()).hexdigest()[:12]
                 else:
                     state = tmp / f"stage-{i}"
