@@ -39,7 +39,7 @@ import yaml
 from adaflex.search.cost import AXES, Setting, Shape, cost, feasible, format_budget, pareto_front, violations
 from adaflex.search.space import corner_points
 
-from . import io, models, registry
+from . import io, models, registry, rundir
 from .contribution import probe_quality, quality_source
 from .errors import AdaflexError, BudgetInfeasible, UsageError
 from .recipe import Recipe, validate
@@ -536,6 +536,7 @@ def search(
     evaluate: bool = False,
     log=None,
     show_progress: bool | None = None,
+    allow_bin: bool = False,
 ) -> dict:
     """Run (or continue) a study; returns the summary that `--format json` prints. `evaluate`: afterwards,
     hold dense, the best trial and the best single-method trial to the recipe's `eval:` side by side."""
@@ -561,7 +562,8 @@ def search(
         cfg = registry.config_class(sp.method).model_validate(sp.base)
         if needs is not None and needs(cfg) and recipe.data.calibration is None:
             raise UsageError(f"recipe: data.calibration: required by the {sp.method} stage")
-    model, tok = models.load(model_spec or recipe.model)
+    rundir.hold(out)  # one writer per --out, taken before the model loads so that a second one stops at once
+    model, tok = models.load(model_spec or recipe.model, allow_bin=allow_bin)
     raw = {**raw, "model": model_name}
     session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log)
     session.total = n_trials
