@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import io, models, registry, rundir
-from .errors import UsageError
+from .errors import UsageError, naming
 from .pipeline import apply_plan, load_run, split_tensors, version
 
 
@@ -95,5 +95,6 @@ def load_export(path: str | Path, dtype=None):
     model.adaflex_dense = block["dense_reference"]
     tpath = path / "adaflex.safetensors"
     tensors = load_file(str(tpath)) if tpath.is_file() else {}
-    apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)
+    with naming(path / "config.json"):
+        apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)
     return model, tok

@@ -13,6 +13,8 @@ def eval_settings(recipe: Recipe, source: str) -> None:
     for i, ev in enumerate(recipe.eval):
         if ev.task == "perplexity" and (ev.context is None) != (ev.continuation is None):
             raise UsageError(f"{source}: eval.{i}: context and continuation go together")
+        if ev.task == "perplexity" and ev.context is None and (ev.stride or 0) > ev.seq_len:
+            raise UsageError(f"{source}: eval.{i}.stride: {ev.stride} is larger than seq_len {ev.seq_len}")
         if ev.task == "passkey" and ev.context is None:
             raise UsageError(f"{source}: eval.{i}.context: required by task passkey (prompt length in tokens)")
 

@@ -1,6 +1,8 @@
 """Errors that end a command with a one-line message and a fixed exit code (design.md §3)."""
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _BREAKS = re.compile("[\\n\\r\\x0b\\x0c\\x1c-\\x1e\\x85\\u2028\\u2029]")  # what str.splitlines splits at
 
@@ -25,3 +27,14 @@ class BudgetInfeasible(AdaflexError):
     """No configuration meets the requested budget."""
 
     exit_code = 3
+
+
+@contextmanager
+def naming(path) -> Iterator[None]:
+    """Prefix `path` to an AdaflexError raised inside that does not name it (a plan or data checked deep down)."""
+    try:
+        yield
+    except AdaflexError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from . import io, models, registry, rundir
 from .contribution import Contributions
 from .data import read_mc, read_text
-from .errors import UsageError
+from .errors import UsageError, naming
 from .evaluate import cost_figures, probe_ids, reference_of, run_eval
 from .recipe import Recipe, validate
 from .stage import StageContext, StageResult
@@ -73,8 +73,8 @@ def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
     spec = rundir.model_spec(run_dir, plan.get("model") or recipe.get("model"))
     model, tok = models.load(spec, allow_bin=allow_bin, dtype=dtype)
     tpath = run_dir / "adaflex.safetensors"
-    tensors = load_file(str(tpath)) if tpath.is_file() else {}
-    apply_plan(model, plan, tensors)
+    with naming(run_dir / "plan.json"):
+        apply_plan(model, plan, load_file(str(tpath)) if tpath.is_file() else {})
     return model, tok
 
 

@@ -64,9 +64,9 @@ class EvalSpec(Strict):
 
 
 def _stage_tag(value: Any) -> str | None:
-    if isinstance(value, dict) and len(value) == 1:
-        (key,) = value
-        return key if key in METHODS else None
+    if isinstance(value, dict):  # with other keys beside one method, its model names them as extra
+        methods = [k for k in value if isinstance(k, str) and k in METHODS]
+        return methods[0] if len(methods) == 1 else None
     return next(iter(value.model_fields_set), None) if isinstance(value, Strict) else None
 
 

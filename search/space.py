@@ -42,7 +42,8 @@ class Knob:
         if isinstance(value, dict):
             extra = set(value) - {"low", "high", "log", "step"}
             if extra or "low" not in value or "high" not in value:
-                raise ValueError("a range is {low, high[, log, step]}")
+                got = f"unknown {', '.join(map(str, sorted(extra, key=str)))}; " if extra else ""
+                raise ValueError(got + "a range is {low, high[, log, step]}")
             lo, hi, step, log = value["low"], value["high"], value.get("step"), value.get("log", False)
             if not all(_number(x) for x in (lo, hi)):
                 raise ValueError("low and high must be finite numbers")

@@ -19,6 +19,7 @@ from tiny import ROOT
 
 runner = CliRunner()
 WIKI = "../shared/data/wikitext2_dev.txt"
+ARC = "../shared/data/arc_easy_validation.jsonl"
 SMALL = {"data": {"calibration": {"path": WIKI, "samples": 2, "seq_len": 32}}, "stages": [{"drop": {"blocks": 1}}]}
 
 
@@ -146,7 +147,7 @@ def test_two_concurrent_retrofits_into_one_out(tiny_dir, tmp_path):
 def test_typo_model_name_fails_at_once_with_a_suggestion(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     t0 = time.monotonic()
-    res = runner.invoke(app, ["eval", "smollm2-135", "--task", "mc", "--data", "../shared/data/arc_easy_validation.jsonl"])
+    res = runner.invoke(app, ["eval", "smollm2-135", "--task", "mc", "--data", ARC])
     assert time.monotonic() - t0 < 5
     _one_line_error(res, "smollm2-135", "did you mean 'smollm2-135m'")
 
