@@ -94,7 +94,8 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host runs under `pid` (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -112,7 +113,7 @@ def clean_stale(path: Path) -> None:
     live = False
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+        if pid.isdigit() and alive(int(pid)) and int(pid) != os.getpid():
             live = True
             continue
         if pid.isdigit() or time.time() - tmp.stat().st_mtime > STALE_S:

@@ -1,7 +1,7 @@
 """What keeps a run directory (and a search's --out) safe to share, move and export (README: run directories).
 
-- One writer: an OS lock (`flock`) on `.adaflex.lock` inside the directory; the kernel drops it when the holder
-  dies, so a crash never leaves a stale lock behind, and a second writer is refused at once with the holder's pid.
+- One writer: an OS lock (`flock`) on the directory itself; the kernel drops it when the holder dies, so a crash
+  never leaves a stale lock behind, and a second writer is refused at once with the holder's pid.
 - Portable: `inputs.json` records the absolute path and sha256 of every data file the recipe names and of a
   local model, so that the directory can be exported from any working directory and a changed file is seen.
 - Export never replaces what the user owns: only an earlier adaflex export, and only with --force.
@@ -14,50 +14,61 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import io
 from .errors import UsageError
 
-LOCK_NAME = ".adaflex.lock"
 INPUTS = "inputs.json"
 _held: dict[str, int] = {}  # resolved directory -> open descriptor holding its lock (re-entrant per process)
 
 
 def check_out(path: Path, flag: str = "--out") -> None:
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path}: exists and is a file, not a directory")
+    """`path` can be a directory: it is one, or its nearest existing ancestor is (`file/sub` cannot be made)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{flag} {path}: {'exists and ' if p == path else p.name + ' '}is a file, "
+                                 "not a directory")
+            return
 
 
 def hold(directory: str | Path, flag: str = "--out") -> Path:
-    """Create `directory` if needed and lock it for this process until it exits (or `release`)."""
+    """Create `directory` if needed and lock it for this process until it exits (or `release`). The lock is an
+    flock on the directory itself, so that a run refused later (a setting the model rejects) leaves it empty."""
     directory = Path(directory)
     check_out(directory, flag)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError(f"{flag} {directory}: cannot create or open ({e.strerror or e})") from None
     key = str(directory.resolve())
     if key in _held:
+        os.close(fd)
         return directory
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _holder(fd)
         os.close(fd)
-        raise UsageError(f"{flag} {directory}: in use by another adaflex process (pid {holder}); wait for it to "
-                         "finish or choose another folder") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        raise UsageError(f"{flag} {directory}: in use by another adaflex process (pid {holder(directory)}); wait "
+                         "for it to finish or choose another folder") from None
     _held[key] = fd
     return directory
 
 
-def _holder(fd: int) -> str:
-    for _ in range(20):  # the holder writes its pid right after locking: give it a moment
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if text:
-            return text
-        time.sleep(0.01)
+def holder(directory: Path) -> str:
+    """The pid holding the flock of `directory`, from the kernel's table (Linux /proc/locks), else 'unknown'."""
+    st = os.stat(directory)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    for line in lines:
+        parts = line.split()
+        if "FLOCK" in parts and dev in parts and "->" not in parts:
+            return parts[parts.index(dev) - 1]
     return "unknown"
 
 
@@ -68,7 +79,7 @@ def release(directory: str | Path) -> None:
 
 
 def is_empty(directory: Path) -> bool:
-    return not any(p.name != LOCK_NAME for p in directory.iterdir())
+    return not any(directory.iterdir())
 
 
 # ---- inputs: data files and model, with their sha256 ----

@@ -241,14 +241,7 @@ def _suppress_optuna_noise():
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_alive = io.alive
 
 
 class Surplus(Exception):

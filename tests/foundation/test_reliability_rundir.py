@@ -73,6 +73,7 @@ def test_out_that_is_a_file(run_dir, tiny_dir, tmp_path):
     _one_line_error(runner.invoke(app, ["export", str(run_dir), "--out", str(f)]), str(f))
     _one_line_error(runner.invoke(app, ["retrofit", str(tiny_dir), "--recipe", "ci/drop-tiny.yaml", "--out", str(f)]),
                     str(f))
+    _one_line_error(runner.invoke(app, ["export", str(run_dir), "--out", str(f / "sub")]), str(f / "sub"))
     assert f.read_text() == "mine"
 
 
@@ -120,6 +121,7 @@ def test_second_writer_is_refused_at_once_and_crash_releases(tiny_dir, tmp_path)
 
     rundir.hold(out)
     rundir.release(out)
+    assert not any(out.iterdir())  # the lock writes nothing into the directory
 
 
 @pytest.mark.slow
@@ -129,9 +131,10 @@ def test_two_concurrent_retrofits_into_one_out(tiny_dir, tmp_path):
            "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = out / ".adaflex.lock"
+    from adaflex.retrofit import rundir
+
     deadline = time.monotonic() + 120
-    while not (lock.is_file() and lock.read_text().strip()) and time.monotonic() < deadline:
+    while not (out.is_dir() and rundir.holder(out) == str(first.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert first.poll() is None, "the first finished before the second started: no concurrency tested"
