@@ -3,7 +3,8 @@
 Each case is one mutation of a CI recipe (a value replaced, a key added or removed, the text corrupted, or a
 `--set KEY=VALUE`), loaded as `retrofit` and `search` load it (`load_recipe`, then `checks.static`). Outcomes:
   accepted-valid    accepted, and the mutation is one a valid recipe may contain
-  rejected-cleanly  a UsageError of one line naming the file (or --set) and the key (or the line)
+  rejected-cleanly  a UsageError of one line naming the file (or --set) and the key (or, for a file that is no
+                    YAML, the line)
   crashes           any other exception, or a UsageError of several lines or not naming the key
   wrongly-accepted  accepted although the mutation is known bad (a bool or NaN for a number, a count out of
                     range, a duplicate key, an unknown key, an empty file, bytes that are not UTF-8, ...)
@@ -19,6 +20,7 @@ import argparse
 import copy
 import math
 import random
+import re
 import tempfile
 import time
 from collections import Counter
@@ -139,7 +141,7 @@ def make_case(pick, base_texts: dict[str, str]) -> dict:
     if kind == "set":
         sets = [f"{pick(SET_KEYS)}={pick(SET_VALUES)}" for _ in range(pick([1, 1, 2]))]
         keys = [s.split("=", 1)[0] for s in sets]
-        needles = ["--set", *keys, *[k.split(".")[-1] for k in keys]]
+        needles = [*keys, *[k.split(".")[-1] for k in keys]]
         return {"name": name, "data": text.encode(), "sets": sets, "bad": None, "needles": needles}
     how = pick(TEXT_KINDS)
     data = text.encode()
@@ -194,7 +196,7 @@ def run_case(case: dict, folder: Path) -> tuple[str, str]:
         if str(path) not in msg and "--set" not in msg:
             return "crashes", f"names neither file nor --set: {msg[:200]}"
         needles = [str(path) if n == "(file)" else n for n in case["needles"]]
-        if not any(n in msg for n in needles) and "line" not in msg:
+        if not any(n in msg for n in needles) and not re.search(r"\bline \d+", msg):
             return "crashes", f"names no key of {needles}: {msg[:200]}"
         return "rejected-cleanly", msg
     except Exception as e:  # noqa: BLE001 (what the fuzz looks for)
