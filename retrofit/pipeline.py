@@ -68,8 +68,9 @@ def apply_plan(model, plan: dict, tensors: dict, only_runtime: bool = False) -> 
 
 def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
     run_dir = Path(run_dir)
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())  # not re-validated: its data paths may be
-    plan = json.loads((run_dir / "plan.json").read_text())  # relative to another working directory
+    # recipe.yaml is not validated again: its data paths may be relative to another working directory
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
     spec = rundir.model_spec(run_dir, plan.get("model") or recipe.get("model"))
     model, tok = models.load(spec, allow_bin=allow_bin, dtype=dtype)
     tpath = run_dir / "adaflex.safetensors"
@@ -184,6 +185,8 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         io.write_json(run_dir / "report.json", report)
         report["run_dir"] = str(run_dir)
     model.adaflex_plan = plan
+    if run_dir is not None:
+        rundir.release(run_dir)
     return report
 
 
@@ -232,7 +235,7 @@ def _open_run_dir(run_dir: Path | None, resolved: dict) -> Path | None:
     if recipe_file.is_file():
         if yaml.safe_load(recipe_file.read_text()) != resolved:
             raise UsageError(f"{run_dir}: holds a run of another recipe or model; choose another --out")
-    elif run_dir.exists() and not rundir.is_empty(run_dir):
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir}: exists and is not an adaflex run directory; choose another --out")
     io.write_text(recipe_file, text)
     (run_dir / "state").mkdir(exist_ok=True)

@@ -652,6 +652,7 @@ def search(
     if evaluate:
         summary["evaluation"] = evaluate_best(study, session, summary, out, log)
         io.write_json(out / "search.json", summary)
+    rundir.release(out)
     return summary
 
 
