@@ -15,15 +15,17 @@ def validate(
     files: list[str] = typer.Argument(..., help="recipe files or packaged names"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE applied before validating"),
 ):
-    """Check recipes against the schema; every error of a file is reported at once."""
+    """Check recipes as `retrofit` and `search` do before loading a model (schema, data files, search knobs)."""
     with guard():
+        from adaflex.retrofit import checks
         from adaflex.retrofit.errors import UsageError
         from adaflex.retrofit.recipe import load_recipe, resolve_recipe_path
 
         failed = []
         for f in files:
             try:
-                load_recipe(resolve_recipe_path(f), overrides)
+                path = resolve_recipe_path(f)
+                checks.static(load_recipe(path, overrides), str(path))
                 out.print(f"ok  {f}")
             except UsageError as e:
                 typer.echo(f"adaflex: error: {e}", err=True)

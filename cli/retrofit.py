@@ -15,17 +15,20 @@ def retrofit(
     out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (resumable)"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key: KEY=VALUE"),
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    allow_bin: bool = typer.Option(False, "--allow-bin", help="allow pickled .bin weights (loaded weights_only)"),
     format: Format = typer.Option(Format.human, "--format"),
 ):
     """Apply a recipe's stages and report dense vs retrofitted, side by side."""
     with guard():
+        from adaflex.retrofit import checks
         from adaflex.retrofit.pipeline import run
         from adaflex.retrofit.recipe import load_recipe, packaged, resolve_recipe_path
 
         path = resolve_recipe_path(recipe) if recipe else packaged("quickstart.yaml")
         sets = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
         rec = load_recipe(path, sets)
-        report = run(rec, model or rec.model, out=out_dir, log=log)
+        checks.static(rec, str(path))
+        report = run(rec, model or rec.model, out=out_dir, log=log, allow_bin=allow_bin)
         if format is Format.json:
             emit_json(report)
             return

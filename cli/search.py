@@ -37,10 +37,12 @@ def search(
     evaluate: bool = typer.Option(
         False, "--evaluate", help="then run the recipe's eval: on dense, the best and the best single-method trial"
     ),
+    allow_bin: bool = typer.Option(False, "--allow-bin", help="allow pickled .bin weights (loaded weights_only)"),
     format: Format = typer.Option(Format.human, "--format"),
 ):
     """Search the recipe's stages and settings for the best quality within a cost budget (Optuna)."""
     with guard():
+        from adaflex.retrofit import checks
         from adaflex.retrofit.errors import UsageError
         from adaflex.retrofit.recipe import apply_override, packaged, read_yaml, resolve_recipe_path, validate
         from adaflex.search.cost import parse_budget
@@ -55,6 +57,7 @@ def search(
         for item in overrides:
             apply_override(raw, item)
         rec = validate(raw, str(path))
+        checks.static(rec, str(path))
         summary = run_search(
             rec,
             raw,
@@ -68,6 +71,7 @@ def search(
             heartbeat=heartbeat,
             evaluate=evaluate,
             log=log,
+            allow_bin=allow_bin,
         )
         if format is Format.json:
             err.print(_table(summary))

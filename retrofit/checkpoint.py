@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import io, models, registry
-from .errors import UsageError
+from . import io, models, registry, rundir
+from .errors import UsageError, naming
 from .pipeline import apply_plan, load_run, split_tensors, version
 from .state import state_of
 
@@ -29,12 +29,14 @@ def _dense_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False) -> Path:
+def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False, force: bool = False) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     if not models.is_run_dir(run_dir):
         raise UsageError(f"{run_dir}: not a run directory (needs recipe.yaml and plan.json from `adaflex retrofit`)")
     if out.resolve() == run_dir.resolve():
         raise UsageError(f"--out {out}: must differ from the run directory")
+    rundir.check_export_target(run_dir, out, force)
+    rundir.warn_changed(run_dir)
     plan = json.loads((run_dir / "plan.json").read_text())
     model, tok = load_run(run_dir)
     tensors_path = run_dir / "adaflex.safetensors"
@@ -93,5 +95,6 @@ def load_export(path: str | Path, dtype=None):
     state_of(model).dense = block["dense_reference"]
     tpath = path / "adaflex.safetensors"
     tensors = load_file(str(tpath)) if tpath.is_file() else {}
-    apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)
+    with naming(path / "config.json"):
+        apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)
     return model, tok

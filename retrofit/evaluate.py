@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from adaflex.search.cost import Shape
 
 from .data import MCItem, read_mc, read_text
-from .errors import UsageError
+from .errors import UsageError, naming
 from .progress import progress
 from .state import state_of
 
@@ -314,11 +314,30 @@ def probe_ids(tokenizer, text: str, rows: int = 2, length: int = 128) -> torch.T
 # ---- one evaluation spec, as the CLI and the recipes name it ----
 
 
-def run_eval(model, tokenizer, task: str, data: str, *, layout: str = "auto", limit: int | None = None,
-             seq_len: int = 512, stride: int | None = None, context: int | None = None,
-             continuation: int | None = None, batch_size: int = 8, label: str | None = None,
-             depths=None, query_agnostic: bool | None = None) -> dict:
+def warn_positions(model, task: str, seq_len: int, context: int | None, continuation: int | None, label: str) -> None:
+    """One warning line when an evaluation asks for more positions than the model was trained on (its scores
+    would measure extrapolation, not the retrofit)."""
+    import sys
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    need = (context or 0) + (continuation or 0) if context is not None else (seq_len if task == "perplexity" else 0)
+    if isinstance(limit, int) and need > limit:
+        print(f"adaflex: warning: {label}: {need} positions exceed the model's max_position_embeddings ({limit})",
+              file=sys.stderr)
+
+
+def run_eval(model, tokenizer, task: str, data: str, **kw) -> dict:
+    """Score `model` on `data` (see _run_eval); an error about the data names its file."""
+    with naming(data):
+        return _run_eval(model, tokenizer, task, data, **kw)
+
+
+def _run_eval(model, tokenizer, task: str, data: str, *, layout: str = "auto", limit: int | None = None,
+              seq_len: int = 512, stride: int | None = None, context: int | None = None,
+              continuation: int | None = None, batch_size: int = 8, label: str | None = None,
+              depths=None, query_agnostic: bool | None = None) -> dict:
     label = label or task
+    warn_positions(model, task, seq_len, context, continuation, label)
     if task == "perplexity":
         text = read_text(data, layout)
         if (context is None) != (continuation is None):

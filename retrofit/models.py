@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,8 @@ def prepare(name: str, force: bool = False) -> Path:
 
 def is_export_dir(path: Path) -> bool:
     try:
-        return "adaflex" in json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
+        return isinstance(config, dict) and isinstance(config.get("adaflex"), dict)
     except (OSError, ValueError):
         return False
 
@@ -113,6 +115,9 @@ def _check_weights(path: Path, allow_bin: bool) -> None:
         raise UsageError(f"{path}: not a model directory (no config.json)")
     names = {p.name for p in path.iterdir()}
     if any(n.endswith(".safetensors") for n in names):
+        for n in sorted(names):
+            if n.endswith(".safetensors"):
+                check_safetensors(path / n)
         return
     if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
         if not allow_bin:
@@ -121,6 +126,32 @@ def _check_weights(path: Path, allow_bin: bool) -> None:
             )
         return
     raise UsageError(f"{path}: no weights found (expected model.safetensors)")
+
+
+def check_safetensors(path: Path) -> None:
+    """Open the header of a safetensors file (cheap: a memory map): truncated or corrupt files fail here, by name,
+    instead of deep inside from_pretrained."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, OSError, ValueError)
+        raise UsageError(f"{path}: truncated or corrupt safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def check_name(spec: str) -> None:
+    """A MODEL that is neither an embedded name, a path nor an `org/name` hub id is a typo: fail at once (the hub
+    would be asked for a minute first), suggesting the closest embedded name."""
+    import difflib
+    import re
+
+    if spec in EMBEDDED or Path(spec).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and ".." not in spec:
+        return
+    close = difflib.get_close_matches(spec.lower(), list(EMBEDDED), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UsageError(f"model '{spec}': not a known name ({', '.join(EMBEDDED)}), an existing directory nor an "
+                     f"org/name hub id; {hint}(see `adaflex models list`)")
 
 
 def quiet_transformers() -> None:
@@ -155,7 +186,7 @@ def load_hf(path_or_id: str | Path, *, allow_bin: bool = False, dtype=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
         tok = AutoTokenizer.from_pretrained(str(path_or_id))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         if local.exists():
             raise UsageError(f"{local}: cannot load model ({str(e).splitlines()[0]})") from None
         raise UsageError(
@@ -187,4 +218,5 @@ def load(spec: str | Path | None = None, *, allow_bin: bool = False, dtype=None)
         return load_export(path, dtype=dtype)
     if not path.exists() and (spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1):
         raise UsageError(f"{spec}: no such model directory")
+    check_name(spec)
     return load_hf(spec, allow_bin=allow_bin, dtype=dtype)

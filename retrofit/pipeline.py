@@ -15,10 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from . import io, models, registry
+from . import io, models, registry, rundir
 from .contribution import Contributions
 from .data import read_mc, read_text
-from .errors import UsageError
+from .errors import UsageError, naming
 from .evaluate import cost_figures, probe_ids, reference_of, run_eval
 from .recipe import Recipe, validate
 from .stage import StageContext, StageResult
@@ -40,13 +40,13 @@ def version() -> str:
 def preflight(recipe: Recipe) -> None:
     """Read every data file the recipe names before anything is loaded or written (layout errors first)."""
     cal = recipe.data.calibration
-    if cal is not None:
-        read_text(cal.path, cal.layout)
-    for ev in recipe.eval:
+    if cal is not None and not read_text(cal.path, cal.layout).strip():
+        raise UsageError(f"{cal.path}: data.calibration.path: the file holds no text")
+    for i, ev in enumerate(recipe.eval):
         if ev.task == "mc":
             read_mc(ev.data, ev.layout, limit=1)
-        else:
-            read_text(ev.data, ev.layout)
+        elif not read_text(ev.data, ev.layout).strip():
+            raise UsageError(f"{ev.data}: eval.{i}.data: the file holds no text")
 
 
 def _prefix(i: int, method: str) -> str:
@@ -69,12 +69,14 @@ def apply_plan(model, plan: dict, tensors: dict, only_runtime: bool = False) -> 
 
 def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
     run_dir = Path(run_dir)
-    recipe = validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+    # recipe.yaml is not validated again: its data paths may be relative to another working directory
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
-    model, tok = models.load(plan.get("model") or recipe.model, allow_bin=allow_bin, dtype=dtype)
+    spec = rundir.model_spec(run_dir, plan.get("model") or recipe.get("model"))
+    model, tok = models.load(spec, allow_bin=allow_bin, dtype=dtype)
     tpath = run_dir / "adaflex.safetensors"
-    tensors = load_file(str(tpath)) if tpath.is_file() else {}
-    apply_plan(model, plan, tensors)
+    with naming(run_dir / "plan.json"):
+        apply_plan(model, plan, load_file(str(tpath)) if tpath.is_file() else {})
     return model, tok
 
 
@@ -103,7 +105,7 @@ def _probe(recipe: Recipe, tok) -> torch.Tensor:
 
 
 def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=None, *, model_name: str | None = None,
-        out: str | Path | None = None, log=None) -> dict:
+        out: str | Path | None = None, log=None, allow_bin: bool = False) -> dict:
     """Python API of `adaflex retrofit`: returns the report; writes the run directory when `out` is given.
 
     `model` may be a loaded model (with `tokenizer`) or a MODEL spec; the recipe's `model` is the fallback.
@@ -116,9 +118,11 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     recipe = validate(recipe)
     torch.manual_seed(recipe.seed)
     preflight(recipe)
+    if out is not None:  # before the model loads, so that a second writer is refused at once
+        rundir.hold(out)
     if model is None or isinstance(model, (str, Path)):
         model_name = str(model) if model is not None else (recipe.model or models.DEFAULT_MODEL)
-        model, tokenizer = models.load(model_name)
+        model, tokenizer = models.load(model_name, allow_bin=allow_bin)
     elif tokenizer is None:
         raise UsageError("run(): a loaded model needs its tokenizer")
     for i, (method, cfg) in enumerate(recipe.stage_items()):  # settings that depend on the model, before writing
@@ -131,6 +135,8 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         resolved["model"] = model_name
     run_dir = Path(out) if out is not None else None
     state = _open_run_dir(run_dir, resolved)
+    if run_dir is not None:
+        rundir.record_inputs(run_dir, resolved, model_name)
 
     reference_of(model)
     probe = _probe(recipe, tokenizer)
@@ -177,6 +183,8 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         io.write_json(run_dir / "report.json", report)
         report["run_dir"] = str(run_dir)
     state_of(model).plan = plan
+    if run_dir is not None:
+        rundir.release(run_dir)
     return report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -11,9 +12,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError, create_model
 
+from . import safe_yaml
 from .errors import UsageError
 from .registry import METHODS, config_class
-from .schema import Strict
+from .schema import BATCH, ITEMS, SEED, TOKENS, WINDOWS, Strict, capped
 from .search_space import SearchSection
 
 
@@ -30,7 +32,7 @@ Layout = Literal["auto", "text", "jsonl", "arc", "piqa", "hellaswag"]
 
 class CalibrationData(Strict):
     path: DataPath
-    samples: int = Field(64, ge=1, description="number of calibration windows")
+    samples: int = capped(64, WINDOWS, ge=1, description="number of calibration windows")
     seq_len: int = Field(512, ge=8, le=32768, description="tokens per window (never taken from the config)")
     layout: Layout = "auto"
 
@@ -49,12 +51,12 @@ class EvalSpec(Strict):
     task: Literal["perplexity", "mc", "passkey"]
     data: DataPath
     layout: Layout = "auto"
-    limit: int | None = Field(None, ge=1)
-    seq_len: int = Field(512, ge=8, description="window of strided perplexity")
-    stride: int | None = Field(None, ge=1, description="strided perplexity step (default: seq_len)")
-    context: int | None = Field(None, ge=1)
-    continuation: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
+    limit: int | None = capped(None, ITEMS, ge=1)
+    seq_len: int = capped(512, TOKENS, ge=8, description="window of strided perplexity")
+    stride: int | None = capped(None, TOKENS, ge=1, description="strided perplexity step (default: seq_len)")
+    context: int | None = capped(None, TOKENS, ge=1)
+    continuation: int | None = capped(None, TOKENS, ge=1)
+    batch_size: int = capped(8, BATCH, ge=1)
     name: str | None = None
 
     def label(self) -> str:
@@ -62,9 +64,9 @@ class EvalSpec(Strict):
 
 
 def _stage_tag(value: Any) -> str | None:
-    if isinstance(value, dict) and len(value) == 1:
-        (key,) = value
-        return key if key in METHODS else None
+    if isinstance(value, dict):  # with other keys beside one method, its model names them as extra
+        methods = [k for k in value if isinstance(k, str) and k in METHODS]
+        return methods[0] if len(methods) == 1 else None
     return next(iter(value.model_fields_set), None) if isinstance(value, Strict) else None
 
 
@@ -90,7 +92,7 @@ StageEntry = _stage_entry_type()
 
 class Recipe(Strict):
     model: str | None = None
-    seed: int = Field(0, ge=0)
+    seed: int = capped(0, SEED, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     budget: Budget | None = None
     stages: list[StageEntry] = Field(default_factory=list)
@@ -129,58 +131,61 @@ def format_errors(source: str, err: ValidationError) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+def _index(part: str, size: int) -> int | None:
+    """A list index written in a dotted key, if it is one (ASCII digits, within the list)."""
+    if re.fullmatch(r"[0-9]{1,9}", part) and int(part) < size:
+        return int(part)
+    return None
+
+
 def apply_override(raw: dict, assignment: str, source: str = "--set") -> None:
     """Apply `KEY=VALUE` to a raw recipe dict. `prune.sparsity` addresses the first `prune` stage."""
     if "=" not in assignment:
         raise UsageError(f"{source} {assignment}: expected KEY=VALUE")
     key, text = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
     if not all(parts):
         raise UsageError(f"{source} {assignment}: empty key part")
-    value = yaml.safe_load(text) if text.strip() else None
+    value = safe_yaml.loads(text, f"{source} {key}") if text.strip() else None
     node: Any = raw
     if parts[0] in METHODS and parts[0] not in Recipe.model_fields:
-        stages = raw.get("stages") or []
+        stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
         match = [s for s in stages if isinstance(s, dict) and parts[0] in s]
         if not match:
             raise UsageError(f"{source} {key}: the recipe has no '{parts[0]}' stage")
         node = match[0]
     elif parts[0] not in Recipe.model_fields:
         raise UsageError(f"{source} {key}: unknown key '{parts[0]}'")
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i]) or "recipe"
+        if not isinstance(node, (dict, list)):
+            raise UsageError(f"{source} {key}: '{here}' is not a mapping (it is {type(node).__name__})")
+        last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise UsageError(f"{source} {key}: no item '{part}' in {'.'.join(parts[:i]) or 'recipe'}")
-            node = node[int(part)]
+            idx = _index(part, len(node))
+            if idx is None:
+                raise UsageError(f"{source} {key}: no item '{part}' in '{here}' ({len(node)} items)")
+            if last:
+                node[idx] = value
+            node = node[idx]
+        elif last:
+            node[part] = value
         else:
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
-            if not isinstance(node, (dict, list)):
-                raise UsageError(f"{source} {key}: '{'.'.join(parts[: i + 1])}' is not a mapping")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UsageError(f"{source} {key}: no item '{last}'")
-        node[int(last)] = value
-    else:
-        node[last] = value
 
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise UsageError(f"{path}: cannot read recipe ({e.strerror or e})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UsageError(f"{path}:{where}: invalid YAML ({getattr(e, 'problem', None) or 'syntax error'})") from None
-    if raw is None:
-        raw = {}
+    raw = safe_yaml.loads(data, str(path))
+    if raw is None or raw == {}:
+        raise UsageError(f"{path}: the recipe is empty (give at least `stages:` or `eval:`)")
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
     return raw

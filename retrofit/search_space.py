@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator
 from adaflex.search.space import Knob
 
 from .registry import METHODS, config_class
-from .schema import Strict
+from .schema import STEPS, TOKENS, Strict, capped
 
 
 class QualitySpec(Strict):
@@ -30,8 +30,8 @@ class QualitySpec(Strict):
     )
     layout: Literal["auto", "text", "jsonl"] = "auto"
     windows: int = Field(4, ge=1, le=256)
-    context: int | None = Field(None, ge=8, description="default: 3/4 of the calibration seq_len")
-    continuation: int | None = Field(None, ge=1, description="default: 1/4 of the calibration seq_len")
+    context: int | None = capped(None, TOKENS, ge=8, description="default: 3/4 of the calibration seq_len")
+    continuation: int | None = capped(None, TOKENS, ge=1, description="default: 1/4 of the calibration seq_len")
 
     @field_validator("data")
     @classmethod
@@ -42,11 +42,11 @@ class QualitySpec(Strict):
 
 
 class SearchSection(Strict):
-    trials: int = Field(20, ge=1, description="default of --trials")
+    trials: int = capped(20, STEPS, ge=1, description="default of --trials")
     stages: dict[str, bool | dict[str, Any]] = Field(default_factory=dict)
     quality: QualitySpec = Field(default_factory=QualitySpec)
-    context: int | None = Field(
-        None, ge=1, description="reference context of the cost model (default: the quality context)"
+    context: int | None = capped(
+        None, TOKENS, ge=1, description="reference context of the cost model (default: the quality context)"
     )
     sparse_kernel: bool = Field(
         False,

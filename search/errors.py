@@ -7,11 +7,19 @@ They live here, not in retrofit/, because `search/` imports nothing else of adaf
 
 from __future__ import annotations
 
+import re
+
+_BREAKS = re.compile("[\\n\\r\\x0b\\x0c\\x1c-\\x1e\\x85\\u2028\\u2029]")  # what str.splitlines splits at
+
 
 class AdaflexError(Exception):
     """A failure the user can act on. `str(err)` is the one line the CLI prints."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        # a user's key or path may hold a line break; the message stays one line whatever it quotes
+        return _BREAKS.sub(lambda m: ascii(m.group())[1:-1], super().__str__())
 
 
 class BudgetInfeasible(AdaflexError):

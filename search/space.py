@@ -9,6 +9,7 @@ trial runs). In a recipe's `search:` section a knob is written as a list (choice
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +45,19 @@ class Knob:
         if isinstance(value, dict):
             extra = set(value) - {"low", "high", "log", "step"}
             if extra or "low" not in value or "high" not in value:
-                raise ValueError("a range is {low, high[, log, step]}")
-            lo, hi = value["low"], value["high"]
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)):
-                raise ValueError("low and high must be numbers")
+                got = f"unknown {', '.join(map(str, sorted(extra, key=str)))}; " if extra else ""
+                raise ValueError(got + "a range is {low, high[, log, step]}")
+            lo, hi, step, log = value["low"], value["high"], value.get("step"), value.get("log", False)
+            if not all(_number(x) for x in (lo, hi)):
+                raise ValueError("low and high must be finite numbers")
+            if step is not None and not (_number(step) and step > 0):
+                raise ValueError(f"step must be a positive number, got {step!r}")
+            if not isinstance(log, bool):
+                raise ValueError(f"log must be true or false, got {log!r}")
+            if log and step is not None:
+                raise ValueError("a range is either log or stepped, not both")
             integer = isinstance(lo, int) and isinstance(hi, int) and not isinstance(value.get("step", 1), float)
-            return cls(low=lo, high=hi, integer=integer, log=bool(value.get("log", False)), step=value.get("step"))
+            return cls(low=lo, high=hi, integer=integer, log=log, step=step)
         return None
 
     def suggest(self, trial, name: str):
@@ -78,6 +86,10 @@ class Knob:
         if self.choices is not None:
             return "{" + ", ".join(str(c) for c in self.choices) + "}"
         return f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def corner_points(knobs: dict[str, Knob], limit: int = 100_000) -> list[dict] | None:

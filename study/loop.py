@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from adaflex.retrofit import io, models, registry
+from adaflex.retrofit import io, models, registry, rundir
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.progress import bar
 from adaflex.retrofit.recipe import Recipe
@@ -73,6 +73,7 @@ def search(
     evaluate: bool = False,
     log=None,
     show_progress: bool | None = None,
+    allow_bin: bool = False,
 ) -> dict:
     """Run (or continue) a study; returns the summary that `--format json` prints. `evaluate`: afterwards,
     hold dense, the best trial and the best single-method trial to the recipe's `eval:` side by side."""
@@ -96,7 +97,8 @@ def search(
         cfg = registry.config_class(sp.method).model_validate(sp.base)
         if registry.get(sp.method).needs_calibration(cfg) and recipe.data.calibration is None:
             raise UsageError(f"recipe: data.calibration: required by the {sp.method} stage")
-    model, tok = models.load(model_spec or recipe.model)
+    rundir.hold(out)  # one writer per --out, taken before the model loads so that a second one stops at once
+    model, tok = models.load(model_spec or recipe.model, allow_bin=allow_bin)
     raw = {**raw, "model": model_name}
     session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log)
     session.total = n_trials
@@ -191,6 +193,7 @@ def search(
     if evaluate:
         summary["evaluation"] = evaluate_best(study, session, summary, out, log)
         io.write_json(out / "search.json", summary)
+    rundir.release(out)
     return summary
 
 

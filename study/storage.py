@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+from adaflex.retrofit import io
 from adaflex.retrofit.errors import AdaflexError, UsageError
 
 WORKER = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -88,16 +89,6 @@ def open_storage(url: str | None, out: Path, heartbeat: int):
     return storage, _redact(url)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def retry(study, frozen) -> None:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
@@ -111,7 +102,7 @@ def recover_dead_local(study, log) -> int:
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w = t.user_attrs.get("worker") or {}
-        if w.get("host") == WORKER["host"] and w.get("pid") != WORKER["pid"] and not _alive(int(w.get("pid", 0))):
+        if w.get("host") == WORKER["host"] and w.get("pid") != WORKER["pid"] and not io.alive(int(w.get("pid", 0))):
             try:
                 study.tell(t.number, state=TrialState.FAIL)
             except Exception:  # another worker got there first

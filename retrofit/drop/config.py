@@ -6,14 +6,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..schema import Strict
+from ..schema import BLOCKS, BlockIndex, Strict, capped
 
 
 class DropConfig(Strict):
-    blocks: int | None = Field(None, ge=1, description="number of blocks to remove")
+    blocks: int | None = capped(None, BLOCKS, ge=1, description="number of blocks to remove")
     fraction: float | None = Field(None, gt=0, lt=1, description="share of blocks to remove (rounded)")
     score: Literal["block_influence"] = "block_influence"
-    protect: list[int] = Field(default_factory=list, description="block indices never removed")
+    protect: list[BlockIndex] = Field(default_factory=list, max_length=BLOCKS.limit,
+        description="block indices never removed")
 
     @model_validator(mode="after")
     def _one_of(self):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..schema import Strict
+from ..schema import BATCH, BLOCKS, WINDOWS, BlockIndex, Strict, capped
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -35,14 +35,15 @@ class PruneConfig(Strict):
     max_sparsity: float = Field(0.95, gt=0, lt=1, description="owl/dp: no unit pruned above this (drops aside)")
     granularity: float = Field(1e-3, gt=0, le=0.1, description="dp: budget step as a fraction of all weights")
     allow_drop: bool = Field(False, description="dp: a block may also be removed whole (depth and width compete)")
-    protect: list[int] = Field(default_factory=list, description="dp with allow_drop: blocks never removed")
+    protect: list[BlockIndex] = Field(default_factory=list, max_length=BLOCKS.limit,
+        description="dp with allow_drop: blocks never removed")
     distortion: Literal["mse", "kl"] = Field(
         "mse", description="dp: output distortion vs the dense model: MSE of (centred) logits, or KL divergence")
-    curve_samples: int | None = Field(
-        None, ge=1, description="dp: calibration windows used to measure curves (default min(8, samples))")
+    curve_samples: int | None = capped(
+        None, WINDOWS, ge=1, description="dp: calibration windows used to measure curves (default min(8, samples))")
     additivity_samples: int = Field(4, ge=0, le=64, description="dp: random allocations measured for the "
                                                                  "additivity rank correlation")
-    batch_size: int = Field(8, ge=1, description="calibration windows per forward")
+    batch_size: int = capped(8, BATCH, ge=1, description="calibration windows per forward")
 
     @field_validator("pattern", mode="before")
     @classmethod

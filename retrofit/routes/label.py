@@ -29,6 +29,7 @@ import torch
 
 from adaflex.search.mcts import enrich, search_path
 
+from .. import io
 from ..data import MC_LAYOUTS, calibration_windows, detect_layout, read_mc, read_text
 from ..errors import AdaflexError, UsageError
 from ..evaluate import _encode_pair, decoder_layers
@@ -271,7 +272,8 @@ def read_labels(path: Path) -> dict[int, dict]:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by an interruption is redone
-            done[rec["index"]] = rec
+            if isinstance(rec, dict) and isinstance(rec.get("index"), int):
+                done[rec["index"]] = rec
     return done
 
 
@@ -298,6 +300,7 @@ def label_all(model, examples: list[Example], cfg, folder: Path, fp: str, seed: 
         log(f"routes: resuming labelling, {len(done)} examples of shard {i}/{n} already labelled")
     runner = BlockRunner(model)
     L = len(runner.blocks)
+    io.drop_torn_tail(mine)  # else the next record would be appended to the torn line, and lost with it
     with open(mine, "a") as f:
         for ex in progress(todo, desc=f"MCTS labels {i}/{n}"):
             rec = label_example(runner, ex, cfg, L, seed * 1_000_003 + ex.index, prior)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..schema import Strict
+from ..schema import BATCH, STEPS, TOKENS, WIDTH, WINDOWS, Strict, capped
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -15,10 +15,10 @@ Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 class ShardsConfig(Strict):
     # --- the adapter ---
     method: Literal["mos", "lora"] = Field("mos", description="mos: shared shard pools; lora: plain LoRA")
-    rank: int = Field(8, ge=1, description="active rank r of every layer's adapter")
-    equivalent_rank: int = Field(1, ge=1, description="mos: budget e; parameters = those of a rank-e LoRA")
-    shards_per_vector: int = Field(4, ge=1, description="mos: l shards per rank vector (divides every dim)")
-    private_rank: int = Field(0, ge=0, description="mos: p rank vectors per layer drawn from its private pool")
+    rank: int = capped(8, WIDTH, ge=1, description="active rank r of every layer's adapter")
+    equivalent_rank: int = capped(1, WIDTH, ge=1, description="mos: budget e; parameters = those of a rank-e LoRA")
+    shards_per_vector: int = capped(4, WIDTH, ge=1, description="mos: l shards per rank vector (divides every dim)")
+    private_rank: int = capped(0, WIDTH, ge=0, description="mos: p rank vectors per layer drawn from its private pool")
     subset_selection: bool = Field(True, description="mos: a layer's shards drawn without replacement")
     pair_dissociation: bool = Field(True, description="mos: A and B indices drawn independently")
     vector_sharding: bool = Field(True, description="mos: each of a vector's l shards drawn on its own")
@@ -32,16 +32,16 @@ class ShardsConfig(Strict):
     teacher: Literal["dense", "input"] = Field(
         "dense", description="dense: the original model reloaded; input: this stage's input model, adapters off")
     temperature: float = Field(1.0, gt=0)
-    steps: int = Field(100, ge=0, description="optimizer steps (0: adapters stay at their zero ΔW)")
+    steps: int = capped(100, STEPS, ge=0, description="optimizer steps (0: adapters stay at their zero ΔW)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup: int = Field(0, ge=0, description="linear warm-up steps, then cosine decay to 10%")
+    warmup: int = capped(0, STEPS, ge=0, description="linear warm-up steps, then cosine decay to 10%")
     max_grad_norm: float | None = Field(1.0, gt=0)
-    batch_size: int = Field(4, ge=1)
-    seq_len: int | None = Field(None, ge=8, description="training window (default: the calibration seq_len)")
-    holdout: int = Field(0, ge=0, description="calibration windows kept out of training to measure KL/loss")
+    batch_size: int = capped(4, BATCH, ge=1)
+    seq_len: int | None = capped(None, TOKENS, ge=8, description="training window (default: the calibration seq_len)")
+    holdout: int = capped(0, WINDOWS, ge=0, description="calibration windows kept out of training to measure KL/loss")
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(10, ge=1, description="steps between resumable checkpoints in the run dir")
+    checkpoint_every: int = capped(10, STEPS, ge=1, description="steps between resumable checkpoints in the run dir")
 
     @field_validator("targets", mode="before")
     @classmethod

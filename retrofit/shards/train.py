@@ -156,7 +156,7 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
         p.requires_grad_(n in params)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(state_dir) / "checkpoint.pt" if state_dir is not None else None
-    start, history = 0, []
+    start, history, before = 0, [], {}
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         if state.get("fingerprint") == fingerprint:
@@ -165,10 +165,11 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
                     p.copy_(state["params"][n])
             opt.load_state_dict(state["optimizer"])
             start, history = int(state["step"]), list(state["history"])
+            before = state.get("report", {})  # figures of the steps before the resume (report survives it)
             log(f"shards: resumed at step {start} of {cfg.steps} from {ckpt}")
     ids_all = torch.arange(windows.shape[0])
     hold_ids = torch.arange(holdout.shape[0]) + windows.shape[0] if holdout is not None else None
-    metrics: dict = {}
+    metrics: dict = {k: v for k, v in before.items() if k == "holdout_loss_before"}
     if holdout is not None and holdout.shape[0] and start == 0:
         metrics["holdout_loss_before"] = mean_loss(model, holdout, hold_ids, teacher, cfg)
 
@@ -177,13 +178,14 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    tokens, seconds = 0, 0.0
+    tokens, seconds = before.get("tokens", 0), before.get("seconds", 0.0)
 
     def save(step: int) -> None:
         if ckpt is None:
             return
         state = {"fingerprint": fingerprint, "step": step, "history": history,
-                 "params": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict()}
+                 "params": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict(),
+                 "report": {"tokens": tokens, "seconds": seconds, **metrics}}
         with io.atomic_path(ckpt) as tmp:
             torch.save(state, tmp)
 

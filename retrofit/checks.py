@@ -1,0 +1,49 @@
+"""Checks of a recipe that need no model: what `retrofit` and `search` refuse before loading one, gathered so
+that `adaflex recipe validate` refuses the same recipes (README: "validate before you spend compute")."""
+
+from __future__ import annotations
+
+from . import registry
+from .errors import UsageError
+from .recipe import Recipe
+
+
+def eval_settings(recipe: Recipe, source: str) -> None:
+    """Settings of `eval:` that only make sense together (run_eval would refuse them after the dense run)."""
+    for i, ev in enumerate(recipe.eval):
+        if ev.task == "perplexity" and (ev.context is None) != (ev.continuation is None):
+            raise UsageError(f"{source}: eval.{i}: context and continuation go together")
+        if ev.task == "perplexity" and ev.context is None and (ev.stride or 0) > ev.seq_len:
+            raise UsageError(f"{source}: eval.{i}.stride: {ev.stride} is larger than seq_len {ev.seq_len}")
+        if ev.task == "passkey" and ev.context is None:
+            raise UsageError(f"{source}: eval.{i}.context: required by task passkey (prompt length in tokens)")
+
+
+def needs_data(recipe: Recipe, source: str) -> None:
+    for i, (method, cfg) in enumerate(recipe.stage_items()):
+        needs = getattr(registry.implementation(method), "needs_calibration", None)
+        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+            raise UsageError(f"{source}: data.calibration: required by stages.{i}.{method}")
+
+
+def search_section(recipe: Recipe, source: str) -> None:
+    """The search space as `adaflex search` builds it before loading the model (64 blocks only bounds the
+    default knobs, as there)."""
+    from .search_space import build
+
+    for sp in build(recipe, 64, where=source):
+        cfg = registry.config_class(sp.method).model_validate(sp.base)
+        needs = getattr(registry.implementation(sp.method), "needs_calibration", None)
+        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+            raise UsageError(f"{source}: data.calibration: required by the {sp.method} stage")
+
+
+def static(recipe: Recipe, source: str = "recipe") -> None:
+    """Everything checkable without a model, data files read included."""
+    from .pipeline import preflight
+
+    eval_settings(recipe, source)
+    needs_data(recipe, source)
+    if recipe.search is not None:
+        search_section(recipe, source)
+    preflight(recipe)
