@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
@@ -21,6 +22,7 @@ from .errors import UsageError
 
 INPUTS = "inputs.json"
 _held: dict[str, int] = {}  # resolved directory -> open descriptor holding its lock (re-entrant per process)
+_created: set[str] = set()  # directories `hold` made (removed again at release or exit while still empty)
 
 
 def check_out(path: Path, flag: str = "--out") -> None:
@@ -38,6 +40,7 @@ def hold(directory: str | Path, flag: str = "--out") -> Path:
     flock on the directory itself, so that a run refused later (a setting the model rejects) leaves it empty."""
     directory = Path(directory)
     check_out(directory, flag)
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory, os.O_RDONLY)
@@ -54,7 +57,18 @@ def hold(directory: str | Path, flag: str = "--out") -> Path:
         raise UsageError(f"{flag} {directory}: in use by another adaflex process (pid {holder(directory)}); wait "
                          "for it to finish or choose another folder") from None
     _held[key] = fd
+    if created:  # a run refused before writing anything (an infeasible budget) leaves no folder behind
+        _created.add(key)
+        if len(_created) == 1:
+            atexit.register(_remove_unused)
     return directory
+
+
+def _remove_unused() -> None:
+    for key in list(_created):
+        release(key)
+
+
 
 
 def holder(directory: Path) -> str:
@@ -73,9 +87,16 @@ def holder(directory: Path) -> str:
 
 
 def release(directory: str | Path) -> None:
-    fd = _held.pop(str(Path(directory).resolve()), None)
+    key = str(Path(directory).resolve())
+    fd = _held.pop(key, None)
     if fd is not None:
         os.close(fd)  # closing the descriptor drops the flock
+    if key in _created:
+        _created.discard(key)
+        try:
+            Path(key).rmdir()  # only if still empty: the folder this process made and never wrote into
+        except OSError:
+            pass
 
 
 def is_empty(directory: Path) -> bool:
