@@ -21,8 +21,7 @@ def eval_settings(recipe: Recipe, source: str) -> None:
 
 def needs_data(recipe: Recipe, source: str) -> None:
     for i, (method, cfg) in enumerate(recipe.stage_items()):
-        needs = getattr(registry.implementation(method), "needs_calibration", None)
-        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+        if registry.get(method).needs_calibration(cfg) and recipe.data.calibration is None:
             raise UsageError(f"{source}: data.calibration: required by stages.{i}.{method}")
 
 
@@ -33,8 +32,7 @@ def search_section(recipe: Recipe, source: str) -> None:
 
     for sp in build(recipe, 64, where=source):
         cfg = registry.config_class(sp.method).model_validate(sp.base)
-        needs = getattr(registry.implementation(sp.method), "needs_calibration", None)
-        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+        if registry.get(sp.method).needs_calibration(cfg) and recipe.data.calibration is None:
             raise UsageError(f"{source}: data.calibration: required by the {sp.method} stage")
 
 
