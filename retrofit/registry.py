@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from . import drop, kv, prune, routes, shards
+from . import drop, kv, prune, routes, shards, width
 
-_METHODS = [drop, prune, shards, routes, kv]
+_METHODS = [drop, prune, width, shards, routes, kv]
 # Order in which stages compose (design.md §1); a recipe may list any subset in any order.
 METHODS: dict[str, ModuleType] = {m.METHOD: m for m in _METHODS}
 
