@@ -63,14 +63,13 @@ def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False) -
 
 
 def _export_stages(model, plan: dict, adaptive: dict, out: Path, merge_adapters: bool) -> list[dict]:
-    """Let each stage write its extra export files; a stage's `export_extra(model, plan, tensors, out_dir,
-    merge)` may also change the model (e.g. merge adapters) and returns keys for its config entry
-    (`baked: true` makes load skip it)."""
+    """Let each stage write its extra export files (`Method.export_extra`), which may also change the model
+    (e.g. merge adapters) and returns keys for its config entry (`baked: true` makes load skip it)."""
     stages = []
     for i, st in enumerate(plan["stages"]):
-        hook = getattr(registry.implementation(st["method"]), "export_extra", None)
-        info = hook(model, st["plan"], split_tensors(adaptive, i, st["method"]), out, merge_adapters) if hook else None
-        stages.append({**st, **(info or {})})
+        method = registry.get(st["method"])
+        info = method.export_extra(model, st["plan"], split_tensors(adaptive, i, st["method"]), out, merge_adapters)
+        stages.append({**st, **info})
     return stages
 
 

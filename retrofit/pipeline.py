@@ -60,10 +60,10 @@ def split_tensors(all_tensors: dict, i: int, method: str) -> dict:
 def apply_plan(model, plan: dict, tensors: dict, only_runtime: bool = False) -> None:
     """Re-apply stored stages; exports skip the ones whose effect is already baked into the weights."""
     for i, st in enumerate(plan["stages"]):
-        impl = registry.implementation(st["method"])
-        if only_runtime and (getattr(impl, "BAKED", False) or st.get("baked")):  # merged by export
+        method = registry.get(st["method"])
+        if only_runtime and (method.baked or st.get("baked")):  # merged by export
             continue
-        impl.apply(model, st["plan"], split_tensors(tensors, i, st["method"]))
+        method.apply(model, st["plan"], split_tensors(tensors, i, st["method"]))
 
 
 def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
@@ -121,13 +121,10 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     elif tokenizer is None:
         raise UsageError("run(): a loaded model needs its tokenizer")
     for i, (method, cfg) in enumerate(recipe.stage_items()):  # settings that depend on the model, before writing
-        impl = registry.implementation(method)
-        needs = getattr(impl, "needs_calibration", None)
-        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+        impl = registry.get(method)
+        if impl.needs_calibration(cfg) and recipe.data.calibration is None:
             raise UsageError(f"recipe: data.calibration: required by stages.{i}.{method}")
-        check = getattr(impl, "check", None)
-        if check is not None:
-            check(model, cfg, f"recipe: stages.{i}.{method}")
+        impl.check(model, cfg, f"recipe: stages.{i}.{method}")
     resolved = recipe.to_dict()
     if model_name:
         resolved["model"] = model_name
@@ -156,11 +153,11 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         else:
             log(f"stage {i} ({method}): fitting")
             ctx = StageContext(model, tokenizer, recipe, i, state / f"stage-{i}")
-            result = registry.implementation(method).fit(ctx, cfg)
+            result = registry.get(method).fit(ctx, cfg)
             if result.tensors:
                 io.save_tensors(tf, result.tensors)
             io.write_json(f, {"method": method, "plan": result.plan, "metrics": result.metrics})
-        registry.implementation(method).apply(model, result.plan, result.tensors)
+        registry.get(method).apply(model, result.plan, result.tensors)
         stages.append({"method": method, "plan": result.plan, "metrics": result.metrics})
         if contrib:
             after.append(_measured(state / f"stage-{i}-after.json", lambda m=method: contrib.measure(model, m)))

@@ -1,25 +1,37 @@
-"""Stage registry: one entry per method folder under retrofit/ (peft's tuner layout).
-
-Each method package exposes METHOD (its recipe key), CONFIG (its pydantic settings) and IMPL (the
-module with `fit` and `apply`, imported only when the stage runs, so validating a recipe stays cheap).
-"""
+"""The registered methods, one line each, in composition order (design.md §1; a recipe may list any subset
+in any order). A method is a `retrofit.method.Method` subclass in its own folder (peft's tuner layout)."""
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
-from . import drop, kv, prune, routes, shards, width
-
-_METHODS = [drop, prune, width, shards, routes, kv]
-# Order in which stages compose (design.md §1); a recipe may list any subset in any order.
-METHODS: dict[str, ModuleType] = {m.METHOD: m for m in _METHODS}
-
-
-def config_class(method: str):
-    return METHODS[method].CONFIG
+from .drop import Drop
+from .errors import UsageError
+from .kv import KV
+from .method import Method
+from .prune import Prune
+from .routes import Routes
+from .shards import Shards
+from .width import Width
 
 
-def implementation(method: str) -> ModuleType:
-    """The module with `fit(ctx, config) -> StageResult` and `apply(model, plan, tensors)`."""
-    return importlib.import_module(METHODS[method].IMPL)
+def registry_of(methods: list[Method]) -> dict[str, Method]:
+    out: dict[str, Method] = {}
+    for m in methods:
+        if m.name in out:
+            raise ValueError(f"method '{m.name}' registered twice")
+        out[m.name] = m
+    return out
+
+
+METHODS: dict[str, Method] = registry_of([Drop(), Prune(), Width(), Shards(), Routes(), KV()])
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown method '{name}' (one of: {', '.join(METHODS)})") from None
+
+
+def config_class(name: str):
+    return get(name).config
+

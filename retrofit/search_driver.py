@@ -42,6 +42,7 @@ from adaflex.search.space import corner_points
 from . import io, models, registry
 from .contribution import probe_quality, quality_source
 from .errors import AdaflexError, BudgetInfeasible, UsageError
+from .method import CostState
 from .recipe import Recipe, validate
 from .search_space import SearchSection, build
 from .stage import StageContext
@@ -126,24 +127,6 @@ def open_storage(url: str | None, out: Path, heartbeat: int):
 # ---- cost of a list of stages ----
 
 
-def _target_dims(shape: Shape) -> dict[str, tuple[int, int]]:
-    d, m, q, kv = (
-        shape.hidden_size,
-        shape.intermediate_size,
-        shape.num_heads * shape.head_dim,
-        shape.num_kv_heads * shape.head_dim,
-    )
-    return {
-        "q_proj": (d, q),
-        "k_proj": (d, kv),
-        "v_proj": (d, kv),
-        "o_proj": (q, d),
-        "gate_proj": (d, m),
-        "up_proj": (d, m),
-        "down_proj": (m, d),
-    }
-
-
 def setting_of(
     stages: list[tuple[str, object, dict | None, dict]],
     shape: Shape,
@@ -151,71 +134,13 @@ def setting_of(
     sparse_kernel: bool = False,
     model_bytes: float = 4.0,
 ) -> Setting:
-    """The cost-model setting of stages in order: (method, config, plan or None, metrics). Without a plan the
-    stage is predicted from its settings, spending its whole allowance (routes run `max_executed` blocks,
-    a pruning that may drop blocks drops as many as its sparsity allows)."""
-    from .kv.config import KVConfig
-
-    cur, removed, sparsity, pattern = shape.num_layers, 0, 0.0, "unstructured"
-    executed, kv_frac, bpv, ad_params, ad_macs = None, 1.0, None, 0, 0
+    """The cost-model setting of stages in order: (method, config, plan or None, metrics). Each method's
+    `cost` rule updates the state; without a plan a stage is predicted from its settings, spending its
+    whole allowance."""
+    state = CostState(shape=shape, context=context, model_bytes=model_bytes)
     for method, cfg, plan, metrics in stages:
-        if method == "drop":
-            k = len(plan["removed"]) if plan else cfg.count(cur)
-        elif method == "prune":
-            if plan:
-                k = len(plan["removed"])
-                kept = [e for e in plan["linears"] if not e.get("removed")]
-                n = sum(math.prod(e["shape"]) for e in kept)
-                sparsity = sum(e["sparsity"] * math.prod(e["shape"]) for e in kept) / max(1, n)
-            else:
-                s = (cfg.nm[1] - cfg.nm[0]) / cfg.nm[1] if cfg.nm and cfg.allocation == "uniform" else cfg.sparsity
-                k = min(cur - 1, int(math.floor(s * cur + 1e-9))) if cfg.allow_drop else 0
-                sparsity = 0.0 if cfg.allow_drop else s
-            pattern = cfg.pattern
-        elif method == "shards":
-            dims = plan["shapes"] if plan else {t: _target_dims(shape)[t] for t in cfg.targets}
-            per_rank = sum(a + b for a, b in dims.values())
-            rank_params = cfg.equivalent_rank if cfg.method == "mos" else cfg.rank
-            ad_params = plan["trainable_params"] if plan else rank_params * cur * per_rank
-            ad_macs = cfg.rank * per_rank
-            k = 0
-        elif method == "routes":
-            if plan and plan.get("policy") == "path":
-                executed = float(len(plan["path"]))
-            elif plan and metrics.get("calibrated_executed_mean") is not None:
-                executed = float(metrics["calibrated_executed_mean"])
-            else:
-                executed = float(min(cfg.max_executed or cur, cur))
-            k = 0
-        elif method == "kv":
-            assert isinstance(cfg, KVConfig)
-            import torch
-
-            from .kv.cache import storage_bytes_per_value
-
-            rel = storage_bytes_per_value(
-                cfg.storage, {4.0: torch.float32, 2.0: torch.bfloat16}.get(model_bytes, torch.float32), shape.head_dim
-            )
-            byte_budget = cfg.budget if cfg.tokens is None else min(1.0, cfg.tokens / context) * rel
-            kv_frac = min(1.0, byte_budget / rel)
-            bpv = shape.bytes_per_value * rel
-            k = 0
-        else:
-            raise ValueError(f"no cost rule for stage '{method}'")
-        removed, cur = removed + k, cur - k
-    if executed is not None:
-        executed = min(executed, 2.0 * cur)
-    return Setting(
-        removed_blocks=removed,
-        executed=executed,
-        sparsity=sparsity,
-        pattern="2:4" if pattern == "2:4" else pattern,
-        sparse_kernel=sparse_kernel,
-        kv_fraction=kv_frac,
-        kv_bytes_per_value=bpv,
-        adapter_params=int(ad_params),
-        adapter_macs=int(ad_macs),
-    )
+        registry.get(method).cost(cfg, plan, metrics, state)
+    return state.setting(sparse_kernel)
 
 
 # ---- the study ----
@@ -373,17 +298,15 @@ class Session:
 
         done, prefix = [], []
         for i, (method, cfg) in enumerate(recipe.stage_items()):
-            impl = registry.implementation(method)
+            impl = registry.get(method)
             prefix.append([method, cfg.model_dump(mode="json")])
             key = json.dumps(prefix, sort_keys=True)
             res: StageResult | None = self.memo.get(key)
             if res is None:
-                check = getattr(impl, "check", None)
-                if check is not None:
-                    check(model, cfg, f"trial: stages.{i}.{method}")
-                # prune's distortion curves are cached on disk under the upstream stages' key (the cache
-                # itself checks the model, data and settings); other stages work in the trial's folder
-                if method == "prune":
+                impl.check(model, cfg, f"trial: stages.{i}.{method}")
+                # a method whose fit checks what it finds in its state folder (prune's distortion curves)
+                # keeps it under the upstream stages' key, shared by trials; others work in the trial's folder
+                if impl.reuses_state:
                     state = self.out / "cache" / hashlib.sha256(json.dumps(prefix[:-1]).encode()).hexdigest()[:12]
                 else:
                     state = tmp / f"stage-{i}"
@@ -556,10 +479,8 @@ def search(
     if storage is not None and journal_path(storage) is None and "://" not in storage:
         open_storage(storage, out, heartbeat)  # raises the usage error before anything is loaded
     for sp in build(recipe, 64):  # checks that need no model (the block count only bounds default knobs)
-        impl = registry.implementation(sp.method)
-        needs = getattr(impl, "needs_calibration", None)
         cfg = registry.config_class(sp.method).model_validate(sp.base)
-        if needs is not None and needs(cfg) and recipe.data.calibration is None:
+        if registry.get(sp.method).needs_calibration(cfg) and recipe.data.calibration is None:
             raise UsageError(f"recipe: data.calibration: required by the {sp.method} stage")
     model, tok = models.load(model_spec or recipe.model)
     raw = {**raw, "model": model_name}
@@ -797,8 +718,9 @@ def plot(path: Path, rows: list[dict], dense_q: float | None, budget: dict, axis
         pts = [r for r in done if bool(r["feasible"]) == feas and "+" in r["stages"]]
         if pts:
             ax.scatter([r[key] for r in pts], [r["quality"] for r in pts], c=color, s=22, label=f"composed, {label}")
-    markers = {"drop": "v", "prune": "s", "shards": "P", "routes": "^", "kv": "D"}
-    for m, mk in markers.items():
+    markers = "vsP^D<>hX*"  # one per method, in registry order
+    for i, m in enumerate(registry.METHODS):
+        mk = markers[i % len(markers)]
         pts = [r for r in done if r["stages"] == m]
         if pts:
             ax.scatter(

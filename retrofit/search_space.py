@@ -2,7 +2,7 @@
 
 A stage takes part in the search when the recipe lists it under `stages:` or names it under
 `search.stages:` (then it is added in composition order with its default settings). Each searched stage
-gets an `enabled` knob (on/off) and the knobs declared for its method below, unless the `search:` section
+gets an `enabled` knob (on/off) and the knobs its method declares (`Method.search_knobs`), unless the `search:` section
 fixes them (a scalar), replaces them (a list of choices or a `{low, high}` range) or adds others (any key
 of the stage's settings). `search.stages.METHOD: false` keeps a stage out of the search (as written).
 """
@@ -19,8 +19,6 @@ from adaflex.search.space import Knob
 
 from .registry import METHODS, config_class
 from .schema import Strict
-
-ORDER = ["drop", "prune", "shards", "routes", "kv"]  # composition order (design.md §1)
 
 
 class QualitySpec(Strict):
@@ -78,23 +76,6 @@ class SearchSection(Strict):
         return v
 
 
-# ---- default knobs per method; a callable bound takes the dense model's block count ----
-
-DEFAULTS: dict[str, dict[str, dict]] = {
-    "drop": {"blocks": {"low": 1, "high": lambda L: max(1, L // 2)}},
-    "prune": {"sparsity": {"low": 0.1, "high": 0.6}, "allocation": ["uniform", "owl", "dp"]},
-    "shards": {"rank": [4, 8, 16]},
-    "routes": {"max_executed": {"low": lambda L: max(1, (L + 1) // 2), "high": lambda L: L}},
-    "kv": {"budget": {"low": 0.2, "high": 1.0}, "allocation": ["uniform", "pyramid", "cake"]},
-}
-
-
-def _resolve(value, num_layers: int):
-    if isinstance(value, dict):
-        return {k: (v(num_layers) if callable(v) else v) for k, v in value.items()}
-    return value
-
-
 class StageSpace:
     """One searched stage: its base settings (a dict) and its knobs (name -> Knob; `enabled` among them)."""
 
@@ -126,7 +107,7 @@ def build(recipe, num_layers: int, where: str = "recipe") -> list[StageSpace]:
         raise UsageError(f"{where}: stages: search handles each method once; the recipe repeats one")
     methods = [
         m
-        for m in ORDER
+        for m in METHODS  # composition order
         if (m in present or isinstance(sec.stages.get(m), dict) or sec.stages.get(m) is True)
         and sec.stages.get(m) is not False
     ]
@@ -136,9 +117,7 @@ def build(recipe, num_layers: int, where: str = "recipe") -> list[StageSpace]:
         asked = sec.stages.get(m) if isinstance(sec.stages.get(m), dict) else {}
         knobs: dict[str, Knob] = {}
         fixed_on = False
-        merged = {
-            k: _resolve(v, num_layers) for k, v in {**DEFAULTS.get(m, {}), "enabled": [True, False], **asked}.items()
-        }
+        merged = {**METHODS[m].search_knobs(num_layers), "enabled": [True, False], **asked}
         # fixed values first, so that each knob is checked against every fixed setting
         for key, value in sorted(merged.items(), key=lambda kv: Knob.of(kv[1]) is not None):
             explicit = key in asked

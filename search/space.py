@@ -33,7 +33,10 @@ class Knob:
 
     @classmethod
     def of(cls, value: Any) -> Knob | None:
-        """A knob from its recipe form; None for a scalar (a fixed value). ValueError says what is wrong."""
+        """A knob from its recipe form (or a knob as it is); None for a scalar (a fixed value). ValueError says
+        what is wrong."""
+        if isinstance(value, Knob):
+            return value
         if isinstance(value, list):
             if any(isinstance(v, (list, dict)) for v in value):
                 raise ValueError("choices must be scalars")

@@ -10,9 +10,6 @@ from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import DropConfig
 
-# Removed blocks stay removed in the exported weights: nothing to redo at load time.
-BAKED = True
-
 
 @torch.no_grad()
 def block_influence(model, windows: torch.Tensor, batch_size: int = 4, show_progress: bool = True) -> list[float]:
@@ -53,7 +50,7 @@ def choose(influence: list[float], k: int, protect: list[int]) -> list[int]:
     return sorted(order[:k])
 
 
-def check(model, cfg: DropConfig, where: str) -> int:
+def check(model, cfg: DropConfig, where: str) -> None:
     """Settings that depend on the model: the number of blocks to remove and the protected indices."""
     n = len(decoder_layers(model))
     try:
@@ -65,16 +62,12 @@ def check(model, cfg: DropConfig, where: str) -> int:
             raise ValueError(f"only {n - len(set(cfg.protect))} unprotected blocks, {k} to remove")
     except ValueError as e:
         raise UsageError(f"{where}: {e}") from None
-    return k
-
-
-def needs_calibration(cfg: DropConfig) -> bool:
-    return True  # block influence is measured on calibration text
 
 
 def fit(ctx: StageContext, cfg: DropConfig) -> StageResult:
     layers = decoder_layers(ctx.model)
-    k = check(ctx.model, cfg, f"recipe: stages.{ctx.index}.drop")
+    check(ctx.model, cfg, f"recipe: stages.{ctx.index}.drop")
+    k = cfg.count(len(layers))
     bi = block_influence(ctx.model, ctx.calibration)
     removed = choose(bi, k, cfg.protect)
     plan = {"num_layers": len(layers), "removed": removed, "kept": [i for i in range(len(layers)) if i not in removed],

@@ -32,14 +32,12 @@ from ..errors import UsageError
 from ..evaluate import decoder_layers, reference_of
 from ..progress import progress
 from ..stage import StageContext, StageResult
+from . import KV
 from .attention import profile, received_mass, register, window_probs
 from .cache import BudgetedCache, KVSpec, storage_bytes_per_value
 from .config import KVConfig
 from .policies import layer_preference, make_policy
 from .replay import record_prefill, replay
-
-BAKED = False  # the plan is re-applied on load from the export's config block
-
 
 # ---- installing ----
 
@@ -94,12 +92,11 @@ def uninstall(model) -> None:
 # ---- checks ----
 
 
-def check(model, cfg: KVConfig, where: str) -> int:
+def check(model, cfg: KVConfig, where: str) -> None:
     """Settings that depend on the model: the layer count of an explicit plan."""
     n = len(decoder_layers(model))
     if cfg.plan is not None and len(cfg.plan) != n:
         raise UsageError(f"{where}.plan: has {len(cfg.plan)} per-layer fractions, the model has {n} layers")
-    return n
 
 
 def _check_budget_vs_length(cfg: KVConfig, length: int, where: str) -> None:
@@ -329,16 +326,13 @@ def search_plan(objective, cfg: KVConfig, n: int, mean: float, cake_average, pre
 # ---- fit / apply ----
 
 
-def needs_calibration(cfg: KVConfig) -> bool:
-    return cfg.plan is None and cfg.allocation in ("prefixkv", "searched")
-
-
 def fit(ctx: StageContext, cfg: KVConfig) -> StageResult:
     where = f"recipe: stages.{ctx.index}.kv"
-    n = check(ctx.model, cfg, where)
+    check(ctx.model, cfg, where)
+    n = len(decoder_layers(ctx.model))
     plan = {"num_layers": n, "config": cfg.model_dump(mode="json"), "fractions": cfg.plan}
     metrics: dict = {"allocation": cfg.allocation, "policy": cfg.policy}
-    if needs_calibration(cfg):
+    if KV().needs_calibration(cfg):
         windows = ctx.calibration
         _check_budget_vs_length(cfg, windows.shape[1], where)
         samples = cfg.calibration_samples or min(8, windows.shape[0])

@@ -22,14 +22,11 @@ from ..drop.apply import apply as remove_blocks
 from ..errors import BudgetInfeasible, UsageError
 from ..evaluate import decoder_layers, reference_of
 from ..stage import StageContext, StageResult
+from . import Prune
 from .calibrate import capture, dense_statistics, prune_sequential
 from .config import PruneConfig
 from .curves import DROP, CurveCache, CurveMeasurer, Unit, fingerprint, make_units, measure_curves
 from .scores import block_linears, pack_mask, semi_structured_problems, unpack_mask, wanda_score
-
-# The masks (and removed blocks) live in the exported weights: nothing to redo at load time.
-BAKED = True
-
 
 # ---- checks before anything is written ----
 
@@ -176,10 +173,6 @@ def targets_from_units(model, units: list[Unit], unit_levels: list) -> tuple[lis
 # ---- fit ----
 
 
-def needs_calibration(cfg: PruneConfig) -> bool:
-    return cfg.score == "wanda" or cfg.allocation in ("owl", "dp")
-
-
 def fit(ctx: StageContext, cfg: PruneConfig) -> StageResult:
     model = ctx.model
     where = f"recipe: stages.{ctx.index}.prune"
@@ -187,7 +180,7 @@ def fit(ctx: StageContext, cfg: PruneConfig) -> StageResult:
     layers = decoder_layers(model)
     L = len(layers)
     t0 = time.perf_counter()
-    need_data = needs_calibration(cfg)
+    need_data = Prune().needs_calibration(cfg)
     windows = ctx.calibration if need_data else None
     cap = capture(model, windows, cfg.batch_size) if need_data else None
     extra, metrics = {}, {}

@@ -18,14 +18,12 @@ from .router import Routers, fit_guard
 from .runtime import FixedPolicy, RouterPolicy, install, path_counts, runtime_of, uninstall
 from .train import teacher_features, train_routers
 
-# Routers are re-attached at load time from adaflex.safetensors; the exported weights stay dense.
-BAKED = False
 FALLBACK_ENV = "ADAFLEX_ROUTES_FALLBACK"  # set to "dense" to run a routed model without its routers
 
 
-def check(model, cfg: RoutesConfig, where: str) -> tuple[int, int]:
+def check(model, cfg: RoutesConfig, where: str) -> None:
     """Model-dependent settings: the fixed path's blocks and the budget against the model's depth."""
-    L, d = len(decoder_layers(model)), model.config.hidden_size
+    L = len(decoder_layers(model))
     if cfg.path is not None:
         path_counts(cfg.path, L, f"{where}.path")
     if cfg.max_executed is not None and cfg.max_executed > 2 * L:
@@ -36,7 +34,6 @@ def check(model, cfg: RoutesConfig, where: str) -> tuple[int, int]:
         for p in cfg.train:
             if detect_layout(p) in MC_LAYOUTS:
                 read_mc(p, limit=1)
-    return L, d
 
 
 def _log(msg: str) -> None:
@@ -126,7 +123,8 @@ def expansion_prior(ctx: StageContext, cfg: RoutesConfig, examples) -> list[floa
 def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
     model, tok = ctx.model, ctx.tokenizer
     where = f"recipe: stages.{ctx.index}.routes"
-    L, d = check(model, cfg, where)
+    check(model, cfg, where)
+    L, d = len(decoder_layers(model)), model.config.hidden_size
     base = {"num_layers": L, "hidden_size": d, "windows": cfg.windows, "bottleneck": cfg.bottleneck,
             "fallback_dense": cfg.fallback_dense, "max_executed": cfg.max_executed, "guard": cfg.guard}
     if cfg.path is not None:

@@ -5,8 +5,58 @@ assembles a rank-r LoRA from the pools through fixed index vectors, so r-rank ad
 parameters of a rank-e LoRA. Trained by distillation from the dense model; exported as plain peft LoRA.
 """
 
+from __future__ import annotations
+
+from ..method import CostState, Method, knobs
 from .config import ShardsConfig
 
-METHOD = "shards"
-CONFIG = ShardsConfig
-IMPL = "adaflex.retrofit.shards.apply"
+
+def target_dims(shape) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each adaptable linear of a Llama-style block of the cost model's `shape`."""
+    d, m = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, m), "up_proj": (d, m), "down_proj": (m, d)}
+
+
+class Shards(Method):
+    name = "shards"
+    config = ShardsConfig
+    baked = False  # adapters are re-installed on load unless the export merged them (export_extra says so)
+
+    def check(self, model, config, where):
+        from .apply import check
+
+        check(model, config, where)
+
+    def needs_calibration(self, config):
+        return True  # the adapters heal on calibration text
+
+    def fit(self, ctx, config):
+        from .apply import fit
+
+        return fit(ctx, config)
+
+    def apply(self, model, plan, tensors):
+        from .apply import apply
+
+        apply(model, plan, tensors)
+
+    def export_extra(self, model, plan, tensors, out_dir, merge):
+        from .apply import export_extra
+
+        return export_extra(model, plan, tensors, out_dir, merge)
+
+    def search_knobs(self, num_layers):
+        return knobs(rank=[4, 8, 16])
+
+    def cost(self, config, plan, metrics, state: CostState):
+        dims = plan["shapes"] if plan else {t: target_dims(state.shape)[t] for t in config.targets}
+        per_rank = sum(a + b for a, b in dims.values())
+        rank_params = config.equivalent_rank if config.method == "mos" else config.rank
+        state.adapter_params = plan["trainable_params"] if plan else rank_params * state.layers * per_rank
+        state.adapter_macs = config.rank * per_rank
+
+    def contract_config(self):
+        return {"method": "mos", "rank": 4, "equivalent_rank": 2, "shards_per_vector": 4, "steps": 2,
+                "batch_size": 2, "lr": 0.05}

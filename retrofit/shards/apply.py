@@ -35,9 +35,6 @@ from .layer import (
 )
 from .train import CachedTeacher, heal, windows_for
 
-# Adapters are re-installed from adaflex.safetensors at load time (unless an export merged them).
-BAKED = False
-
 
 def _linear(block: nn.Module, target: str) -> nn.Linear | None:
     for name, mod in block.named_modules():
@@ -63,15 +60,11 @@ def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[i
     return out
 
 
-def needs_calibration(cfg: ShardsConfig) -> bool:
-    return True  # the adapters heal on calibration text
-
-
-def check(model, cfg: ShardsConfig, where: str) -> dict[str, tuple[int, int]]:
+def check(model, cfg: ShardsConfig, where: str) -> None:
     """Settings that depend on the model: targets present, l divides every dim, pools large enough."""
     dims = shapes(model, cfg, where)
     if cfg.method != "mos":
-        return dims
+        return
     n_sh, n_layers = cfg.shards_per_vector, len(decoder_layers(model))
     for t, (d_in, d_out) in dims.items():
         if d_in % n_sh or d_out % n_sh:
@@ -82,7 +75,6 @@ def check(model, cfg: ShardsConfig, where: str) -> dict[str, tuple[int, int]]:
     if why:
         raise UsageError(f"{where}.rank: {why} ({n_layers} layers; set subset_selection: false to draw with "
                          "replacement, or raise equivalent_rank)")
-    return dims
 
 
 def trainable_params(plan: dict) -> int:
@@ -92,7 +84,8 @@ def trainable_params(plan: dict) -> int:
 
 
 def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> dict:
-    dims = check(model, cfg, where)
+    check(model, cfg, where)
+    dims = shapes(model, cfg, where)
     n = len(decoder_layers(model))
     plan = {"method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "scaling": cfg.alpha / cfg.rank,
             "dropout": cfg.dropout, "dtype": cfg.dtype, "targets": list(cfg.targets), "num_layers": n,

@@ -14,12 +14,8 @@ from ..evaluate import decoder_layers, reference_of
 from ..stage import StageContext, StageResult
 from .config import WidthConfig
 from .importance import collect, head_columns, keep_indices, refit, scores, sublayers
-from .shapes import Dims, Width, check_width, explicit_width, uniform_width
+from .shapes import BlockWidth, Dims, check_width, explicit_width, uniform_width
 from .shrink import pad_state_hook, shrink_block
-
-# Uniform widths live in the exported weights and config; per-block ones are re-applied at load
-# (export_extra says which, per export, with its `baked` key).
-BAKED = False
 
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -47,7 +43,7 @@ def dims_of(model, where: str) -> Dims:
     return dims
 
 
-def check(model, cfg: WidthConfig, where: str) -> Width | None:
+def check(model, cfg: WidthConfig, where: str) -> BlockWidth | None:
     """Model-dependent settings: explicit widths valid for the model and its GQA grouping, a fraction that
     every block can reach without losing all its heads or channels. Returns the uniform width (if any)."""
     dims = dims_of(model, where)
@@ -79,7 +75,7 @@ def needs_calibration(cfg: WidthConfig) -> bool:
     return True  # importance is measured on calibration text
 
 
-def _search(ctx: StageContext, cfg: WidthConfig, dims: Dims, uni: Width | None, mlp_s, head_s, st):
+def _search(ctx: StageContext, cfg: WidthConfig, dims: Dims, uni: BlockWidth | None, mlp_s, head_s, st):
     from .search import Measurer, dp_picks, evolve, kept_macs, make_units, measure_curves, picks_of, widths_of
 
     L = len(decoder_layers(ctx.model))
@@ -156,8 +152,8 @@ def _dims(plan: dict) -> Dims:
     return Dims(d["hidden"], d["intermediate"], d["heads"], d["kv_heads"], d["head_dim"])
 
 
-def _width(plan: dict, b: int) -> Width:
-    return Width(**plan["widths"][b])
+def _width(plan: dict, b: int) -> BlockWidth:
+    return BlockWidth(**plan["widths"][b])
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 
 from ..evaluate import decoder_layers
 from ..progress import progress
-from .shapes import Dims, Width
+from .shapes import BlockWidth, Dims
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def keep_indices(mlp_score: torch.Tensor, head_score: torch.Tensor, dims: Dims, w: Width):
+def keep_indices(mlp_score: torch.Tensor, head_score: torch.Tensor, dims: Dims, w: BlockWidth):
     """(FFN channels, query heads, KV groups) a block of width `w` keeps, each ascending.
 
     Groups are ranked by the sum of the scores of the heads they would keep, then each kept group keeps

@@ -21,7 +21,7 @@ from ..progress import progress
 from ..prune.calibrate import capture
 from ..prune.curves import Distortion, dense_trace
 from .importance import head_columns, keep_indices, refit, sublayers
-from .shapes import Dims, Width, attn_options, mlp_options
+from .shapes import BlockWidth, Dims, attn_options, mlp_options
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Unit:
 
 
 def make_units(dims: Dims, n_blocks: int, prune: str, kv_groups: bool, levels: int, max_removed: float,
-               multiple: int, uniform: Width | None = None) -> list[Unit]:
+               multiple: int, uniform: BlockWidth | None = None) -> list[Unit]:
     """Units in block order; the uniform width is always among the options (so uniform is reachable)."""
     extra = () if uniform is None else (uniform.channels,)
     mlp = tuple(mlp_options(dims, levels, max_removed, multiple, extra)) if prune != "attention" \
@@ -50,14 +50,14 @@ def make_units(dims: Dims, n_blocks: int, prune: str, kv_groups: bool, levels: i
     return units
 
 
-def widths_of(units: list[Unit], picks, n_blocks: int) -> list[Width]:
+def widths_of(units: list[Unit], picks, n_blocks: int) -> list[BlockWidth]:
     out = [[None, None] for _ in range(n_blocks)]
     for u, k in zip(units, picks, strict=True):
         out[u.block][0 if u.kind == "attn" else 1] = u.options[int(k)]
-    return [Width(c, *gr) for gr, c in out]
+    return [BlockWidth(c, *gr) for gr, c in out]
 
 
-def picks_of(units: list[Unit], widths: list[Width]) -> list[int]:
+def picks_of(units: list[Unit], widths: list[BlockWidth]) -> list[int]:
     return [u.options.index((widths[u.block].kv_groups, widths[u.block].per_group) if u.kind == "attn"
                             else widths[u.block].channels) for u in units]
 
@@ -83,11 +83,12 @@ class Measurer:
         d = self.dims
         if kind == "mlp":
             lin = mlp.down_proj
-            cols = keep_indices(self.mlp_scores[b], self.head_scores[b], d, Width(option, d.kv_heads, d.per_group))[0]
+            w = BlockWidth(option, d.kv_heads, d.per_group)
+            cols = keep_indices(self.mlp_scores[b], self.head_scores[b], d, w)[0]
             gram = self.grams[0][b] if self.grams else None
         else:
             lin = attn.o_proj
-            heads = keep_indices(self.mlp_scores[b], self.head_scores[b], d, Width(d.intermediate, *option))[1]
+            heads = keep_indices(self.mlp_scores[b], self.head_scores[b], d, BlockWidth(d.intermediate, *option))[1]
             cols = head_columns(heads, d.head_dim)
             gram = self.grams[1][b] if self.grams else None
         w = lin.weight.detach()

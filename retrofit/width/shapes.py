@@ -39,10 +39,10 @@ class Dims:
     def mlp_macs(self, channels: int) -> int:
         return 3 * self.hidden * channels
 
-    def dense(self) -> Width:
-        return Width(self.intermediate, self.kv_heads, self.per_group)
+    def dense(self) -> BlockWidth:
+        return BlockWidth(self.intermediate, self.kv_heads, self.per_group)
 
-    def macs(self, w: Width) -> int:
+    def macs(self, w: BlockWidth) -> int:
         return self.attn_macs(w.kv_groups, w.per_group) + self.mlp_macs(w.channels)
 
     @property
@@ -51,7 +51,7 @@ class Dims:
 
 
 @dataclass(frozen=True)
-class Width:
+class BlockWidth:
     channels: int
     kv_groups: int
     per_group: int
@@ -84,7 +84,7 @@ def attn_options(dims: Dims, kv_groups: bool, max_removed: float = 1.0) -> list[
     return sorted(opts, key=lambda gr: (-dims.attn_macs(*gr), -gr[0]))
 
 
-def uniform_width(dims: Dims, fraction: float, prune: str, kv_groups: bool, multiple: int) -> Width:
+def uniform_width(dims: Dims, fraction: float, prune: str, kv_groups: bool, multiple: int) -> BlockWidth:
     """The same width in every block removing at least `fraction` of the block MACs: attention loses the
     largest share not above `fraction` that its head grid allows, the FFN removes the rest (rounded to
     whole multiples of channels, so the achieved share is at least the target)."""
@@ -100,7 +100,7 @@ def uniform_width(dims: Dims, fraction: float, prune: str, kv_groups: bool, mult
             if not fit:
                 raise ValueError(f"{fraction:g} of the block MACs cannot be removed from attention alone")
             g, r = fit[0]
-            return Width(dims.intermediate, g, r)
+            return BlockWidth(dims.intermediate, g, r)
         ok = [gr for gr in cands if 1 - dims.attn_macs(*gr) / att_full <= fraction + 1e-9]
         g, r = ok[-1]
     left = budget - dims.attn_macs(g, r)
@@ -109,10 +109,10 @@ def uniform_width(dims: Dims, fraction: float, prune: str, kv_groups: bool, mult
     c = min(c, dims.intermediate)
     if c < step:
         raise ValueError(f"removing {fraction:g} of the block MACs leaves the FFN under {step} channels")
-    return Width(c, g, r)
+    return BlockWidth(c, g, r)
 
 
-def check_width(dims: Dims, w: Width) -> str | None:
+def check_width(dims: Dims, w: BlockWidth) -> str | None:
     """Why `w` is not a valid width of a block of `dims` (None: valid)."""
     if w.channels < 1:
         return "leaves no FFN channels"
@@ -127,13 +127,14 @@ def check_width(dims: Dims, w: Width) -> str | None:
     return None
 
 
-def explicit_width(dims: Dims, channels: int | None, heads: int | None, kv: int | None) -> tuple[Width, str | None]:
+def explicit_width(dims: Dims, channels: int | None, heads: int | None,
+                   kv: int | None) -> tuple[BlockWidth, str | None]:
     """The width an explicit uniform architecture asks for, and the key at fault (None: valid)."""
     kv = dims.kv_heads if kv is None else kv
     heads = (dims.per_group * kv) if heads is None else heads
     if heads % kv:
-        return Width(0, kv, 0), f"num_heads: {heads} query heads cannot split evenly over {kv} KV heads (GQA)"
-    w = Width(dims.intermediate if channels is None else channels, kv, heads // kv)
+        return BlockWidth(0, kv, 0), f"num_heads: {heads} query heads cannot split evenly over {kv} KV heads (GQA)"
+    w = BlockWidth(dims.intermediate if channels is None else channels, kv, heads // kv)
     why = check_width(dims, w)
     if why is None:
         return w, None

@@ -138,7 +138,7 @@ def main():
 
     # ---- fit routes (labels resume from out/state) ----
     t0 = time.perf_counter()
-    impl = registry.implementation("routes")
+    impl = registry.get("routes")
     ctx = StageContext(model, tok, recipe, 0, out / "state")
     fitted = impl.fit(ctx, cfg)
     fit_s = time.perf_counter() - t0
@@ -205,7 +205,7 @@ def main():
 def seed_spread(a, model, tok, out: Path, sets: list[str]) -> None:
     """Routes accuracy across router seeds: labels, dial prompts and evaluation items fixed, only the routers'
     initialisation and batch order change (how much of a routes-vs-dense gap is one seed's luck)."""
-    impl = registry.implementation("routes")
+    impl = registry.get("routes")
     arc = read_mc(ROOT.parent / "shared/data/arc_easy_validation.jsonl", limit=a.arc)
     hs = read_mc(ROOT.parent / "shared/data/hellaswag_dev.jsonl", limit=a.hellaswag) if a.hellaswag else []
     rows = []

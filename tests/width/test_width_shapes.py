@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adaflex.retrofit.width.shapes import Dims, Width, attn_options, explicit_width, mlp_options, uniform_width
+from adaflex.retrofit.width.shapes import BlockWidth, Dims, attn_options, explicit_width, mlp_options, uniform_width
 
 SMOL = Dims(hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64)
 
@@ -53,6 +53,6 @@ def test_uniform_width_mlp_only_keeps_every_head():
 def test_explicit_widths(args, key):
     w, why = explicit_width(SMOL, *args)
     if key is None:
-        assert why is None and w == Width(1536, 2, 2)
+        assert why is None and w == BlockWidth(1536, 2, 2)
     else:
         assert why is not None and why.startswith(key + ":")

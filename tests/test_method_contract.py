@@ -1,0 +1,70 @@
+"""The method contract, for every registered method (a method added later is covered without a new test):
+fit -> apply -> run dir -> `load(run_dir)` -> export -> `load(export)`, the logits equal at each step.
+
+Each method supplies settings for the tiny model through `Method.contract_config()` (retrofit/method.py); a
+method without them fails here. Logits are those of a prefill and greedy decoding steps through the model's
+own cache, so runtime parts (routes decided at prefill, KV budgets evicting entries) are compared too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adaflex.retrofit as af
+from adaflex.retrofit import registry
+
+PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs back home across the field. " * 2
+
+
+@torch.no_grad()
+def logits_of(model, tok) -> torch.Tensor:
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    return torch.stack([x[0].float() for x in out.logits])
+
+
+def recipe_for(method) -> dict:
+    try:
+        settings = method.contract_config()
+    except NotImplementedError as e:
+        pytest.fail(f"{method.name}: {e} (implement Method.contract_config, see retrofit/method.py)")
+    return {"seed": 0, "data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 4,
+                                                "seq_len": 64}},
+            "stages": [{method.name: settings}]}
+
+
+@pytest.mark.parametrize("name", list(registry.METHODS))
+def test_fit_apply_run_dir_load_export_reload(name, tiny_dir, tmp_path, one_thread):
+    method = registry.get(name)
+    recipe = recipe_for(method)
+    model, tok = af.load(str(tiny_dir))
+    dense = logits_of(model, tok)
+
+    # fit and apply in place (what `adaflex retrofit` does), writing the run directory
+    af.run(recipe, model, tok, model_name=str(tiny_dir), out=tmp_path / "run", log=lambda m: None)
+    fitted = logits_of(model, tok)
+    assert fitted.shape == dense.shape
+    assert not torch.equal(fitted, dense), f"{name}: the contract settings leave the model unchanged"
+
+    restored, rtok = af.load(str(tmp_path / "run"))
+    torch.testing.assert_close(logits_of(restored, rtok), fitted, rtol=0, atol=1e-5)
+
+    af.export(tmp_path / "run", tmp_path / "export")
+    reloaded, etok = af.load(str(tmp_path / "export"))
+    torch.testing.assert_close(logits_of(reloaded, etok), fitted, rtol=0, atol=1e-5)
+
+
+def test_a_method_without_contract_settings_fails_the_contract():
+    from adaflex.retrofit.method import Method
+
+    class Bare(Method):
+        name = "bare"
+
+    with pytest.raises(pytest.fail.Exception, match="bare: .*contract_config"):
+        recipe_for(Bare())
+
+
+def test_the_registry_holds_each_name_once():
+    with pytest.raises(ValueError, match="drop"):
+        registry.registry_of([registry.get("drop"), registry.get("drop")])
