@@ -79,7 +79,8 @@ def _search(ctx: StageContext, cfg: WidthConfig, dims: Dims, uni: BlockWidth | N
     from .search import Measurer, dp_picks, evolve, kept_macs, make_units, measure_curves, picks_of, widths_of
 
     L = len(decoder_layers(ctx.model))
-    units = make_units(dims, L, cfg.prune, cfg.kv_groups, cfg.levels, cfg.max_removed, cfg.channel_multiple, uni)
+    units = make_units(dims, L, cfg.prune, cfg.kv_groups, cfg.levels, cfg.max_removed, cfg.channel_multiple,
+                       [uni] if uni is not None else [])
     windows = ctx.calibration[: cfg.curve_samples]
     grams = (st.gram_mlp, st.gram_attn) if cfg.refit else None
     m = Measurer(ctx.model, windows, dims, mlp_s, head_s, cfg.distortion, grams, cfg.refit_damp)
@@ -122,29 +123,36 @@ def fit(ctx: StageContext, cfg: WidthConfig) -> StageResult:
     else:
         widths, search = _search(ctx, cfg, dims, uni, mlp_s, head_s, st)
     t_search = time.perf_counter() - t0 - t_imp
-    tensors = {}
-    for b, (blk, w) in enumerate(zip(decoder_layers(model), widths, strict=True)):
-        channels, heads, groups = keep_indices(mlp_s[b], head_s[b], dims, w)
-        tensors.update({f"keep.{b}.channels": channels, f"keep.{b}.heads": heads, f"keep.{b}.groups": groups})
-        if cfg.refit:
-            attn, mlp = sublayers(blk)
-            tensors[f"refit.{b}.down"] = refit(mlp.down_proj.weight.detach(), st.gram_mlp[b], channels,
-                                               cfg.refit_damp)
-            tensors[f"refit.{b}.o"] = refit(attn.o_proj.weight.detach(), st.gram_attn[b],
-                                            head_columns(heads, dims.head_dim), cfg.refit_damp)
-    kept = sum(dims.macs(w) for w in widths)
-    plan = {"num_layers": L, "dense": {"hidden": dims.hidden, "intermediate": dims.intermediate,
-                                       "heads": dims.heads, "kv_heads": dims.kv_heads, "head_dim": dims.head_dim},
-            "allocation": cfg.allocation, "importance": cfg.importance, "refit": cfg.refit,
-            "target": cfg.fraction, "widths": [w.to_dict() for w in widths],
-            "uniform": all(w == widths[0] for w in widths),
-            "block_macs_kept": kept, "block_macs_dense": dims.block_macs * L,
-            "removed": 1 - kept / (dims.block_macs * L), "search": search}
+    plan, tensors = narrow_plan(model, dims, widths, mlp_s, head_s, st if cfg.refit else None, cfg.refit_damp)
+    plan.update({"allocation": cfg.allocation, "importance": cfg.importance, "refit": cfg.refit,
+                 "target": cfg.fraction, "search": search})
     metrics = {"allocation": cfg.allocation, "importance": cfg.importance, "target": cfg.fraction,
                "removed": plan["removed"], "uniform": plan["uniform"], "importance_seconds": t_imp,
                "search_seconds": t_search, "calibration_tokens": int(ctx.calibration.numel())}
     metrics.update({k: v for k, v in search.items() if k not in ("curves", "trace")})
     return StageResult(plan=plan, tensors=tensors, metrics=metrics)
+
+
+def narrow_plan(model, dims: Dims, widths: list[BlockWidth], mlp_s, head_s, st=None, damp: float = 0.01):
+    """The plan core (widths, MACs) and tensors (kept indices; refit weights when `st` holds Gram matrices)
+    that `apply` narrows a dense model with."""
+    tensors = {}
+    for b, (blk, w) in enumerate(zip(decoder_layers(model), widths, strict=True)):
+        channels, heads, groups = keep_indices(mlp_s[b], head_s[b], dims, w)
+        tensors.update({f"keep.{b}.channels": channels, f"keep.{b}.heads": heads, f"keep.{b}.groups": groups})
+        if st is not None:
+            attn, mlp = sublayers(blk)
+            tensors[f"refit.{b}.down"] = refit(mlp.down_proj.weight.detach(), st.gram_mlp[b], channels, damp)
+            tensors[f"refit.{b}.o"] = refit(attn.o_proj.weight.detach(), st.gram_attn[b],
+                                            head_columns(heads, dims.head_dim), damp)
+    kept = sum(dims.macs(w) for w in widths)
+    dense = dims.block_macs * len(widths)
+    plan = {"num_layers": len(widths), "dense": {"hidden": dims.hidden, "intermediate": dims.intermediate,
+                                                 "heads": dims.heads, "kv_heads": dims.kv_heads,
+                                                 "head_dim": dims.head_dim},
+            "widths": [w.to_dict() for w in widths], "uniform": all(w == widths[0] for w in widths),
+            "block_macs_kept": kept, "block_macs_dense": dense, "removed": 1 - kept / dense}
+    return plan, tensors
 
 
 def _dims(plan: dict) -> Dims:

@@ -35,14 +35,13 @@ class Unit:
 
 
 def make_units(dims: Dims, n_blocks: int, prune: str, kv_groups: bool, levels: int, max_removed: float,
-               multiple: int, uniform: BlockWidth | None = None) -> list[Unit]:
-    """Units in block order; the uniform width is always among the options (so uniform is reachable)."""
-    extra = () if uniform is None else (uniform.channels,)
-    mlp = tuple(mlp_options(dims, levels, max_removed, multiple, extra)) if prune != "attention" \
-        else (dims.intermediate,)
-    att = tuple(attn_options(dims, kv_groups, max_removed)) if prune != "mlp" else ((dims.kv_heads, dims.per_group),)
-    if uniform is not None and (uniform.kv_groups, uniform.per_group) not in att:
-        att = tuple(sorted({*att, (uniform.kv_groups, uniform.per_group)}, key=lambda gr: -dims.attn_macs(*gr)))
+               multiple: int, uniform=()) -> list[Unit]:
+    """Units in block order; the `uniform` widths are always among the options (so uniform is reachable)."""
+    mlp = tuple(mlp_options(dims, levels, max_removed, multiple, [u.channels for u in uniform])) \
+        if prune != "attention" else (dims.intermediate,)
+    att = set(attn_options(dims, kv_groups, max_removed)) if prune != "mlp" else {(dims.kv_heads, dims.per_group)}
+    att |= {(u.kv_groups, u.per_group) for u in uniform}
+    att = tuple(sorted(att, key=lambda gr: (-dims.attn_macs(*gr), -gr[0])))
     units = []
     for b in range(n_blocks):
         units.append(Unit(b, "attn", att, tuple(dims.attn_macs(*gr) for gr in att)))
@@ -76,9 +75,16 @@ class Measurer:
         self.distortion = Distortion(model, [self.trace[-1]], kind)
         self.evaluations = 0
         self.block_forwards = 0
+        self._swaps: dict = {}  # evolution revisits the same sublayer widths: each weight (refit) made once
 
     def swap(self, b: int, kind: str, option) -> tuple[torch.nn.Linear, torch.Tensor]:
         """The dense-shaped weight that makes sublayer `kind` of block b compute its narrow version."""
+        key = (b, kind, option)
+        if key not in self._swaps:
+            self._swaps[key] = self._make_swap(b, kind, option)
+        return self._swaps[key]
+
+    def _make_swap(self, b: int, kind: str, option) -> tuple[torch.nn.Linear, torch.Tensor]:
         attn, mlp = sublayers(self.layers[b])
         d = self.dims
         if kind == "mlp":
