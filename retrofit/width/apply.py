@@ -107,6 +107,14 @@ def _search(ctx: StageContext, cfg: WidthConfig, dims: Dims, uni: BlockWidth | N
     return widths_of(units, picks, L), info
 
 
+def fit_windows(windows: torch.Tensor, cfg: WidthConfig) -> torch.Tensor:
+    """The windows importance (and the refit) learn from: all but the ones the search measures on, when
+    there are more (a refit judged on its own data looks better than it is)."""
+    if cfg.allocation == "uniform" or windows.shape[0] <= cfg.curve_samples:
+        return windows
+    return windows[cfg.curve_samples:]
+
+
 def fit(ctx: StageContext, cfg: WidthConfig) -> StageResult:
     model = ctx.model
     where = f"recipe: stages.{ctx.index}.width"
@@ -114,7 +122,7 @@ def fit(ctx: StageContext, cfg: WidthConfig) -> StageResult:
     dims = dims_of(model, where)
     L = len(decoder_layers(model))
     t0 = time.perf_counter()
-    st = collect(model, ctx.calibration, dims, cfg.batch_size, gram=cfg.refit)
+    st = collect(model, fit_windows(ctx.calibration, cfg), dims, cfg.batch_size, gram=cfg.refit)
     mlp_s, head_s = scores(model, st, cfg.importance, dims)
     t_imp = time.perf_counter() - t0
     search: dict = {}

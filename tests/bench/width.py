@@ -61,26 +61,36 @@ def log(msg: str) -> None:
 
 
 @torch.no_grad()
-def speed(model, ids: torch.Tensor, prefill: int, context: int, steps: int, repeats: int) -> dict:
-    """Tokens/s, best of `repeats`: one forward of `prefill` tokens; `steps` greedy single-token steps
-    through the cache after a `context`-token prompt."""
-    best_p = best_d = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids[:, :prefill], use_cache=False, logits_to_keep=1)
-        best_p = min(best_p, time.perf_counter() - t0)
-        cache = _make_cache(model)
-        out = model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+def _timed(model, ids: torch.Tensor, prefill: int, context: int, steps: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    model(input_ids=ids[:, :prefill], use_cache=False, logits_to_keep=1)
+    t_pre = time.perf_counter() - t0
+    cache = _make_cache(model)
+    out = model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+    tok = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=tok, cache=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model(input_ids=tok, cache=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-        best_d = min(best_d, time.perf_counter() - t0)
-    return {"prefill_tok_s": prefill / best_p, "decode_tok_s": steps / best_d}
+    return t_pre, time.perf_counter() - t0
 
 
-def evaluate(model, tok, args, eval_text: str, items, probe, speed_ids) -> dict:
+def speed(model, dense, ids: torch.Tensor, prefill: int, context: int, steps: int, repeats: int) -> dict:
+    """Tokens/s, best of `repeats`, of one forward of `prefill` tokens and of `steps` greedy single-token
+    steps through the cache after a `context`-token prompt; the dense model is timed in alternation with
+    `model` (after a warm-up of each) so that the drifting load of a shared machine hits both alike."""
+    best = {m: [math.inf, math.inf] for m in ("model", "dense")}
+    for m in (model, dense):
+        _timed(m, ids, prefill, context, 2)
+    for _ in range(repeats):
+        for name, m in (("model", model), ("dense", dense)):
+            t = _timed(m, ids, prefill, context, steps)
+            best[name] = [min(a, b) for a, b in zip(best[name], t, strict=True)]
+    return {"prefill_tok_s": prefill / best["model"][0], "decode_tok_s": steps / best["model"][1],
+            "prefill_x": best["dense"][0] / best["model"][0], "decode_x": best["dense"][1] / best["model"][1]}
+
+
+def evaluate(model, dense, tok, args, eval_text: str, items, probe, speed_ids) -> dict:
     ppl = perplexity(model, tok, eval_text, seq_len=512, batch_size=2, limit=args.windows, label="ppl")
     arc = multiple_choice(model, tok, items, batch_size=16, label="arc")
     cost = cost_figures(model, probe)
@@ -88,7 +98,7 @@ def evaluate(model, tok, args, eval_text: str, items, probe, speed_ids) -> dict:
            "flops_ratio": cost["flops_ratio"], "linear_params": sum(
                m.weight.numel() for blk in decoder_layers(model) for m in blk.modules()
                if isinstance(m, torch.nn.Linear))}
-    out.update(speed(model, speed_ids, args.prefill, args.context, args.decode_steps, args.repeats))
+    out.update(speed(model, dense, speed_ids, args.prefill, args.context, args.decode_steps, args.repeats))
     return out
 
 
@@ -135,7 +145,7 @@ def main() -> None:
     rows = []
     log("dense")
     t0 = time.perf_counter()
-    base = evaluate(dense, tok, args, eval_text, items, probe, speed_ids)
+    base = evaluate(dense, dense, tok, args, eval_text, items, probe, speed_ids)
     rows.append({"method": "dense", "target": 0.0, **base, "seconds": 0.0, "eval_seconds": time.perf_counter() - t0})
 
     t0 = time.perf_counter()
@@ -146,7 +156,8 @@ def main() -> None:
             ap.error(f"--methods: unknown method '{method}'")
     need_refit = any("refit" in m for m in args.methods)
     t0 = time.perf_counter()
-    st = collect(dense, windows, dims, 8, gram=need_refit)
+    # importance and refit learn on the windows the DP / evolution distortions are not measured on
+    st = collect(dense, windows[args.curve_samples:], dims, 8, gram=need_refit)
     imp = {"activation": scores(dense, st, "activation", dims)}
     if any("wanda" in m for m in args.methods):
         imp["wanda"] = scores(dense, st, "wanda", dims)
@@ -220,12 +231,11 @@ def main() -> None:
                 info.update({"removed": plan["removed"], "widths": [list(w.to_dict().values()) for w in widths]})
             seconds = time.perf_counter() - t0 + prep
             t1 = time.perf_counter()
-            res = evaluate(model, tok, args, eval_text, items, probe, speed_ids)
+            res = evaluate(model, dense, tok, args, eval_text, items, probe, speed_ids)
             rows.append({"method": method, "target": f, "blocks": blocks[f], **res, "seconds": seconds,
                          "eval_seconds": time.perf_counter() - t1, **info})
             log(f"  ppl {res['ppl']:.2f} arc {res['arc_acc']:.3f} flops {res['flops_ratio']:.4f} "
-                f"prefill x{res['prefill_tok_s'] / base['prefill_tok_s']:.2f} "
-                f"decode x{res['decode_tok_s'] / base['decode_tok_s']:.2f}")
+                f"prefill x{res['prefill_x']:.2f} decode x{res['decode_x']:.2f}")
             del model
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
@@ -247,7 +257,7 @@ def table(rows: list[dict], base: dict, args, wall: float) -> str:
             f"| {r.get('removed', 0.0):.3f} | {r['method']} | "
             f"{r.get('blocks', '–')} | {r['ppl']:.2f} | {r['arc_acc']:.3f} | {r['arc_acc_norm']:.3f} | "
             f"{r['flops_ratio']:.4f} | {1 / r['flops_ratio']:.3f} | "
-            f"{r['prefill_tok_s'] / base['prefill_tok_s']:.3f} | {r['decode_tok_s'] / base['decode_tok_s']:.3f} | "
+            f"{r['prefill_x']:.3f} | {r['decode_x']:.3f} | "
             f"{kl} | {ev} | {r['seconds']:.0f} |")
     lines.append(f"\ndense: prefill {base['prefill_tok_s']:.0f} tok/s, decode {base['decode_tok_s']:.1f} tok/s; "
                  f"total wall time {wall:.0f} s")
