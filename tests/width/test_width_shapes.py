@@ -56,3 +56,24 @@ def test_explicit_widths(args, key):
         assert why is None and w == BlockWidth(1536, 2, 2)
     else:
         assert why is not None and why.startswith(key + ":")
+
+
+def test_cost_rule_multiplies_the_kept_share_of_block_macs():
+    from adaflex.retrofit.method import CostState
+    from adaflex.retrofit.width import Width
+    from adaflex.retrofit.width.config import WidthConfig
+    from adaflex.search.cost import Shape
+
+    shape = Shape(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
+                  vocab_size=49152)
+    method = Width()
+    st = CostState(shape, context=256)
+    method.cost(WidthConfig(fraction=0.25), {"block_macs_kept": 60, "block_macs_dense": 100}, {}, st)
+    assert st.block_macs_fraction == 0.6  # measured from the plan
+    st = CostState(shape, context=256)
+    method.cost(WidthConfig(fraction=0.25), None, {}, st)
+    assert st.block_macs_fraction == 0.75  # predicted: the whole fraction
+    st = CostState(shape, context=256)
+    method.cost(WidthConfig(allocation="uniform", intermediate_size=768, num_heads=6), None, {}, st)
+    assert st.block_macs_fraction == SMOL.macs(BlockWidth(768, 3, 2)) / SMOL.block_macs
+    assert set(method.search_knobs(30)) == {"fraction", "allocation"}
