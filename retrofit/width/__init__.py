@@ -7,33 +7,32 @@ from ..method import CostState, Method, knobs
 from .config import WidthConfig
 
 
+def _impl():
+    """The torch code, imported only when a hook runs (validating a recipe stays cheap)."""
+    from . import apply
+
+    return apply
+
+
 class Width(Method):
     name = "width"
     config = WidthConfig
     baked = False  # uniform widths are baked per export (export_extra says so); per-block ones re-applied
 
     def check(self, model, config, where):
-        from .apply import check
-
-        check(model, config, where)
+        _impl().check(model, config, where)
 
     def needs_calibration(self, config):
         return True  # importance is measured on calibration text
 
     def fit(self, ctx, config):
-        from .apply import fit
-
-        return fit(ctx, config)
+        return _impl().fit(ctx, config)
 
     def apply(self, model, plan, tensors):
-        from .apply import apply
-
-        apply(model, plan, tensors)
+        _impl().apply(model, plan, tensors)
 
     def export_extra(self, model, plan, tensors, out_dir, merge):
-        from .apply import export_extra
-
-        return export_extra(model, plan, tensors, out_dir, merge)
+        return _impl().export_extra(model, plan, tensors, out_dir, merge)
 
     def search_knobs(self, num_layers):
         return knobs(fraction={"low": 0.1, "high": 0.4}, allocation=["uniform", "dp"])
