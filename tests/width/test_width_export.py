@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from adaflex.retrofit.checkpoint import export
-from adaflex.retrofit.evaluate import cost_figures, decoder_layers
+from adaflex.retrofit.evaluate import cost_figures, decoder_layers, reference_of
 from adaflex.retrofit.models import load
 from adaflex.retrofit.pipeline import load_run, run
 from adaflex.retrofit.recipe import load_recipe
@@ -39,7 +39,7 @@ def _linear_params(model) -> int:
 def _check_sizes(model, plan, ids=IDS):
     """Block-linear parameters = block MACs per token; flops_ratio = (kept block MACs + head) / dense."""
     assert _linear_params(model) == plan["block_macs_kept"]
-    ref = model.adaflex_dense
+    ref = reference_of(model)
     head = ref["hidden_size"] * ref["vocab_size"]
     want = (plan["block_macs_kept"] + head) / ref["linear_macs_per_token"]
     assert cost_figures(model, ids)["flops_ratio"] == pytest.approx(want, rel=1e-12)
