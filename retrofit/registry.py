@@ -10,6 +10,7 @@ from .method import Method
 from .prune import Prune
 from .routes import Routes
 from .shards import Shards
+from .width import Width
 
 
 def registry_of(methods: list[Method]) -> dict[str, Method]:
@@ -21,7 +22,7 @@ def registry_of(methods: list[Method]) -> dict[str, Method]:
     return out
 
 
-METHODS: dict[str, Method] = registry_of([Drop(), Prune(), Shards(), Routes(), KV()])
+METHODS: dict[str, Method] = registry_of([Drop(), Prune(), Width(), Shards(), Routes(), KV()])
 
 
 def get(name: str) -> Method:
