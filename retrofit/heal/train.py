@@ -224,7 +224,7 @@ def heal(model, windows: torch.Tensor, groups: dict[str, dict[str, torch.Tensor]
         for n, p in model.named_parameters():
             p.requires_grad_(frozen[n])
     k = max(1, min(5, len(history) // 4))
-    return {"steps": steps, "resumed_at": start, "masked_matrices": len(masks),
+    return {"steps": steps, "resumed_at": start, "ranks": size, "masked_matrices": len(masks),
             "train_loss_first": sum(history[:k]) / k if history else None,
             "train_loss_last": sum(history[-k:]) / k if history else None,
             "train_tokens": tokens, "train_tokens_per_s": tokens / seconds if seconds else None}
