@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from . import io, models, registry
 from .errors import UsageError
 from .pipeline import apply_plan, load_run, split_tensors, version
+from .state import state_of
 
 
 def _dense_state(model) -> dict[str, torch.Tensor]:
@@ -89,7 +90,7 @@ def load_export(path: str | Path, dtype=None):
     path = Path(path)
     model, tok = models.load_hf(path, dtype=dtype)
     block = json.loads((path / "config.json").read_text())["adaflex"]
-    model.adaflex_dense = block["dense_reference"]
+    state_of(model).dense = block["dense_reference"]
     tpath = path / "adaflex.safetensors"
     tensors = load_file(str(tpath)) if tpath.is_file() else {}
     apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)

@@ -1,4 +1,4 @@
-"""Readers for calibration and evaluation data (design.md §3), with seeded calibration windows.
+"""Readers for calibration and evaluation data (README.md, Commands), with seeded calibration windows.
 
 Layouts: plain text, JSONL with `text`, and the multiple-choice layouts of ARC, PIQA and HellaSwag.
 A file in the wrong layout is a UsageError naming the file, line and key.

@@ -1,4 +1,4 @@
-"""Errors that end a command with a one-line message and a fixed exit code (design.md §3)."""
+"""Errors that end a command with a one-line message and a fixed exit code (README.md, Commands)."""
 
 
 class AdaflexError(Exception):

@@ -1,5 +1,5 @@
 """Evaluation: perplexity (strided, or context→continuation through the cache), multiple choice by
-log-likelihood, and the cost figures every report carries (design.md §3).
+log-likelihood, and the cost figures every report carries (README.md, Commands).
 
 The LM head (49152 classes for SmolLM2) costs as much as the decoder stack when applied everywhere,
 so the multiple-choice and cached protocols run the decoder and apply the head only where scored.
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .data import MCItem, read_mc, read_text
 from .errors import UsageError
 from .progress import progress
+from .state import state_of
 
 # ---- the dense reference a retrofitted model is measured against ----
 
@@ -39,11 +40,10 @@ def dense_reference(config) -> dict:
 
 
 def reference_of(model) -> dict:
-    ref = getattr(model, "adaflex_dense", None)
-    if ref is None:
-        ref = dense_reference(model.config)
-        model.adaflex_dense = ref
-    return ref
+    st = state_of(model)
+    if st.dense is None:
+        st.dense = dense_reference(model.config)
+    return st.dense
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -64,7 +64,7 @@ def head(model, h):
 
 def _make_cache(model):
     """The cache a model runs with: a retrofit (KV budgets) may install its own factory."""
-    factory = getattr(model, "adaflex_make_cache", None)
+    factory = state_of(model).make_cache
     if factory is not None:
         return factory()
     from transformers import DynamicCache

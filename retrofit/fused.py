@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from adaflex.kernels import add_rmsnorm, backend
 
+from .state import state_of
+
 # Decoder layers whose forward is Llama's, step for step (checked against transformers 5.x sources).
 LLAMA_STYLE = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
 
@@ -82,6 +84,8 @@ def install(model) -> int:
         if not _is_fused(block) and _fusable(block):
             block.__class__ = _fused_class(type(block))
         n += _is_fused(block)
+    if n:
+        state_of(model).patched("fused", _undo)
     return n
 
 
@@ -89,3 +93,8 @@ def uninstall(model) -> None:
     for block in getattr(model.get_decoder(), "layers", ()):
         if _is_fused(block):
             block.__class__ = type(block).__mro__[1]
+    state_of(model).unpatched("fused")
+
+
+def _undo(model, _saved) -> None:
+    uninstall(model)

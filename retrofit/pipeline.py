@@ -1,6 +1,6 @@
 """`adaflex retrofit`: apply a recipe's stages to a model and report dense vs retrofitted side by side.
 
-The run directory (design.md §4) doubles as the progress state: each finished evaluation and stage is
+The run directory (README.md, "Run directory") doubles as the progress state: each finished evaluation and stage is
 written atomically under `state/`, so rerunning the same command resumes where it stopped.
 """
 
@@ -22,6 +22,7 @@ from .errors import UsageError
 from .evaluate import cost_figures, probe_ids, reference_of, run_eval
 from .recipe import Recipe, validate
 from .stage import StageContext, StageResult
+from .state import state_of
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. " * 64
 
@@ -175,7 +176,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         io.write_json(run_dir / "plan.json", plan)
         io.write_json(run_dir / "report.json", report)
         report["run_dir"] = str(run_dir)
-    model.adaflex_plan = plan
+    state_of(model).plan = plan
     return report
 
 

@@ -1,4 +1,4 @@
-"""The recipe: one strict pydantic model that drives the CLI and the Python API (design.md §5)."""
+"""The recipe: one strict pydantic model that drives the CLI and the Python API (README.md, Recipes)."""
 
 from __future__ import annotations
 

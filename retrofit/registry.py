@@ -1,4 +1,4 @@
-"""The registered methods, one line each, in composition order (design.md §1; a recipe may list any subset
+"""The registered methods, one line each, in composition order (README.md, Recipes; a recipe may list any subset
 in any order). A method is a `retrofit.method.Method` subclass in its own folder (peft's tuner layout)."""
 
 from __future__ import annotations

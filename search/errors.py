@@ -1,7 +1,7 @@
 """Errors raised by the search algorithms.
 
 `search/` imports nothing else of adaflex, so this exception does not derive from the CLI's error
-classes; it carries `exit_code = 3` (design.md §3, "budget infeasible") so the caller can map it
+classes; it carries `exit_code = 3` (README.md, Commands, "budget infeasible") so the caller can map it
 without a lookup table.
 """
 

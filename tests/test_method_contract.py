@@ -3,7 +3,7 @@ fit -> apply -> run dir -> `load(run_dir)` -> export -> `load(export)`, the logi
 
 Each method supplies settings for the tiny model through `Method.contract_config()` (retrofit/method.py); a
 method without them fails here. Logits are those of a prefill and greedy decoding steps through the model's
-own cache, so runtime parts (routes decided at prefill, KV budgets evicting entries) are compared too."""
+own cache (tiny.generated_logits), so runtime parts are compared too."""
 
 from __future__ import annotations
 
@@ -12,16 +12,13 @@ import torch
 
 import adaflex.retrofit as af
 from adaflex.retrofit import registry
+from tiny import generated_logits
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs back home across the field. " * 2
 
 
-@torch.no_grad()
 def logits_of(model, tok) -> torch.Tensor:
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-    return torch.stack([x[0].float() for x in out.logits])
+    return generated_logits(model, tok, PROMPT)
 
 
 def recipe_for(method) -> dict:

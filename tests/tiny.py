@@ -40,3 +40,15 @@ def tiny_llama(layers: int = 4, hidden: int = 64, seed: int = 0, vocab: int = 25
             if p.dim() == 2:
                 p.mul_(4.0)
     return model.eval()
+
+
+def generated_logits(model, tok, text: str, new_tokens: int = 6):
+    """Logits of a prefill and greedy decoding steps through the model's own cache [steps, vocab]: what a
+    runtime part (routes decided at prefill, KV budgets evicting entries) changes shows up here."""
+    import torch
+
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    return torch.stack([x[0].float() for x in out.logits])

@@ -1,7 +1,7 @@
 """Stage `kv`: install budgeted caches on a model, and fit the offline plans (PrefixKV, searched).
 
 `apply(model, plan)` is deterministic and cheap: it registers the attention function, switches the
-model to it and gives the model an `adaflex_make_cache` factory (used by the evaluator and by
+model to it and gives the model a cache factory (`model.adaflex.make_cache`) (used by the evaluator and by
 `generate()` when no cache is passed). Nothing is baked into the weights: an export carries the plan
 in its config block and `adaflex.retrofit.load` re-applies it.
 
@@ -32,6 +32,7 @@ from ..errors import UsageError
 from ..evaluate import decoder_layers, reference_of
 from ..progress import progress
 from ..stage import StageContext, StageResult
+from ..state import state_of
 from . import KV
 from .attention import profile, received_mass, register, window_probs
 from .cache import BudgetedCache, KVSpec, storage_bytes_per_value
@@ -65,28 +66,38 @@ def spec_from(cfg: KVConfig, num_layers: int, fractions=None, model=None, head_f
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
     if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-        model_kwargs["cache"] = self.adaflex_make_cache()
+        model_kwargs["cache"] = self.adaflex.make_cache()
     return type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
 
 def install(model, spec: KVSpec) -> None:
     """Make `model` run with budgeted caches of `spec` (evaluator, generate(), direct forward with one)."""
-    name = register()
+    st = state_of(model)
+    st.patched("kv", _undo, model.config._attn_implementation)
+    _set_attention(model, register())
+    st.kv = spec
+    st.make_cache = lambda: BudgetedCache(spec)
+    model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+
+
+def _set_attention(model, name: str) -> None:
     model.config._attn_implementation = name
     for mod in model.modules():  # sub-configs share the setting
         cfg = getattr(mod, "config", None)
         if cfg is not None and cfg is not model.config:
             cfg._attn_implementation = name
-    model.adaflex_kv = spec
-    model.adaflex_make_cache = lambda: BudgetedCache(spec)
-    model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
 
 
 def uninstall(model) -> None:
-    model.config._attn_implementation = "sdpa"
-    for attr in ("adaflex_kv", "adaflex_make_cache", "_prepare_cache_for_generation"):
-        if attr in model.__dict__:
-            delattr(model, attr)
+    """Back to the attention implementation the model had before `install` (sdpa when unknown)."""
+    st = state_of(model)
+    _set_attention(model, st.unpatched("kv") or "sdpa")
+    st.kv = st.make_cache = None
+    model.__dict__.pop("_prepare_cache_for_generation", None)
+
+
+def _undo(model, _saved) -> None:
+    uninstall(model)
 
 
 # ---- checks ----
@@ -124,7 +135,7 @@ def attention_profiles(model, windows: torch.Tensor, window: int, tau1=1.0, tau2
             h, v = layer_preference(probs, window)
             pref[i] = float(kv_alloc.cake_preference([h], [v], tau1, tau2)[0])
 
-        cache = model.adaflex_make_cache()
+        cache = model.adaflex.make_cache()
         with profile(watch):
             model.get_decoder()(input_ids=windows[row:row + 1], cache=cache, use_cache=True)
         curves.append(cur)

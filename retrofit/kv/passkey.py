@@ -21,6 +21,7 @@ import torch
 from ..errors import UsageError
 from ..evaluate import Result, _make_cache
 from ..progress import progress
+from ..state import state_of
 
 INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.\n")
@@ -74,7 +75,7 @@ def passkey(model, tokenizer, text: str, context: int, depths=None, limit: int |
             label: str = "passkey") -> Result:
     depths = parse_depths(depths)
     if query_agnostic is None:
-        spec = getattr(model, "adaflex_kv", None)
+        spec = state_of(model).kv
         query_agnostic = bool(spec is not None and spec.extra.get("query_agnostic"))
     trials = limit or 10
     ids = tokenizer(text[: 8 * (context + 64) * (trials + 1)], add_special_tokens=False).input_ids

@@ -30,6 +30,7 @@ from torch import nn
 from adaflex.kernels.routes import gather_rows, scatter_add_rows
 
 from ..errors import UsageError
+from ..state import state_of
 from .router import EXECUTE, Routers, window_weights
 
 
@@ -399,12 +400,15 @@ def install(model, policy, routers: Routers | None = None) -> RoutedRuntime:
     uninstall(model)
     rt = RoutedRuntime(model, policy, routers)
     rt.decoder.forward = rt.forward  # instance attribute: the class (and its modeling file) are untouched
-    model.adaflex_routes_runtime = rt
+    st = state_of(model)
+    st.routes = rt
+    st.patched("routes", _undo)
     return rt
 
 
 def uninstall(model) -> None:
-    rt = getattr(model, "adaflex_routes_runtime", None)
+    st = state_of(model)
+    rt = st.routes
     if rt is None:
         return
     dec = rt.decoder
@@ -412,11 +416,16 @@ def uninstall(model) -> None:
         del dec.forward
     if "adaflex_router" in dec._modules:
         del dec._modules["adaflex_router"]
-    del model.adaflex_routes_runtime
+    st.routes = None
+    st.unpatched("routes")
+
+
+def _undo(model, _saved) -> None:
+    uninstall(model)
 
 
 def runtime_of(model) -> RoutedRuntime | None:
-    return getattr(model, "adaflex_routes_runtime", None)
+    return state_of(model).routes
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from .layer import (
     disabled,
     index_dtype,
     merge_all,
+    record,
     remove_all,
 )
 from .train import CachedTeacher, heal, windows_for
@@ -154,6 +155,7 @@ def install(model, plan: dict, tensors: dict[str, torch.Tensor]) -> None:
                 attach(m, LoraDelta(a[i].to(dev, dtype), b[i].to(dev, dtype), scale, drop))
     if len(pools):
         model.adaflex_shards = pools
+    record(model)
 
 
 def _tensor_names(plan: dict) -> list[str]:

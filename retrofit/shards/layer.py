@@ -24,6 +24,8 @@ from torch import nn
 
 from adaflex.kernels import shard_lora_linear
 
+from ..state import state_of
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -138,6 +140,16 @@ def remove_all(model) -> None:
         detach(m)
     if hasattr(model, "adaflex_shards"):
         del model.adaflex_shards
+    state_of(model).unpatched("shards")
+
+
+def record(model) -> None:
+    """The adapted linears are a patch of `model` (retrofit/state.py), undone by `remove_all`."""
+    state_of(model).patched("shards", _undo)
+
+
+def _undo(model, _saved) -> None:
+    remove_all(model)
 
 
 @torch.no_grad()

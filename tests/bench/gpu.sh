@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (device tool): CUDA kernel tests (bf16 included), then the kernel benchmark
 # (fp16; BENCH_DTYPES="float16 bfloat16" for both). Run from the repo root; results go to $OUT (or ./runs/gpu). Python packages missing on
-# the machine travel as wheels in .whl/ (see README, "GPU benchmark").
+# the machine travel as wheels in .whl/ (see tests/bench/README.md, "GPU benchmark").
 set -uo pipefail
 out=${OUT:-runs/gpu}; mkdir -p "$out"
 if ! python3 -c "import pydantic" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then

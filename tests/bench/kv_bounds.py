@@ -86,7 +86,7 @@ def main(argv=None):
             oracle[i] = group_mean(probs[..., :C].mean(2), g)
 
         with torch.no_grad(), profile(watch):
-            full = model(input_ids=x, cache=model.adaflex_make_cache(), use_cache=True, logits_to_keep=N + 1)
+            full = model(input_ids=x, cache=model.adaflex.make_cache(), use_cache=True, logits_to_keep=N + 1)
         add("full cache", full.logits[0, :-1], tgt)
         keep = int(a.budget * C)
         with torch.no_grad():

@@ -51,7 +51,7 @@ def test_apply_removes_and_generates(tiny):
 
 
 def test_run_export_reload_roundtrip(tiny_dir, tmp_path):
-    report = af.run(RECIPE, str(tiny_dir), out=tmp_path / "run")  # the Python API of design.md §5
+    report = af.run(RECIPE, str(tiny_dir), out=tmp_path / "run")  # the Python API of README.md, "Python API"
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     removed = plan["stages"][0]["plan"]["removed"]
     assert len(removed) == 2 and report["layers_executed_mean"] == 2

@@ -101,7 +101,7 @@ def test_decode_attention_drives_budgeted_generate(interpret, monkeypatch):
     calls = _count(monkeypatch, da_mod, "decode_attention_triton")
     ref_tokens, ref_logits = _generate(model, ids, mask, monkeypatch, "torch")
     assert not calls
-    cache = model.adaflex_make_cache()
+    cache = model.adaflex.make_cache()
     tokens, logits = _generate(model, ids, mask, monkeypatch, None, cache=cache)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)

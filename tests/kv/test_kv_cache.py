@@ -32,13 +32,13 @@ def test_full_budget_equals_dynamic_cache(model):
     x = torch.randint(0, 250, (2, 70))
     ref = model(x, cache=DynamicCache(config=model.config), use_cache=True).logits
     _install(model, budget=1.0)
-    c = model.adaflex_make_cache()
+    c = model.adaflex.make_cache()
     assert isinstance(c, BudgetedCache)
     out = model(x, cache=c, use_cache=True).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert all(layer.stored == 70 and layer.seen == 70 for layer in c.layers)
     # chunked prefill through the cache == one shot
-    c = model.adaflex_make_cache()
+    c = model.adaflex.make_cache()
     parts = [model(x[:, s:e], cache=c, use_cache=True).logits for s, e in ((0, 31), (31, 32), (32, 70))]
     assert (torch.cat(parts, 1) - ref).abs().max() < 5e-5
 
@@ -48,15 +48,15 @@ def test_full_budget_equals_dynamic_cache(model):
 def test_chunked_and_stepwise_scoring_agree_with_layers_of_different_lengths(model, alloc):
     x = torch.randint(0, 250, (2, 90))
     _install(model, budget=0.3, allocation=alloc, policy="snapkv", decode=False)
-    one = model.adaflex_make_cache()
+    one = model.adaflex.make_cache()
     model(x[:, :64], cache=one, use_cache=True)
     lengths = [layer.stored for layer in one.layers]
     assert len(set(lengths)) > 1 and all(n < 64 for n in lengths)
     a = model(x[:, 64:], cache=one, use_cache=True).logits
-    step = model.adaflex_make_cache()
+    step = model.adaflex.make_cache()
     model(x[:, :64], cache=step, use_cache=True)
     b = torch.cat([model(x[:, t:t + 1], cache=step, use_cache=True).logits for t in range(64, 90)], 1)
-    chunk = model.adaflex_make_cache()
+    chunk = model.adaflex.make_cache()
     model(x[:, :64], cache=chunk, use_cache=True)
     c = torch.cat([model(x[:, s:s + 9], cache=chunk, use_cache=True).logits for s in (64, 73, 82)], 1)[:, :26]
     assert (a - b).abs().max() < 5e-5 and (a - c).abs().max() < 5e-5
@@ -73,7 +73,7 @@ def test_replay_equals_live_prefill(model):
                               ("h2o", "uniform", {}), ("mix", "cake", {}), ("h2o", "cake", sharp),
                               ("mix", "uniform", sharp)):
         spec = _install(model, budget=0.3, allocation=alloc, policy=policy, **kw)
-        live = model.adaflex_make_cache()
+        live = model.adaflex.make_cache()
         model(x[:, :60], cache=live, use_cache=True)
         a = model(x[:, 60:], cache=live, use_cache=True).logits
         rep = replay(spec, rec)
@@ -95,7 +95,7 @@ def test_generate_batches_with_padding(model):
     assert torch.equal(g[1, 40:], model.generate(b, **kw)[0, 30:])
     # compressed: the unpadded row keeps exactly what it keeps alone (counts come from the padded length)
     _install(model, budget=0.4, policy="cake", allocation="pyramid")
-    cache = model.adaflex_make_cache()
+    cache = model.adaflex.make_cache()
     g = model.generate(ids, attention_mask=mask, cache=cache, **kw)
     assert torch.equal(g[0, 40:], model.generate(a, **kw)[0, 40:])
     # decoding keeps each layer's size fixed; padding never survives while real tokens are evicted
@@ -109,13 +109,13 @@ def test_generate_batches_with_padding(model):
 def test_generate_uses_budgeted_cache_without_being_asked(model):
     _install(model, budget=0.25, policy="streaming")
     seen = []
-    orig = model.adaflex_make_cache
+    orig = model.adaflex.make_cache
 
     def factory():
         seen.append(orig())
         return seen[-1]
 
-    model.adaflex_make_cache = factory
+    model.adaflex.make_cache = factory
     model.generate(torch.randint(0, 250, (1, 64)), max_new_tokens=4, do_sample=False, pad_token_id=258)
     assert seen and all(layer.stored == 16 for layer in seen[0].layers)
 
@@ -128,7 +128,7 @@ def test_stored_bytes_really_shrink(model):
     _install(model, budget=0.25, policy="snapkv")
     assert cost_figures(model, probe)["kv_bytes_ratio"] == pytest.approx(0.25)
     _install(model, budget=0.1, policy="cake", allocation="cake")
-    c = model.adaflex_make_cache()
+    c = model.adaflex.make_cache()
     model(probe, cache=c, use_cache=True)
     full = 4 * 2 * 2 * 2 * 128 * 16 * 4  # layers, k+v, rows, kv heads, tokens, head dim, fp32
     assert c.stored_bytes() == pytest.approx(0.1 * full, rel=0.02)
@@ -139,7 +139,7 @@ def test_stored_bytes_really_shrink(model):
 @torch.no_grad()
 def test_query_agnostic_freeze_appends_only(model):
     _install(model, budget=0.25, policy="snapkv")
-    c = model.adaflex_make_cache()
+    c = model.adaflex.make_cache()
     model(torch.randint(0, 250, (1, 64)), cache=c, use_cache=True)
     c.frozen = True
     model(torch.randint(0, 250, (1, 5)), cache=c, use_cache=True)
@@ -151,10 +151,10 @@ def test_query_agnostic_freeze_appends_only(model):
 def test_storage_types_count_in_the_byte_budget(model, storage, tokens_kept):
     x = torch.randint(0, 250, (2, 128))
     _install(model, budget=1.0)
-    ref = model(x, cache=model.adaflex_make_cache(), use_cache=True).logits
+    ref = model(x, cache=model.adaflex.make_cache(), use_cache=True).logits
     spec = spec_from(KVConfig(budget=0.25, storage=storage, sinks=2, window=8), 4, model=model)
     install(model, spec)
-    c = model.adaflex_make_cache()
+    c = model.adaflex.make_cache()
     out = model(x, cache=c, use_cache=True).logits
     # the prefill already attends over the stored (rounded) values: close to full precision, not equal
     assert (out - ref).abs().max() < 0.02 * ref.abs().max()
@@ -181,13 +181,13 @@ def test_eviction_equals_a_masked_full_forward(model, decode):
         m[p, 2:(64 - 14 if not decode else p - 14)] = False  # decode=True: the window slides token by token
     ref = model(x, attention_mask=m[None, None].expand(2, 1, 90, 90)).logits[:, 64:]
     _install(model, budget=0.25, policy="streaming", decode=decode)
-    c = model.adaflex_make_cache()
+    c = model.adaflex.make_cache()
     model(x[:, :64], cache=c, use_cache=True)
     step = torch.cat([model(x[:, t:t + 1], cache=c, use_cache=True).logits for t in range(64, 90)], 1)
     assert (step - ref).abs().max() < 5e-5
     assert all(layer.seen == 90 and layer.stored == (16 if decode else 16 + 26) for layer in c.layers)
     if not decode:  # one chunk sees what the steps saw
-        c = model.adaflex_make_cache()
+        c = model.adaflex.make_cache()
         model(x[:, :64], cache=c, use_cache=True)
         assert (model(x[:, 64:], cache=c, use_cache=True).logits - ref).abs().max() < 5e-5
 
@@ -299,7 +299,7 @@ def test_per_head_plan_equals_a_per_head_masked_full_forward(model, decode):
             m[q, p, 2:(64 - (c - 2) if not decode else p - (c - 2))] = False
     ref = model(x, attention_mask=m[None].expand(2, 4, 90, 90)).logits[:, 64:]
     install(model, spec)
-    cache = model.adaflex_make_cache()
+    cache = model.adaflex.make_cache()
     model(x[:, :64], cache=cache, use_cache=True)
     assert all(layer.ragged for layer in cache.layers)
     assert cache.stored_bytes() == 2 * int(counts.sum()) * 2 * 16 * 4  # rows, K and V, head_dim 16, fp32
@@ -319,7 +319,7 @@ def test_per_head_plan_with_int8_storage_padding_and_beams(model):
     ids = torch.randint(0, 250, (2, 120))
     mask = torch.ones(2, 120, dtype=torch.long)
     ids[1, :20], mask[1, :20] = 258, 0
-    cache = model.adaflex_make_cache()
+    cache = model.adaflex.make_cache()
     g = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=258, cache=cache,
                        num_beams=2)
     assert g.shape == (2, 125)

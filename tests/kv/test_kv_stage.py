@@ -39,16 +39,16 @@ def test_prefixkv_run_export_load_restores_plan(tiny_dir, text_file, tmp_path):
     assert cfg["adaflex"]["methods"] == ["kv"] and cfg["adaflex"]["stages"][0]["plan"]["fractions"] == fr
     assert "attn_implementation" not in cfg or cfg["attn_implementation"] != "adaflex_kv"
     model, _ = load(tmp_path / "exp")
-    assert model.adaflex_kv.fractions == fr
+    assert model.adaflex.kv.fractions == fr
     x = torch.randint(0, 250, (1, 100))
     with torch.no_grad():
-        c = model.adaflex_make_cache()
+        c = model.adaflex.make_cache()
         model(x, cache=c, use_cache=True)
     counts = [layer.stored for layer in c.layers]
     # the shipped static plan decides each layer's size (floor: sinks + window = 10)
     assert counts == kv_alloc.plan_counts(fr, 100, total=200, min_keep=10).tolist()
     from_run, _ = load(tmp_path / "run")
-    assert from_run.adaflex_kv.fractions == fr
+    assert from_run.adaflex.kv.fractions == fr
 
 
 def test_ci_recipe_searched_mix_plan_survives_export_and_load(tiny_dir, tmp_path):
@@ -62,9 +62,9 @@ def test_ci_recipe_searched_mix_plan_survives_export_and_load(tiny_dir, tmp_path
     assert report["kv_bytes_ratio"] == pytest.approx(0.5, abs=0.05)
     export(tmp_path / "run", tmp_path / "exp")
     model, _ = load(tmp_path / "exp")
-    assert model.adaflex_kv.fractions == fr and model.adaflex_kv.policy.name == "mix"
-    assert model.adaflex_kv.head_fractions == hf
-    cache = model.adaflex_make_cache()
+    assert model.adaflex.kv.fractions == fr and model.adaflex.kv.policy.name == "mix"
+    assert model.adaflex.kv.head_fractions == hf
+    cache = model.adaflex.make_cache()
     out = model.generate(torch.randint(0, 250, (1, 120)), max_new_tokens=6, do_sample=False, pad_token_id=258,
                          cache=cache)
     assert out.shape[1] == 126

@@ -10,7 +10,7 @@ import torch
 
 from adaflex.retrofit.routes.config import RoutesConfig
 from adaflex.retrofit.routes.label import BlockRunner, PathScorer, ShardPending, label_all, label_example, load_examples
-from adaflex.retrofit.routes.runtime import FixedPolicy, forced_paths, install, path_counts, uninstall
+from adaflex.retrofit.routes.runtime import FixedPolicy, forced_paths, install, path_counts, runtime_of, uninstall
 from adaflex.search.mcts import prefix_reuse
 from tiny import byte_tokenizer, tiny_llama
 
@@ -60,7 +60,7 @@ def test_prefix_reuse_counts_and_rewards_match_runtime(setup):
     assert rewards[0] in (0.0, 1.0)  # dense scores itself 1 when right
     with forced_paths(model, [paths[1]]):
         pass  # forcing without a call leaves nothing behind
-    assert not hasattr(model, "adaflex_routes_runtime") or model.adaflex_routes_runtime._forced is None
+    assert runtime_of(model) is None or runtime_of(model)._forced is None
 
 
 def test_packed_row_scores_as_one_row_per_choice(setup):

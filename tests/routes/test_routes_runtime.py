@@ -210,13 +210,13 @@ def test_evaluator_reuses_prefill_routes_per_row(model):
     install(model, RandomPolicy(4, 1.5, seed=3))
     try:
         together, _ = choice_logliks(model, tok, items, batch_size=12, show_progress=False)
-        routes_batch = model.adaflex_routes_runtime.last_routes
+        routes_batch = model.adaflex.routes.last_routes
         assert routes_batch.shape[0] == 12  # the continuation pass carried the prefill's routes per row
     finally:
         uninstall(model)
     # the same decisions one item at a time give the same scores
     install(model, RandomPolicy(4, 1.5, seed=3))
-    rt = model.adaflex_routes_runtime
+    rt = model.adaflex.routes
     decided = []
     orig = rt.policy.prepare
     rt.policy.prepare = lambda valid: decided.append(orig(valid)) or decided[-1]
@@ -265,7 +265,7 @@ def test_routes_with_budgeted_cache_give_repeat_slots_their_block_budget(model, 
         kv_install(model, spec_from(KVConfig(budget=1.0, sinks=2, window=8, allocation=allocation), L))
         with forced_paths(model, PATHS):
             full = model(x, use_cache=False).logits
-            cache = model.adaflex_make_cache()
+            cache = model.adaflex.make_cache()
             model(x[:, :50], cache=cache, use_cache=True)
         steps = [model(x[:, t : t + 1], cache=cache, use_cache=True).logits[:, 0] for t in range(50, 59)]
         torch.testing.assert_close(torch.stack(steps, 1), full[:, 50:59], atol=1e-4, rtol=1e-4)
@@ -276,7 +276,7 @@ def test_routes_with_budgeted_cache_give_repeat_slots_their_block_budget(model, 
         torch.testing.assert_close(got, full[[2, 0], 59], atol=1e-4, rtol=1e-4)
 
         kv_install(model, spec_from(KVConfig(budget=0.5, sinks=2, window=8, allocation=allocation), L))
-        cache = model.adaflex_make_cache()
+        cache = model.adaflex.make_cache()
         with forced_paths(model, PATHS):
             model(x[:, :50], cache=cache, use_cache=True)
         assert isinstance(cache, BudgetedCache) and len(cache.layers) == 2 * L

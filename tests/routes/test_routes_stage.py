@@ -14,6 +14,7 @@ from adaflex.cli.main import app
 from adaflex.retrofit import export, load, run
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.routes.apply import apply
+from adaflex.retrofit.routes.runtime import runtime_of
 
 WIKI = "../shared/data/wikitext2_dev.txt"  # text rewards: dense is always a valid label on a random model
 RECIPE = {
@@ -47,7 +48,7 @@ def test_run_export_reload_restores_routers(tiny_dir, tmp_path):
     with torch.no_grad():
         a, b = restored(x).logits, from_run(x).logits
         assert torch.equal(a, b)
-        assert torch.equal(restored.adaflex_routes_runtime.last_routes, from_run.adaflex_routes_runtime.last_routes)
+        assert torch.equal(restored.adaflex.routes.last_routes, from_run.adaflex.routes.last_routes)
         assert torch.equal(plain(x).logits, dense(x).logits)  # plain transformers sees the dense model
 
     # routers for another model: one clear error
@@ -62,7 +63,7 @@ def test_run_export_reload_restores_routers(tiny_dir, tmp_path):
     with pytest.raises(UsageError, match="router weights missing"):
         apply(fresh, plan, {})
     apply(fresh, {**plan, "fallback_dense": True}, {})
-    assert not hasattr(fresh, "adaflex_routes_runtime")
+    assert runtime_of(fresh) is None
     bad = {k[len("stages.0.routes."):]: v for k, v in tensors.items()}
     bad["router.blocks.0.0.weight"] = torch.zeros(32, 48)
     with pytest.raises(UsageError, match="width 48"):
@@ -105,7 +106,7 @@ def test_fixed_path_stage(tiny_dir, tmp_path):
     report = run(rec, str(tiny_dir), out=tmp_path / "run")
     assert report["layers_executed_mean"] == 3
     m, _ = load(tmp_path / "run")
-    assert m.adaflex_routes_runtime.policy.counts == (1, 0, 1, 1)
+    assert m.adaflex.routes.policy.counts == (1, 0, 1, 1)
 
 
 @torch.no_grad()
