@@ -14,6 +14,7 @@ from torch import nn
 
 from ..evaluate import decoder_layers
 from ..prune.scores import block_linears
+from ..state import state_of
 
 
 class Replacement(nn.Module):
@@ -65,7 +66,13 @@ def attach(model, runs: list[dict], rank: int) -> list[Replacement]:
             blk.adaflex_heal_after = rep
             blk.adaflex_heal_hook = blk.register_forward_hook(_after)
         out.append(rep)
+    if runs:
+        state_of(model).patched("heal", _undo)  # a patch of the model (retrofit/state.py)
     return out
+
+
+def _undo(model, _saved) -> None:
+    detach_all(model)
 
 
 def detach_all(model) -> None:
@@ -76,6 +83,7 @@ def detach_all(model) -> None:
         for name in ("adaflex_heal_after", "adaflex_heal_before"):
             if name in blk._modules:
                 del blk._modules[name]
+    state_of(model).unpatched("heal")
 
 
 def _same(w: torch.Tensor, d: torch.Tensor) -> bool:

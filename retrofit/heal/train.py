@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import io
 from ..errors import UsageError
 from ..progress import progress
-from ..shards.train import _batch, lm_loss
+from ..shards.train import _batch, lm_loss, load_checkpoint, save_checkpoint
 from .config import HealConfig
 
 # ---- data parallel ----
@@ -165,24 +164,13 @@ def heal(model, windows: torch.Tensor, groups: dict[str, dict[str, torch.Tensor]
     opt = torch.optim.AdamW([{"params": list(g.values()), "lr": lrs[k], "base": lrs[k]}
                              for k, g in groups.items() if g], weight_decay=cfg.weight_decay)
     ckpt = Path(state_dir) / "checkpoint.pt" if state_dir is not None else None
-    start, history = 0, []
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state["params"][n])
-            opt.load_state_dict(state["optimizer"])
-            start, history = int(state["step"]), list(state["history"])
-            log(f"heal: resumed at step {start} of {steps} from {ckpt}")
+    start, history = load_checkpoint(ckpt, fingerprint, params, opt)
+    if start:
+        log(f"heal: resumed at step {start} of {steps} from {ckpt}")
 
     def save(step: int) -> None:
         if ckpt is not None and rank == 0:
-            state = {"fingerprint": fingerprint, "step": step, "history": history,
-                     "params": {n: p.detach().cpu().clone() for n, p in params.items()},
-                     "optimizer": opt.state_dict()}
-            with io.atomic_path(ckpt) as tmp:
-                torch.save(state, tmp)
+            save_checkpoint(ckpt, fingerprint, step, history, params, opt)
         if size > 1:
             dist.barrier()
 

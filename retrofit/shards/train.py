@@ -142,6 +142,29 @@ def _batch(step: int, n: int, size: int, seed: int) -> torch.Tensor:
     return perm[pos * size : pos * size + size]
 
 
+def load_checkpoint(ckpt: Path | None, fingerprint: str, params: dict, opt) -> tuple[int, list]:
+    """(step, loss history) of the checkpoint at `ckpt`, its tensors and optimizer state loaded in place, when
+    it holds the same run (`fingerprint`); (0, []) otherwise. Shared by `shards` and `heal`."""
+    if ckpt is None or not ckpt.is_file():
+        return 0, []
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        return 0, []
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["params"][n])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"])
+
+
+def save_checkpoint(ckpt: Path, fingerprint: str, step: int, history: list, params: dict, opt) -> None:
+    """Atomically: a killed process leaves the previous checkpoint whole."""
+    state = {"fingerprint": fingerprint, "step": step, "history": history,
+             "params": {n: p.detach().cpu().clone() for n, p in params.items()}, "optimizer": opt.state_dict()}
+    with io.atomic_path(ckpt) as tmp:
+        torch.save(state, tmp)
+
+
 def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | None, *, seed: int = 0,
          state_dir: Path | None = None, fingerprint: str = "", holdout: torch.Tensor | None = None,
          log=None) -> dict:
@@ -156,16 +179,9 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
         p.requires_grad_(n in params)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(state_dir) / "checkpoint.pt" if state_dir is not None else None
-    start, history = 0, []
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state["params"][n])
-            opt.load_state_dict(state["optimizer"])
-            start, history = int(state["step"]), list(state["history"])
-            log(f"shards: resumed at step {start} of {cfg.steps} from {ckpt}")
+    start, history = load_checkpoint(ckpt, fingerprint, params, opt)
+    if start:
+        log(f"shards: resumed at step {start} of {cfg.steps} from {ckpt}")
     ids_all = torch.arange(windows.shape[0])
     hold_ids = torch.arange(holdout.shape[0]) + windows.shape[0] if holdout is not None else None
     metrics: dict = {}
@@ -180,12 +196,8 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
     tokens, seconds = 0, 0.0
 
     def save(step: int) -> None:
-        if ckpt is None:
-            return
-        state = {"fingerprint": fingerprint, "step": step, "history": history,
-                 "params": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict()}
-        with io.atomic_path(ckpt) as tmp:
-            torch.save(state, tmp)
+        if ckpt is not None:
+            save_checkpoint(ckpt, fingerprint, step, history, params, opt)
 
     try:
         for step in progress(range(start, cfg.steps), desc="shards: healing", total=cfg.steps - start):

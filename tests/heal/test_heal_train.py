@@ -14,6 +14,7 @@ from adaflex.retrofit.evaluate import decoder_layers
 from adaflex.retrofit.heal import train as heal_train
 from adaflex.retrofit.prune.scores import block_linears
 from adaflex.retrofit.shards.layer import adapted
+from adaflex.retrofit.state import state_of, undo_all
 
 from .helpers import dense_kl, heal_tensors, recipe, run
 
@@ -134,3 +135,6 @@ def test_run_dir_load_export_reload_keep_the_logits(tiny_dir, tmp_path, one_thre
     torch.testing.assert_close(_logits(reloaded, tok), fitted, rtol=0, atol=1e-5)
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())["adaflex"]["stages"][2]
     assert cfg["plan"]["weights_baked"] and not cfg["baked"]
+    assert {"heal", "shards"} <= set(state_of(model).patches)  # replacements; adapters left on pruned linears
+    undo_all(model)
+    assert not [n for n, _ in model.named_modules() if "adaflex" in n]
