@@ -48,7 +48,7 @@ def main() -> None:
 
     def record(name: str, model, tok, t0: float, report=None) -> None:
         ppl = perplexity(model, tok, held, 512, None, batch_size=4, limit=args.limit, label=name)
-        row = {"variant": name, "perplexity": ppl["value"], "n": ppl["n"], "seconds": round(time.time() - t0),
+        row = {"variant": name, "perplexity": ppl.value, "n": ppl.n, "seconds": round(time.time() - t0),
                "flops_ratio": report.get("flops_ratio") if report else 1.0,
                "heal": report["stages"][-1] if report and len(report["stages"]) > 1 else None}
         rows.append(row)
