@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..progress import progress
-from ..shards.train import _batch, lm_loss, load_checkpoint, save_checkpoint
+from ..shards.train import _batch, lm_loss, load_checkpoint, mean_loss, save_checkpoint
 from .config import HealConfig
 
 # ---- data parallel ----
@@ -99,21 +99,9 @@ def loss_on(model, ids: torch.Tensor, which: torch.Tensor, teacher: TopKTeacher 
     return topk_kl(logits, t_logp, t_idx, cfg.temperature)
 
 
-@torch.no_grad()
-def mean_kl(model, windows: torch.Tensor, teacher: TopKTeacher, cfg: HealConfig, offset: int = 0) -> float:
-    """Top-k KL of the model as it is (eval mode) over `windows`, whose teacher ids start at `offset`."""
-    was = model.training
-    model.eval()
-    total = 0.0
-    try:
-        for s in range(0, windows.shape[0], cfg.batch_size):
-            x = windows[s : s + cfg.batch_size]
-            which = torch.arange(s, s + x.shape[0]) + offset
-            logits = model(input_ids=x, use_cache=False).logits
-            total += topk_kl(logits, *teacher(which, x), cfg.temperature).item() * x.shape[0]
-    finally:
-        model.train(was)
-    return total / max(1, windows.shape[0])
+def mean_kl(model, windows: torch.Tensor, teacher: TopKTeacher, cfg: HealConfig) -> float:
+    """Top-k KL of the model as it is (eval mode) over `windows` (teacher ids 0..n-1)."""
+    return mean_loss(model, windows, torch.arange(windows.shape[0]), teacher, cfg, loss=loss_on)
 
 
 # ---- the loop ----

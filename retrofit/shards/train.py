@@ -90,15 +90,18 @@ def loss_of(model, ids: torch.Tensor, which: torch.Tensor, teacher: Teacher | No
 
 
 @torch.no_grad()
-def mean_loss(model, windows: torch.Tensor, ids_of: torch.Tensor, teacher: Teacher | None, cfg: ShardsConfig) -> float:
-    """Loss of the model as it is (eval mode) over `windows`, batch by batch."""
+def mean_loss(model, windows: torch.Tensor, ids_of: torch.Tensor, teacher: Teacher | None, cfg: ShardsConfig,
+              loss=None) -> float:
+    """Loss of the model as it is (eval mode) over `windows`, batch by batch (`loss`: as `loss_of`, the
+    default; `heal` passes its own)."""
+    loss = loss or loss_of
     was = model.training
     model.eval()
     total = 0.0
     try:
         for s in range(0, windows.shape[0], cfg.batch_size):
             x = windows[s : s + cfg.batch_size]
-            total += loss_of(model, x, ids_of[s : s + cfg.batch_size], teacher, cfg).item() * x.shape[0]
+            total += loss(model, x, ids_of[s : s + cfg.batch_size], teacher, cfg).item() * x.shape[0]
     finally:
         model.train(was)
     return total / max(1, windows.shape[0])
