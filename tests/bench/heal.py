@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/wikitext2_dev.txt")
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--limit", type=int, default=40, help="held-out windows of 512 tokens")
+    ap.add_argument("--samples", type=int, default=288, help="calibration windows of 256 tokens (heal cycles "
+                    "through them: 72 steps x 4 windows = 288 for one pass)")
     ap.add_argument("--only", nargs="*", help="variants to run (substrings of their names)")
     ap.add_argument("--out", default="runs/heal-probe.json")
     args = ap.parse_args()
@@ -43,7 +45,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="heal-probe-"))
     (tmp / "calibration.txt").write_text("\n".join(arts[:cut]))
     held = "\n".join(arts[cut:])
-    cal = {"path": str(tmp / "calibration.txt"), "samples": 288, "seq_len": 256}
+    cal = {"path": str(tmp / "calibration.txt"), "samples": args.samples, "seq_len": 256}
     rows = []
 
     def record(name: str, model, tok, t0: float, report=None) -> None:
@@ -57,8 +59,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
     t0 = time.time()
-    model, tok = af.load("smollm2-135m")
-    record("dense", model, tok, t0)
+    if not args.only or "dense" in args.only:
+        model, tok = af.load("smollm2-135m")
+        record("dense", model, tok, t0)
     for name, heal in VARIANTS.items():
         if args.only and not any(s in name for s in args.only):
             continue
