@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .drop import Drop
 from .errors import UsageError
+from .heal import Heal
 from .kv import KV
 from .method import Method
 from .prune import Prune
@@ -22,7 +23,7 @@ def registry_of(methods: list[Method]) -> dict[str, Method]:
     return out
 
 
-METHODS: dict[str, Method] = registry_of([Drop(), Prune(), Width(), Shards(), Routes(), KV()])
+METHODS: dict[str, Method] = registry_of([Drop(), Prune(), Width(), Shards(), Routes(), KV(), Heal()])
 
 
 def get(name: str) -> Method:

@@ -195,17 +195,13 @@ def lora_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 # ---- teacher ----
 
 
-def _teacher(ctx: StageContext, cfg: ShardsConfig, log):
-    model = ctx.model
-    if cfg.loss == "lm":
-        return None
-    if cfg.teacher == "input":
-        def fn(_which, ids):
-            with disabled(model):
-                return model(input_ids=ids, use_cache=False).logits
-        return CachedTeacher(fn)
+def reload_dense(ctx: StageContext, where: str, log, hint: str = "; set teacher: input to distil from this "
+                 "stage's input model"):
+    """The dense model before any stage, reloaded from its source, frozen on the model's device (the `dense`
+    teacher of `shards` and of `heal`)."""
     from .. import models
 
+    model = ctx.model
     source = getattr(model, "name_or_path", None) or ""
     try:
         if source and Path(source).is_dir() and (Path(source) / "config.json").is_file():
@@ -216,12 +212,24 @@ def _teacher(ctx: StageContext, cfg: ShardsConfig, log):
         else:
             raise UsageError("no model source known")
     except UsageError as e:
-        raise UsageError(f"recipe: stages.{ctx.index}.shards.teacher: cannot reload the dense model ({e}); "
-                         "set teacher: input to distil from this stage's input model") from None
+        raise UsageError(f"{where}: cannot reload the dense model ({e}){hint}") from None
     teacher.to(next(model.parameters()).device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    log(f"shards: teacher is the dense model reloaded from {source}")
+    log(f"teacher is the dense model reloaded from {source}")
+    return teacher
+
+
+def _teacher(ctx: StageContext, cfg: ShardsConfig, log):
+    model = ctx.model
+    if cfg.loss == "lm":
+        return None
+    if cfg.teacher == "input":
+        def fn(_which, ids):
+            with disabled(model):
+                return model(input_ids=ids, use_cache=False).logits
+        return CachedTeacher(fn)
+    teacher = reload_dense(ctx, f"recipe: stages.{ctx.index}.shards.teacher", log)
 
     def fn(_which, ids):
         return teacher(input_ids=ids, use_cache=False).logits

@@ -12,8 +12,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ShardsConfig(Strict):
-    # --- the adapter ---
+class AdapterConfig(Strict):
+    """The adapter's shape (MoS or LoRA): shared by `shards` and `heal` (retrofit/heal)."""
+
     method: Literal["mos", "lora"] = Field("mos", description="mos: shared shard pools; lora: plain LoRA")
     rank: int = capped(8, WIDTH, ge=1, description="active rank r of every layer's adapter")
     equivalent_rank: int = capped(1, WIDTH, ge=1, description="mos: budget e; parameters = those of a rank-e LoRA")
@@ -27,21 +28,6 @@ class ShardsConfig(Strict):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha: ΔW = B·A·alpha/r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input while training")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the adapter parameters")
-    # --- the healing loop ---
-    loss: Literal["kl", "lm"] = Field("kl", description="kl: distil the dense teacher's logits; lm: next token")
-    teacher: Literal["dense", "input"] = Field(
-        "dense", description="dense: the original model reloaded; input: this stage's input model, adapters off")
-    temperature: float = Field(1.0, gt=0)
-    steps: int = capped(100, STEPS, ge=0, description="optimizer steps (0: adapters stay at their zero ΔW)")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup: int = capped(0, STEPS, ge=0, description="linear warm-up steps, then cosine decay to 10%")
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    batch_size: int = capped(4, BATCH, ge=1)
-    seq_len: int | None = capped(None, TOKENS, ge=8, description="training window (default: the calibration seq_len)")
-    holdout: int = capped(0, WINDOWS, ge=0, description="calibration windows kept out of training to measure KL/loss")
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = capped(10, STEPS, ge=1, description="steps between resumable checkpoints in the run dir")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -81,3 +67,22 @@ def mos_feasibility(r: int, e: int, n_sh: int, p: int, num_layers: int | None = 
                     f"pool of {public} shards ((equivalent_rank − private_rank)·layers·shards_per_vector) drawn "
                     "without replacement")
     return None
+
+
+class ShardsConfig(AdapterConfig):
+    # --- the healing loop ---
+    loss: Literal["kl", "lm"] = Field("kl", description="kl: distil the dense teacher's logits; lm: next token")
+    teacher: Literal["dense", "input"] = Field(
+        "dense", description="dense: the original model reloaded; input: this stage's input model, adapters off")
+    temperature: float = Field(1.0, gt=0)
+    steps: int = capped(100, STEPS, ge=0, description="optimizer steps (0: adapters stay at their zero ΔW)")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = capped(0, STEPS, ge=0, description="linear warm-up steps, then cosine decay to 10%")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = capped(4, BATCH, ge=1)
+    seq_len: int | None = capped(None, TOKENS, ge=8, description="training window (default: the calibration seq_len)")
+    holdout: int = capped(0, WINDOWS, ge=0, description="calibration windows kept out of training to measure KL/loss")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = capped(10, STEPS, ge=1, description="steps between resumable checkpoints in the run dir")
+

@@ -90,15 +90,18 @@ def loss_of(model, ids: torch.Tensor, which: torch.Tensor, teacher: Teacher | No
 
 
 @torch.no_grad()
-def mean_loss(model, windows: torch.Tensor, ids_of: torch.Tensor, teacher: Teacher | None, cfg: ShardsConfig) -> float:
-    """Loss of the model as it is (eval mode) over `windows`, batch by batch."""
+def mean_loss(model, windows: torch.Tensor, ids_of: torch.Tensor, teacher: Teacher | None, cfg: ShardsConfig,
+              loss=None) -> float:
+    """Loss of the model as it is (eval mode) over `windows`, batch by batch (`loss`: as `loss_of`, the
+    default; `heal` passes its own)."""
+    loss = loss or loss_of
     was = model.training
     model.eval()
     total = 0.0
     try:
         for s in range(0, windows.shape[0], cfg.batch_size):
             x = windows[s : s + cfg.batch_size]
-            total += loss_of(model, x, ids_of[s : s + cfg.batch_size], teacher, cfg).item() * x.shape[0]
+            total += loss(model, x, ids_of[s : s + cfg.batch_size], teacher, cfg).item() * x.shape[0]
     finally:
         model.train(was)
     return total / max(1, windows.shape[0])
@@ -142,6 +145,35 @@ def _batch(step: int, n: int, size: int, seed: int) -> torch.Tensor:
     return perm[pos * size : pos * size + size]
 
 
+def load_checkpoint(ckpt: Path | None, fingerprint: str, params: dict, opt, report: dict | None = None
+                    ) -> tuple[int, list]:
+    """(step, loss history) of the checkpoint at `ckpt`, its tensors and optimizer state loaded in place, when
+    it holds the same run (`fingerprint`); (0, []) otherwise. Shared by `shards` and `heal`. `report` receives
+    the figures saved with it (those of the steps before a resume survive it)."""
+    if ckpt is None or not ckpt.is_file():
+        return 0, []
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        return 0, []
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["params"][n])
+    opt.load_state_dict(state["optimizer"])
+    if report is not None:
+        report.update(state.get("report", {}))
+    return int(state["step"]), list(state["history"])
+
+
+def save_checkpoint(ckpt: Path, fingerprint: str, step: int, history: list, params: dict, opt,
+                    report: dict | None = None) -> None:
+    """Atomically: a killed process leaves the previous checkpoint whole."""
+    state = {"fingerprint": fingerprint, "step": step, "history": history,
+             "params": {n: p.detach().cpu().clone() for n, p in params.items()}, "optimizer": opt.state_dict(),
+             "report": report or {}}
+    with io.atomic_path(ckpt) as tmp:
+        torch.save(state, tmp)
+
+
 def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | None, *, seed: int = 0,
          state_dir: Path | None = None, fingerprint: str = "", holdout: torch.Tensor | None = None,
          log=None) -> dict:
@@ -156,17 +188,10 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
         p.requires_grad_(n in params)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(state_dir) / "checkpoint.pt" if state_dir is not None else None
-    start, history, before = 0, [], {}
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state["params"][n])
-            opt.load_state_dict(state["optimizer"])
-            start, history = int(state["step"]), list(state["history"])
-            before = state.get("report", {})  # figures of the steps before the resume (report survives it)
-            log(f"shards: resumed at step {start} of {cfg.steps} from {ckpt}")
+    before: dict = {}  # figures of the steps before a resume (the report survives it)
+    start, history = load_checkpoint(ckpt, fingerprint, params, opt, before)
+    if start:
+        log(f"shards: resumed at step {start} of {cfg.steps} from {ckpt}")
     ids_all = torch.arange(windows.shape[0])
     hold_ids = torch.arange(holdout.shape[0]) + windows.shape[0] if holdout is not None else None
     metrics: dict = {k: v for k, v in before.items() if k == "holdout_loss_before"}
@@ -181,13 +206,9 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
     tokens, seconds = before.get("tokens", 0), before.get("seconds", 0.0)
 
     def save(step: int) -> None:
-        if ckpt is None:
-            return
-        state = {"fingerprint": fingerprint, "step": step, "history": history,
-                 "params": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict(),
-                 "report": {"tokens": tokens, "seconds": seconds, **metrics}}
-        with io.atomic_path(ckpt) as tmp:
-            torch.save(state, tmp)
+        if ckpt is not None:
+            save_checkpoint(ckpt, fingerprint, step, history, params, opt,
+                            {"tokens": tokens, "seconds": seconds, **metrics})
 
     try:
         for step in progress(range(start, cfg.steps), desc="shards: healing", total=cfg.steps - start):

@@ -1,0 +1,70 @@
+"""Stage `heal`: distil the retrofitted model back towards the dense one, last in the recipe, with every
+earlier decision active (removed blocks, pruning masks, routes). It trains what the recipe names: adapters
+(the `shards` stage's LoRA or MoS), norms, the LM head, the last k blocks, and LLM-Streamline replacements
+of removed runs of blocks. See retrofit/heal/README.md."""
+
+from __future__ import annotations
+
+import math
+
+from ..method import CostState, Method
+from .config import HealConfig
+
+
+class Heal(Method):
+    name = "heal"
+    config = HealConfig
+    baked = False  # replacements and adapters on pruned linears are re-installed on load
+
+    def check(self, model, config, where):
+        from .apply import check
+
+        check(model, config, where)
+
+    def needs_calibration(self, config):
+        return True  # it heals on the calibration windows
+
+    def fit(self, ctx, config):
+        from .apply import fit
+
+        return fit(ctx, config)
+
+    def apply(self, model, plan, tensors):
+        from .apply import apply
+
+        apply(model, plan, tensors)
+
+    def export_extra(self, model, plan, tensors, out_dir, merge):
+        from .apply import export_extra
+
+        return export_extra(model, plan, tensors, out_dir, merge)
+
+    def cost(self, config, plan, metrics, state: CostState):
+        # Merged adapters and retrained weights cost nothing at inference; adapters left unmerged on pruned
+        # linears and the replacements do. Predicted (no plan): adapters stay unmerged when anything is
+        # pruned, and one replacement stands for the removed blocks.
+        d = state.shape.hidden_size
+        if plan is not None:
+            a = plan["adapter"]
+            per_rank = {t: sum(dims) for t, dims in a["shapes"].items()} if a else {}
+            unmerged = sum(per_rank[n.rsplit(".", 1)[-1]] * a["rank"] for n in plan["unmerged"]) if a else 0
+            reps = len(plan["replacements"])
+            rank = plan["replacement_rank"]
+        else:
+            from ..shards import target_dims
+
+            a_on = "adapters" in config.train and state.sparsity > 0
+            dims = target_dims(state.shape)
+            unmerged = state.layers * config.adapter.rank * sum(sum(dims[t]) for t in config.adapter.targets) \
+                if a_on else 0
+            reps = 1 if "replacements" in config.train and state.removed else 0
+            rank = config.replacement_rank
+        rep = reps * 2 * d * rank
+        state.adapter_params += unmerged + rep
+        state.adapter_macs += math.ceil((unmerged + rep) / max(1, state.layers))
+
+    def contract_config(self):
+        # alone in a recipe the model is its own dense teacher (KL 0, no gradient): next-token loss moves it
+        return {"train": ["adapters", "norms"], "loss": "lm", "tokens": 256, "batch_size": 2, "lr": 0.05,
+                "weights_lr": 0.01, "adapter": {"method": "mos", "rank": 4, "equivalent_rank": 2,
+                                                "shards_per_vector": 4}}
