@@ -120,16 +120,12 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     preflight(recipe)
     if out is not None:  # before the model loads, so that a second writer is refused at once
         rundir.hold(out)
-    if model is None or isinstance(model, (str, Path)):
-        model_name = str(model) if model is not None else (recipe.model or models.DEFAULT_MODEL)
-        model, tokenizer = models.load(model_name, allow_bin=allow_bin)
-    elif tokenizer is None:
-        raise UsageError("run(): a loaded model needs its tokenizer")
-    for i, (method, cfg) in enumerate(recipe.stage_items()):  # settings that depend on the model, before writing
-        impl = registry.get(method)
-        if impl.needs_calibration(cfg) and recipe.data.calibration is None:
-            raise UsageError(f"recipe: data.calibration: required by stages.{i}.{method}")
-        impl.check(model, cfg, f"recipe: stages.{i}.{method}")
+    try:
+        model, tokenizer, model_name = _model_checked(recipe, model, tokenizer, model_name, allow_bin)
+    except BaseException:
+        if out is not None:  # a refused run leaves no folder of its own behind (only an empty one is removed)
+            rundir.release(out)
+        raise
     resolved = recipe.to_dict()
     if model_name:
         resolved["model"] = model_name
@@ -186,6 +182,21 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     if run_dir is not None:
         rundir.release(run_dir)
     return report
+
+
+def _model_checked(recipe: Recipe, model, tokenizer, model_name: str | None, allow_bin: bool):
+    """The model loaded (or the one given) with every model-dependent setting checked, before anything is written."""
+    if model is None or isinstance(model, (str, Path)):
+        model_name = str(model) if model is not None else (recipe.model or models.DEFAULT_MODEL)
+        model, tokenizer = models.load(model_name, allow_bin=allow_bin)
+    elif tokenizer is None:
+        raise UsageError("run(): a loaded model needs its tokenizer")
+    for i, (method, cfg) in enumerate(recipe.stage_items()):
+        impl = registry.get(method)
+        if impl.needs_calibration(cfg) and recipe.data.calibration is None:
+            raise UsageError(f"recipe: data.calibration: required by stages.{i}.{method}")
+        impl.check(model, cfg, f"recipe: stages.{i}.{method}")
+    return model, tokenizer, model_name
 
 
 def _measured(path: Path, measure) -> dict:
