@@ -15,7 +15,7 @@ def run(*args, **kwargs):
 
 def load(path=None, **kwargs):
     """(model, tokenizer) for any MODEL: `smollm2-135m`, a HF directory, an export or a run directory."""
-    from .models import load as _load
+    from .restore import load as _load
 
     return _load(path, **kwargs)
 

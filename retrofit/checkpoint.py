@@ -1,5 +1,5 @@
-"""`adaflex export` and `adaflex.retrofit.load`: a Hugging Face checkpoint that plain transformers loads
-as the dense (pruned, shortened, adapter-merged) model and that adaflex restores with its adaptive parts."""
+"""`adaflex export`: a Hugging Face checkpoint that plain transformers loads as the dense (pruned, shortened,
+adapter-merged) model and that adaflex restores with its adaptive parts (restore.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import io, models, registry, rundir
-from .errors import UsageError, naming
-from .pipeline import apply_plan, load_run, split_tensors, version
-from .state import state_of
+from .errors import UsageError
+from .restore import load_run, split_tensors
 
 
 def _dense_state(model) -> dict[str, torch.Tensor]:
@@ -41,11 +40,11 @@ def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False, f
     model, tok = load_run(run_dir)
     tensors_path = run_dir / "adaflex.safetensors"
     adaptive = load_file(str(tensors_path)) if tensors_path.is_file() else {}
-    meta = {"format": "pt", "adaflex.version": version(), "adaflex.recipe_sha256": plan["recipe_sha256"],
+    meta = {"format": "pt", "adaflex.version": rundir.version(), "adaflex.recipe_sha256": plan["recipe_sha256"],
             "adaflex.base_model": str(plan.get("model"))}
     config = model.config.to_dict()
     config["adaflex"] = {
-        "version": version(),
+        "version": rundir.version(),
         "base_model": plan.get("model"),
         "methods": [s["method"] for s in plan["stages"]],
         "dense_reference": plan["dense_reference"],
@@ -78,23 +77,10 @@ def _export_stages(model, plan: dict, adaptive: dict, out: Path, merge_adapters:
 
 def _model_card(plan: dict) -> str:
     lines = [f"# adaflex export of {plan.get('model')}", "",
-             f"Made by adaflex {version()} from recipe sha256 `{plan['recipe_sha256']}`.", "",
+             f"Made by adaflex {rundir.version()} from recipe sha256 `{plan['recipe_sha256']}`.", "",
              "Load with adaptive parts: `adaflex.retrofit.load(DIR)`; dense part: "
              "`AutoModelForCausalLM.from_pretrained(DIR)`.", "", "| stage | method | plan summary |", "|---|---|---|"]
     for i, s in enumerate(plan["stages"]):
         summary = {k: v for k, v in s["plan"].items() if isinstance(v, (int, float, str)) or k == "removed"}
         lines.append(f"| {i} | {s['method']} | `{json.dumps(summary)[:200]}` |")
     return "\n".join(lines) + "\n"
-
-
-def load_export(path: str | Path, dtype=None):
-    """Restore an exported model with its adaptive parts (stages whose effect is not baked into weights)."""
-    path = Path(path)
-    model, tok = models.load_hf(path, dtype=dtype)
-    block = json.loads((path / "config.json").read_text())["adaflex"]
-    state_of(model).dense = block["dense_reference"]
-    tpath = path / "adaflex.safetensors"
-    tensors = load_file(str(tpath)) if tpath.is_file() else {}
-    with naming(path / "config.json"):
-        apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)
-    return model, tok

@@ -1,4 +1,5 @@
-"""Resolve MODEL (a name, a local directory, an export, a run directory or a hub id) to a model.
+"""Load a plain MODEL (an embedded name, a local directory or a hub id) with transformers; runs and exports are
+restore.py's.
 
 Loading never unpickles: safetensors only, unless the caller passes `allow_bin` (then `weights_only`).
 """
@@ -194,7 +195,7 @@ def load_hf(path_or_id: str | Path, *, allow_bin: bool = False, dtype=None):
             f"provide it ({str(e).splitlines()[0][:160]})"
         ) from None
     model.eval()
-    from . import fused
+    from . import fused  # imported here: `adaflex models list` and the CLI's startup need no torch
 
     fused.install(model)  # Llama-style blocks: residual add + RMSNorm in one kernel where Triton runs
     if tok.pad_token is None:
@@ -202,20 +203,13 @@ def load_hf(path_or_id: str | Path, *, allow_bin: bool = False, dtype=None):
     return model, tok
 
 
-def load(spec: str | Path | None = None, *, allow_bin: bool = False, dtype=None):
-    """Any MODEL the CLI accepts → (model, tokenizer), adaptive parts restored for exports and runs."""
+def load_base(spec: str | Path | None = None, *, allow_bin: bool = False, dtype=None):
+    """A MODEL that is not an adaflex run nor export (an embedded name, a directory or a hub id) → (model, tokenizer).
+    restore.load is the entry point that also takes runs and exports."""
     spec = str(spec) if spec is not None else DEFAULT_MODEL
     if spec in EMBEDDED:
         return load_hf(prepare(spec), dtype=dtype)
     path = Path(spec)
-    if path.is_dir() and is_run_dir(path):
-        from .pipeline import load_run
-
-        return load_run(path, allow_bin=allow_bin, dtype=dtype)
-    if path.is_dir() and is_export_dir(path):
-        from .checkpoint import load_export
-
-        return load_export(path, dtype=dtype)
     if not path.exists() and (spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1):
         raise UsageError(f"{spec}: no such model directory")
     check_name(spec)

@@ -15,26 +15,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from . import io, models, registry, rundir
+from . import io, models, registry, restore, rundir
+from .arch import reference_of
 from .contribution import Contributions
 from .data import read_mc, read_text
-from .errors import UsageError, naming
-from .evaluate import cost_figures, probe_ids, reference_of, run_eval
+from .errors import UsageError
+from .evaluate import cost_figures, probe_ids, run_eval
 from .recipe import Recipe, validate
 from .stage import StageContext, StageResult
 from .state import state_of
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. " * 64
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as v
-
-    try:
-        return v("adaflex")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def preflight(recipe: Recipe) -> None:
@@ -47,37 +38,6 @@ def preflight(recipe: Recipe) -> None:
             read_mc(ev.data, ev.layout, limit=1)
         elif not read_text(ev.data, ev.layout).strip():
             raise UsageError(f"{ev.data}: eval.{i}.data: the file holds no text")
-
-
-def _prefix(i: int, method: str) -> str:
-    return f"stages.{i}.{method}."
-
-
-def split_tensors(all_tensors: dict, i: int, method: str) -> dict:
-    p = _prefix(i, method)
-    return {k[len(p):]: v for k, v in all_tensors.items() if k.startswith(p)}
-
-
-def apply_plan(model, plan: dict, tensors: dict, only_runtime: bool = False) -> None:
-    """Re-apply stored stages; exports skip the ones whose effect is already baked into the weights."""
-    for i, st in enumerate(plan["stages"]):
-        method = registry.get(st["method"])
-        if only_runtime and (method.baked or st.get("baked")):  # merged by export
-            continue
-        method.apply(model, st["plan"], split_tensors(tensors, i, st["method"]))
-
-
-def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
-    run_dir = Path(run_dir)
-    # recipe.yaml is not validated again: its data paths may be relative to another working directory
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    plan = json.loads((run_dir / "plan.json").read_text())
-    spec = rundir.model_spec(run_dir, plan.get("model") or recipe.get("model"))
-    model, tok = models.load(spec, allow_bin=allow_bin, dtype=dtype)
-    tpath = run_dir / "adaflex.safetensors"
-    with naming(run_dir / "plan.json"):
-        apply_plan(model, plan, load_file(str(tpath)) if tpath.is_file() else {})
-    return model, tok
 
 
 def evaluate_recipe(model, tok, recipe: Recipe, state: Path, tag: str, log) -> list[dict]:
@@ -164,11 +124,11 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         stages.append({"method": method, "plan": result.plan, "metrics": result.metrics})
         if contrib:
             after.append(_measured(state / f"stage-{i}-after.json", lambda m=method: contrib.measure(model, m)))
-        all_tensors.update({_prefix(i, method) + k: v for k, v in result.tensors.items()})
+        all_tensors.update({restore.stage_prefix(i, method) + k: v for k, v in result.tensors.items()})
 
     retro_cost = cost_figures(model, probe)
     retro = evaluate_recipe(model, tokenizer, recipe, state, "retrofitted", log)
-    plan = {"adaflex_version": version(), "model": resolved.get("model"), "recipe_sha256": recipe.sha256(),
+    plan = {"adaflex_version": rundir.version(), "model": resolved.get("model"), "recipe_sha256": recipe.sha256(),
             "dense_reference": reference_of(model), "stages": stages}
     report = _report(resolved, plan, dense_cost, retro_cost, dense, retro)
     if after:
@@ -188,7 +148,7 @@ def _model_checked(recipe: Recipe, model, tokenizer, model_name: str | None, all
     """The model loaded (or the one given) with every model-dependent setting checked, before anything is written."""
     if model is None or isinstance(model, (str, Path)):
         model_name = str(model) if model is not None else (recipe.model or models.DEFAULT_MODEL)
-        model, tokenizer = models.load(model_name, allow_bin=allow_bin)
+        model, tokenizer = restore.load(model_name, allow_bin=allow_bin)
     elif tokenizer is None:
         raise UsageError("run(): a loaded model needs its tokenizer")
     for i, (method, cfg) in enumerate(recipe.stage_items()):

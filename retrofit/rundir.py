@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import io
 from .errors import UsageError
+from .models import is_export_dir
 
 INPUTS = "inputs.json"
 _held: dict[str, int] = {}  # resolved directory -> open descriptor holding its lock (re-entrant per process)
@@ -181,12 +182,21 @@ def model_spec(run_dir: Path, spec: str | None) -> str | None:
     return spec
 
 
+
+def version() -> str:
+    """The installed adaflex version, which plan.json and exports record."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+
+    try:
+        return v("adaflex")
+    except PackageNotFoundError:
+        return "0+unknown"
+
 # ---- export targets ----
 
 
 def check_export_target(run_dir: Path, out: Path, force: bool) -> None:
-    from .models import is_export_dir
-
     check_out(out)
     run, target = run_dir.resolve(), out.resolve()
     if target == run or target in run.parents:

@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from adaflex.retrofit import io, models, registry, rundir
+from adaflex.retrofit import io, models, registry, restore, rundir
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.progress import bar
 from adaflex.retrofit.recipe import Recipe
@@ -98,7 +98,7 @@ def search(
         if registry.get(sp.method).needs_calibration(cfg) and recipe.data.calibration is None:
             raise UsageError(f"recipe: data.calibration: required by the {sp.method} stage")
     rundir.hold(out)  # one writer per --out, taken before the model loads so that a second one stops at once
-    model, tok = models.load(model_spec or recipe.model, allow_bin=allow_bin)
+    model, tok = restore.load(model_spec or recipe.model, allow_bin=allow_bin)
     raw = {**raw, "model": model_name}
     session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log)
     session.total = n_trials

@@ -55,8 +55,9 @@ class Session:
         out: Path,
         log,
     ):
+        from adaflex.retrofit.arch import reference_of
         from adaflex.retrofit.data import read_text
-        from adaflex.retrofit.evaluate import probe_ids, reference_of
+        from adaflex.retrofit.evaluate import probe_ids
 
         self.recipe, self.raw, self.model_name, self.budget, self.pareto = recipe, raw, model_name, budget, pareto
         self.out, self.log = out, log

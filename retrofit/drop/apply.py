@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..arch import decoder_layers, reference_of
 from ..errors import UsageError
-from ..evaluate import decoder_layers, reference_of
 from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import DropConfig

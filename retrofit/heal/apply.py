@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..arch import decoder_layers
 from ..errors import UsageError
-from ..evaluate import decoder_layers
 from ..shards import apply as shards
 from ..shards.layer import adapted, detach, remove_all
 from ..shards.train import windows_for

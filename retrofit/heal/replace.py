@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..evaluate import decoder_layers
+from ..arch import decoder_layers
 from ..prune.scores import block_linears
 from ..state import state_of
 

@@ -4,7 +4,7 @@ policies (StreamingLLM, SnapKV, CAKE indicator, H2O, mix) in a cache that really
 from __future__ import annotations
 
 from ..method import CostState, Method, knobs
-from .config import KVConfig
+from .config import KVConfig, needs_calibration
 
 
 class KV(Method):
@@ -18,7 +18,7 @@ class KV(Method):
         check(model, config, where)
 
     def needs_calibration(self, config):
-        return config.plan is None and config.allocation in ("prefixkv", "searched")
+        return needs_calibration(config)
 
     def fit(self, ctx, config):
         from .apply import fit

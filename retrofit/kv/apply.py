@@ -28,15 +28,14 @@ import torch.nn.functional as F
 
 from adaflex.search import kv_alloc
 
+from ..arch import decoder_layers, head_dim, kv_heads, reference_of
 from ..errors import UsageError
-from ..evaluate import decoder_layers, reference_of
 from ..progress import progress
 from ..stage import StageContext, StageResult
 from ..state import state_of
-from . import KV
 from .attention import profile, received_mass, register, window_probs
 from .cache import BudgetedCache, KVSpec, storage_bytes_per_value
-from .config import KVConfig
+from .config import KVConfig, needs_calibration
 from .policies import layer_preference, make_policy
 from .replay import record_prefill, replay
 
@@ -51,9 +50,7 @@ def spec_from(cfg: KVConfig, num_layers: int, fractions=None, model=None, head_f
         fractions, head_fractions = None, fractions
     bpv = 1.0
     if model is not None:
-        c = model.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        bpv = storage_bytes_per_value(cfg.storage, next(model.parameters()).dtype, head_dim)
+        bpv = storage_bytes_per_value(cfg.storage, next(model.parameters()).dtype, head_dim(model.config))
     return KVSpec(storage=cfg.storage, bytes_per_value=bpv, num_layers=num_layers,
                   policy=make_policy(cfg.policy, cfg.kernel, cfg.gamma, cfg.stat, cfg.heads, cfg.value_norm),
                   budget=cfg.budget if cfg.tokens is None else None, tokens=cfg.tokens, allocation=cfg.allocation,
@@ -192,7 +189,7 @@ class CalibrationObjective:
         self.records = [(record_prefill(model, windows[:, :self.ctx], window=cfg.window, mass=mass),
                          windows[:, self.ctx:])]
         self.n = len(decoder_layers(model))
-        self.heads = model.config.num_key_value_heads
+        self.heads = kv_heads(model.config)
         self.calls = 0  # evaluations run (a plan met again is answered from `_seen`)
         self._seen: dict = {}
 
@@ -343,7 +340,7 @@ def fit(ctx: StageContext, cfg: KVConfig) -> StageResult:
     n = len(decoder_layers(ctx.model))
     plan = {"num_layers": n, "config": cfg.model_dump(mode="json"), "fractions": cfg.plan}
     metrics: dict = {"allocation": cfg.allocation, "policy": cfg.policy}
-    if KV().needs_calibration(cfg):
+    if needs_calibration(cfg):
         windows = ctx.calibration
         _check_budget_vs_length(cfg, windows.shape[1], where)
         samples = cfg.calibration_samples or min(8, windows.shape[0])
@@ -388,7 +385,7 @@ def apply(model, plan: dict, tensors: dict | None = None) -> None:
         raise UsageError(f"kv plan: fractions has {len(fractions)} entries, the model has {n} layers")
     heads = plan.get("head_fractions")
     if heads is not None:
-        want = (n, model.config.num_key_value_heads)
+        want = (n, kv_heads(model.config))
         if np.asarray(heads).shape != want:
             raise UsageError(f"kv plan: head_fractions has shape {np.asarray(heads).shape}, the model has {want[0]} "
                              f"layers of {want[1]} KV heads")

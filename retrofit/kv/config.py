@@ -85,3 +85,8 @@ class KVConfig(Strict):
     @property
     def floor(self) -> int:
         return max(self.min_keep, self.sinks + self.window)
+
+
+def needs_calibration(config: KVConfig) -> bool:
+    """The offline allocations fit their plan on calibration windows; a given plan needs none."""
+    return config.plan is None and config.allocation in ("prefixkv", "searched")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..method import CostState, Method, knobs
-from .config import PruneConfig
+from .config import PruneConfig, needs_calibration
 
 
 class Prune(Method):
@@ -21,7 +21,7 @@ class Prune(Method):
         check(model, config, where)
 
     def needs_calibration(self, config):
-        return config.score == "wanda" or config.allocation in ("owl", "dp")
+        return needs_calibration(config)
 
     def fit(self, ctx, config):
         from .apply import fit

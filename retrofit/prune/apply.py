@@ -17,13 +17,12 @@ import torch
 from adaflex.search.knapsack import additivity_report, allocate
 from adaflex.search.owl import outlier_ratio, owl_sparsities
 
+from ..arch import decoder_layers, reference_of
 from ..drop.apply import apply as remove_blocks
 from ..errors import BudgetInfeasible, UsageError
-from ..evaluate import decoder_layers, reference_of
 from ..stage import StageContext, StageResult
-from . import Prune
 from .calibrate import capture, dense_statistics, prune_sequential
-from .config import PruneConfig
+from .config import PruneConfig, needs_calibration
 from .curves import DROP, CurveCache, CurveMeasurer, Unit, fingerprint, make_units, measure_curves
 from .scores import block_linears, pack_mask, semi_structured_problems, unpack_mask, wanda_score
 
@@ -181,7 +180,7 @@ def fit(ctx: StageContext, cfg: PruneConfig) -> StageResult:
     layers = decoder_layers(model)
     L = len(layers)
     t0 = time.perf_counter()
-    need_data = Prune().needs_calibration(cfg)
+    need_data = needs_calibration(cfg)
     windows = ctx.calibration if need_data else None
     cap = capture(model, windows, cfg.batch_size) if need_data else None
     extra, metrics = {}, {}

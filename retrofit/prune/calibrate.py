@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..evaluate import decoder_layers
+from ..arch import decoder_layers
 from ..progress import progress
 from .scores import block_linears, keep_mask, score_of
 

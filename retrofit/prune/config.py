@@ -122,3 +122,8 @@ class PruneConfig(Strict):
         if self.sparsity <= self.max_sparsity:
             grid.add(round(self.sparsity, 10))
         return sorted(grid)
+
+
+def needs_calibration(config: PruneConfig) -> bool:
+    """Wanda scores, OWL's outlier ratios and the DP's distortion curves are measured on calibration windows."""
+    return config.score == "wanda" or config.allocation in ("owl", "dp")

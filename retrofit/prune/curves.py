@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .. import io
-from ..evaluate import decoder_layers
+from .. import arch, io
+from ..arch import decoder_layers
 from ..progress import progress
 from .calibrate import Captured
 from .scores import block_linears, keep_mask, score_of, score_ranks
@@ -54,15 +54,6 @@ def level_key(level) -> str:
 # ---- the dense trace and the distortion measure ----
 
 
-def _final_norm(model):
-    dec = model.get_decoder()
-    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
-        mod = getattr(dec, name, None)
-        if isinstance(mod, torch.nn.Module):
-            return mod
-    return torch.nn.Identity()
-
-
 @torch.no_grad()
 def dense_trace(model, cap: Captured, desc: str = "prune: dense trace") -> list[list[torch.Tensor]]:
     """inputs[b][i]: input of block b for batch i on the dense model; inputs[L] is the stack's output."""
@@ -80,34 +71,41 @@ class Distortion:
 
     `mse`: mean over tokens of the squared error of the logits, centred over the vocabulary (a shift of
     all logits changes nothing), divided by the vocabulary size. It is computed exactly through the
-    d×d Gram matrix of the centred LM head, so the 49k-class head is never applied: δᵀGδ per token.
+    d×d Gram matrix of the centred LM head, so the 49k-class head is never applied: δᵀGδ per token. A model
+    whose logits are softcapped (Gemma 2) is not linear in h: its head is applied and the same mean taken.
     `kl`: mean over tokens of KL(dense ‖ pruned) of the next-token distributions.
     """
 
     def __init__(self, model, dense_out: list[torch.Tensor], kind: str = "mse"):
-        self.kind = kind
-        self.norm = _final_norm(model)
-        self.head = model.get_output_embeddings()
+        self.kind, self.model = kind, model
+        self.norm = arch.final_norm(model)
+        self.gram = None  # mse on a model whose logits are linear in h
         with torch.no_grad():
             self.ref = [self.norm(h).float() for h in dense_out]
-            if kind == "mse":
-                w = self.head.weight.detach().float()
+            if kind == "mse" and arch.softcap(model.config) is None:
+                w = model.get_output_embeddings().weight.detach().float()
                 wc = w - w.mean(0, keepdim=True)
                 self.gram = wc.T @ wc / w.shape[0]
+            elif kind == "mse":
+                self.ref = [arch.logits(model, h) for h in self.ref]
             else:
-                self.ref = [torch.log_softmax(self.head(h).float(), -1) for h in self.ref]
+                self.ref = [torch.log_softmax(arch.logits(model, h), -1) for h in self.ref]
 
     @torch.no_grad()
     def __call__(self, out: list[torch.Tensor]) -> float:
         total, count = 0.0, 0
         for ref, h in zip(self.ref, out, strict=True):
             h = self.norm(h).float()
-            if self.kind == "mse":
+            if self.gram is not None:
                 d = (h - ref).reshape(-1, h.shape[-1])
                 total += float(((d @ self.gram) * d).sum())
                 count += d.shape[0]
+            elif self.kind == "mse":  # centred logit differences, as δᵀGδ counts them
+                d = (arch.logits(self.model, h) - ref).reshape(-1, ref.shape[-1])
+                total += float(((d - d.mean(-1, keepdim=True)) ** 2).sum()) / d.shape[-1]
+                count += d.shape[0]
             else:
-                logq = torch.log_softmax(self.head(h).float(), -1)
+                logq = torch.log_softmax(arch.logits(self.model, h), -1)
                 total += float((ref.exp() * (ref - logq)).sum())
                 count += ref.shape[0] * ref.shape[1]
         return total / count

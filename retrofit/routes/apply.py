@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..arch import decoder_layers, reference_of
 from ..errors import AdaflexError, UsageError
-from ..evaluate import decoder_layers, reference_of
 from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import RoutesConfig

@@ -29,10 +29,11 @@ import torch
 
 from adaflex.search.mcts import enrich, search_path
 
-from .. import io
+from .. import arch, io
+from ..arch import decoder_layers
 from ..data import MC_LAYOUTS, calibration_windows, detect_layout, read_mc, read_text
 from ..errors import AdaflexError, UsageError
-from ..evaluate import _encode_pair, decoder_layers
+from ..evaluate.mc import encode_pair
 from ..progress import progress
 
 
@@ -100,7 +101,7 @@ def to_examples(cfg, tokenizer, items: list[tuple[str, object]]) -> list[Example
     for kind, item in items:
         i = len(out)
         if kind == "mc":
-            pairs = [_encode_pair(tokenizer, item.context, ch) for ch in item.choices]
+            pairs = [encode_pair(tokenizer, item.context, ch) for ch in item.choices]
             ctx = pairs[0][0][-cfg.max_tokens:]
             if len(ctx) < 2 or any(not c for _, c in pairs):
                 continue
@@ -130,7 +131,7 @@ class BlockRunner:
         self.model = model
         self.decoder = model.get_decoder()
         self.blocks = decoder_layers(model)
-        self.head = model.get_output_embeddings()
+        self.norm = arch.final_norm(model)
         self.evaluations = 0  # block calls
 
     @torch.no_grad()
@@ -171,7 +172,7 @@ class BlockRunner:
         flat = torch.cat([pos + (r if h.shape[0] > 1 else 0) * T for r, (pos, _) in enumerate(targets)])
         # one head call on the distinct positions (a packed row's choices share their first one)
         where, inverse = torch.unique(flat, return_inverse=True)
-        logp = torch.log_softmax(self.head(self.decoder.norm(h.reshape(-1, h.shape[-1])[where])).float(), -1)
+        logp = torch.log_softmax(arch.logits(self.model, self.norm(h.reshape(-1, h.shape[-1])[where])), -1)
         picked = logp[inverse, torch.cat([tok for _, tok in targets])]
         return [float(x.sum()) for x in picked.split([len(tok) for _, tok in targets])]
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import models
+from ..arch import decoder_layers
 from ..errors import UsageError
-from ..evaluate import decoder_layers
 from ..stage import StageContext, StageResult
 from . import indices as ix
 from .config import ShardsConfig, mos_feasibility
@@ -199,15 +200,13 @@ def reload_dense(ctx: StageContext, where: str, log, hint: str = "; set teacher:
                  "stage's input model"):
     """The dense model before any stage, reloaded from its source, frozen on the model's device (the `dense`
     teacher of `shards` and of `heal`)."""
-    from .. import models
-
     model = ctx.model
     source = getattr(model, "name_or_path", None) or ""
     try:
         if source and Path(source).is_dir() and (Path(source) / "config.json").is_file():
             teacher, _ = models.load_hf(source, dtype=next(model.parameters()).dtype)
         elif ctx.recipe.model:
-            teacher, _ = models.load(ctx.recipe.model, dtype=next(model.parameters()).dtype)
+            teacher, _ = models.load_base(ctx.recipe.model, dtype=next(model.parameters()).dtype)
             source = ctx.recipe.model
         else:
             raise UsageError("no model source known")

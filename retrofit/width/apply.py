@@ -9,8 +9,8 @@ import time
 
 import torch
 
+from ..arch import decoder_layers, reference_of
 from ..errors import UsageError
-from ..evaluate import decoder_layers, reference_of
 from ..stage import StageContext, StageResult
 from .config import WidthConfig
 from .importance import collect, head_columns, keep_indices, refit, scores, sublayers

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..evaluate import decoder_layers
+from ..arch import decoder_layers
 from ..progress import progress
 from .shapes import BlockWidth, Dims
 

@@ -16,7 +16,7 @@ import torch
 
 from adaflex.search.knapsack import allocate
 
-from ..evaluate import decoder_layers
+from ..arch import decoder_layers
 from ..progress import progress
 from ..prune.calibrate import capture
 from ..prune.curves import Distortion, dense_trace

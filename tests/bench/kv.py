@@ -112,8 +112,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from adaflex.retrofit import models
+    from adaflex.retrofit import restore
     from adaflex.retrofit.data import calibration_windows
+    from adaflex.retrofit.evaluate.retrieval import build_prompt
     from adaflex.retrofit.kv.apply import (
         CalibrationObjective,
         attention_profiles,
@@ -125,11 +126,10 @@ def main(argv=None):
         spec_from,
     )
     from adaflex.retrofit.kv.config import KVConfig
-    from adaflex.retrofit.kv.passkey import build_prompt
     from adaflex.retrofit.kv.replay import record_prefill, replay
 
     t_start = time.perf_counter()
-    model, tok = models.load(a.model)
+    model, tok = restore.load(a.model)
     n = model.config.num_hidden_layers
     text = DATA.read_text()
     ids = tok(text, add_special_tokens=False).input_ids

@@ -41,7 +41,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from adaflex.retrofit import models
+    from adaflex.retrofit import restore
     from adaflex.retrofit.kv.apply import continuation_nll, head_gains, install, layer_gains, spec_from
     from adaflex.retrofit.kv.attention import profile
     from adaflex.retrofit.kv.config import KVConfig
@@ -58,7 +58,7 @@ def main(argv=None):
             self.calls += 1
             return self.per_layer[self.calls - 1]
 
-    model, tok = models.load(a.model)
+    model, tok = restore.load(a.model)
     n, h = model.config.num_hidden_layers, model.config.num_key_value_heads
     heads = [int(i) for i in filter(None, a.heads.split(","))]
     mix = dict(policy="mix", stat="rms", kernel=15)

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from adaflex.retrofit import models
+from adaflex.retrofit.arch import decoder_layers
 from adaflex.retrofit.data import calibration_windows, read_text
-from adaflex.retrofit.evaluate import decoder_layers, perplexity
+from adaflex.retrofit.evaluate import perplexity
 from adaflex.retrofit.prune.apply import dp_allocation, owl_allocation, targets_from_units
 from adaflex.retrofit.prune.calibrate import capture, dense_statistics, prune_sequential
 from adaflex.retrofit.prune.config import PruneConfig
 from adaflex.retrofit.prune.curves import CurveCache, CurveMeasurer, fingerprint, make_units
 from adaflex.retrofit.prune.scores import block_linears
+from adaflex.retrofit.restore import load as load_model
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -61,7 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     t_all = time.perf_counter()
 
-    model, tok = models.load(args.model)
+    model, tok = load_model(args.model)
     model.eval()
     text = read_text(DATA / "arc_easy_train.jsonl", "arc")
     windows = calibration_windows(tok, text, args.samples, args.seq_len, seed=0)

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from adaflex.retrofit import models, registry
+from adaflex.retrofit import registry, restore
+from adaflex.retrofit.arch import reference_of
 from adaflex.retrofit.data import read_mc
 from adaflex.retrofit.drop.apply import apply as drop_apply
 from adaflex.retrofit.drop.apply import block_influence, choose
-from adaflex.retrofit.evaluate import _encode_pair, choice_logliks, mc_scores, reference_of
+from adaflex.retrofit.evaluate import choice_logliks, mc_scores
+from adaflex.retrofit.evaluate.mc import encode_pair
 from adaflex.retrofit.recipe import load_recipe
 from adaflex.retrofit.routes.runtime import RandomPolicy, install, runtime_of
 from adaflex.retrofit.stage import StageContext
@@ -128,7 +130,7 @@ def main():
     (_method, cfg), = recipe.stage_items()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = models.load(recipe.model)
+    model, tok = restore.load(recipe.model)
     model.eval()
     reference_of(model)
     L = len(model.get_decoder().layers)
@@ -152,7 +154,7 @@ def main():
     if a.speed_only:  # the routes' budget from their prefill decisions on the ARC-Easy contexts
         from adaflex.retrofit.routes.apply import executed_mean
 
-        e_routes = executed_mean(routed, [torch.tensor([_encode_pair(tok, it.context, it.choices[0])[0]])
+        e_routes = executed_mean(routed, [torch.tensor([encode_pair(tok, it.context, it.choices[0])[0]])
                                           for it in arc], tok.pad_token_id or 0)
         results = {"routes": {}}
     else:
@@ -177,7 +179,7 @@ def main():
         log(f"{name} hellaswag {results[name]['hellaswag']}")
 
     # ---- speed, side by side ----
-    prompts = [torch.tensor([_encode_pair(tok, it.context, it.choices[0])[0]]) for it in arc[: a.speed_prompts]]
+    prompts = [torch.tensor([encode_pair(tok, it.context, it.choices[0])[0]]) for it in arc[: a.speed_prompts]]
     sp = speed(systems, prompts, a.decode, a.repeats)
     for name in systems:
         ip, idec = ideal(model, sp[name]["executed"], prompts)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from adaflex.retrofit import models
+from adaflex.retrofit import restore
 from adaflex.retrofit.data import read_mc
 from adaflex.retrofit.recipe import load_recipe
 from adaflex.retrofit.routes.choosers import (
@@ -107,7 +107,7 @@ def main():
     lo = cand[0]
     recipe = load_recipe(ROOT / "recipes/bench/smollm2-routes.yaml", [])
     (_method, cfg), = recipe.stage_items()
-    model, tok = models.load(recipe.model)
+    model, tok = restore.load(recipe.model)
     model.eval()
     L = len(model.get_decoder().layers)
     if min(cand + list(repeat + drop)) < 0 or max(cand + list(repeat + drop)) >= L:

@@ -15,7 +15,7 @@ import copy
 import torch
 from routes import speed  # tests/bench/routes.py: the script's folder is on sys.path
 
-from adaflex.retrofit import models
+from adaflex.retrofit import restore
 from adaflex.retrofit.drop.apply import apply as drop_apply
 from adaflex.retrofit.routes.runtime import FixedPolicy, install
 
@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model, _ = models.load("smollm2-135m")
+    model, _ = restore.load("smollm2-135m")
     model.eval()
     L = len(model.get_decoder().layers)
     skip = [int(b) for b in a.skip.split(",")]

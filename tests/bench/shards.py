@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from adaflex.retrofit.arch import decoder_layers
 from adaflex.retrofit.drop.apply import apply as drop_apply
 from adaflex.retrofit.drop.apply import block_influence, choose
-from adaflex.retrofit.evaluate import decoder_layers, perplexity
-from adaflex.retrofit.models import load
+from adaflex.retrofit.evaluate import perplexity
 from adaflex.retrofit.recipe import load_recipe
+from adaflex.retrofit.restore import load
 from adaflex.retrofit.shards.apply import collect, init_tensors, install, make_plan, write_peft_lora
 from adaflex.retrofit.shards.layer import remove_all
 from adaflex.retrofit.shards.train import heal

@@ -26,19 +26,12 @@ from pathlib import Path
 
 import torch
 
-from adaflex.retrofit import models
+from adaflex.retrofit import restore
+from adaflex.retrofit.arch import decoder_layers, new_cache, reference_of
 from adaflex.retrofit.data import calibration_windows, read_mc, read_text
 from adaflex.retrofit.drop.apply import apply as drop_apply
 from adaflex.retrofit.drop.apply import block_influence, choose
-from adaflex.retrofit.evaluate import (
-    _make_cache,
-    cost_figures,
-    decoder_layers,
-    multiple_choice,
-    perplexity,
-    probe_ids,
-    reference_of,
-)
+from adaflex.retrofit.evaluate import cost_figures, multiple_choice, perplexity, probe_ids
 from adaflex.retrofit.width.apply import apply as width_apply
 from adaflex.retrofit.width.apply import narrow_plan
 from adaflex.retrofit.width.importance import collect, scores
@@ -65,7 +58,7 @@ def _timed(model, ids: torch.Tensor, prefill: int, context: int, steps: int) -> 
     t0 = time.perf_counter()
     model(input_ids=ids[:, :prefill], use_cache=False, logits_to_keep=1)
     t_pre = time.perf_counter() - t0
-    cache = _make_cache(model)
+    cache = new_cache(model)
     out = model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
@@ -131,7 +124,7 @@ def main() -> None:
     torch.manual_seed(0)
     t_all = time.perf_counter()
 
-    dense, tok = models.load(args.model)
+    dense, tok = restore.load(args.model)
     reference_of(dense)
     L = len(decoder_layers(dense))
     dims = Dims.of(dense.config)

@@ -8,13 +8,7 @@ import pytest
 import torch
 
 from adaflex.retrofit.data import MCItem
-from adaflex.retrofit.evaluate import (
-    choice_logliks,
-    continuation_perplexity,
-    cost_figures,
-    mc_scores,
-    perplexity,
-)
+from adaflex.retrofit.evaluate import choice_logliks, continuation_perplexity, cost_figures, mc_scores, perplexity
 
 
 def _naive_nll(model, ids):

@@ -21,7 +21,7 @@ REAL_CACHE = os.environ.get("ADAFLEX_CACHE", str(Path.home() / ".cache" / "adafl
 
 @pytest.fixture(scope="module")
 def smol():
-    from adaflex.retrofit.models import load
+    from adaflex.retrofit.restore import load
 
     old = os.environ.get("ADAFLEX_CACHE")
     os.environ["ADAFLEX_CACHE"] = REAL_CACHE

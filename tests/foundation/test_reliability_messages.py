@@ -16,7 +16,8 @@ WIKI = "../shared/data/wikitext2_dev.txt"
 
 
 def test_plan_that_does_not_fit_the_model_names_plan_json(tiny_dir, tmp_path):
-    from adaflex.retrofit.pipeline import load_run, run
+    from adaflex.retrofit.pipeline import run
+    from adaflex.retrofit.restore import load_run
 
     run({"data": {"calibration": {"path": WIKI, "samples": 2, "seq_len": 32}}, "stages": [{"drop": {"blocks": 1}}]},
         str(tiny_dir), out=tmp_path / "run")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import adaflex.retrofit as af
-from adaflex.retrofit.evaluate import decoder_layers
+from adaflex.retrofit.arch import decoder_layers
 from adaflex.retrofit.heal import train as heal_train
 from adaflex.retrofit.prune.scores import block_linears
 from adaflex.retrofit.shards.layer import adapted

@@ -172,7 +172,7 @@ def test_expansion_prior_is_block_influence_of_the_calibration_or_the_prompts():
 def test_auto_dial_reads_prompts_the_mcts_did_not_label(tiny_dir, tmp_path, monkeypatch):
     """The routers fit their labelled prompts closely, so the dial is calibrated on the next prompts of the
     training files (the labelled examples' prompts only when the files hold no more)."""
-    from adaflex.retrofit.models import load as load_model
+    from adaflex.retrofit.restore import load as load_model
     from adaflex.retrofit.routes import apply as routes_apply
     from adaflex.retrofit.routes.config import RoutesConfig
     from adaflex.retrofit.routes.label import load_examples

@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaflex.retrofit.checkpoint import export
-from adaflex.retrofit.models import load
 from adaflex.retrofit.pipeline import run
 from adaflex.retrofit.recipe import load_recipe
+from adaflex.retrofit.restore import load
 from adaflex.retrofit.shards.layer import adapted
 
 

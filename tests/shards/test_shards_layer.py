@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaflex.retrofit.evaluate import cost_figures, decoder_layers
+from adaflex.retrofit.arch import decoder_layers
+from adaflex.retrofit.evaluate import cost_figures
 from adaflex.retrofit.shards import indices as ix
 from adaflex.retrofit.shards.apply import collect, targets_of
 from adaflex.retrofit.shards.config import TARGETS

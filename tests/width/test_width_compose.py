@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
+from adaflex.retrofit.arch import decoder_layers
 from adaflex.retrofit.checkpoint import export
-from adaflex.retrofit.evaluate import decoder_layers
-from adaflex.retrofit.models import load
-from adaflex.retrofit.pipeline import load_run, run
+from adaflex.retrofit.pipeline import run
+from adaflex.retrofit.restore import load, load_run
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
 RECIPE = {

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adaflex.retrofit.arch import decoder_layers, reference_of
 from adaflex.retrofit.checkpoint import export
-from adaflex.retrofit.evaluate import cost_figures, decoder_layers, reference_of
-from adaflex.retrofit.models import load
-from adaflex.retrofit.pipeline import load_run, run
+from adaflex.retrofit.evaluate import cost_figures
+from adaflex.retrofit.pipeline import run
 from adaflex.retrofit.recipe import load_recipe
+from adaflex.retrofit.restore import load, load_run
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 

@@ -1,4 +1,4 @@
-"""Passkey retrieval through the model's cache (so KV eviction applies).
+"""The passkey task: retrieval through the model's cache (so KV eviction applies).
 
 A 5-digit number is planted at a relative depth of a filler context cut from the `--data` text; the
 prompt ends with the question, and the model must reproduce the number greedily. `value` is the share
@@ -18,10 +18,11 @@ import time
 
 import torch
 
+from .. import arch
 from ..errors import UsageError
-from ..evaluate import Result, _make_cache
 from ..progress import progress
 from ..state import state_of
+from .result import Result
 
 INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.\n")
@@ -94,7 +95,7 @@ def passkey(model, tokenizer, text: str, context: int, depths=None, limit: int |
         chunk = cases[i:i + batch_size]
         ctx = torch.tensor([c[2] for c in chunk])
         q = torch.tensor([c[3] for c in chunk])
-        cache = _make_cache(model)
+        cache = arch.new_cache(model)
         if query_agnostic:
             model(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
             if hasattr(cache, "frozen"):

@@ -1,0 +1,81 @@
+"""Evaluation: the `eval` tasks a recipe or `adaflex eval` names, each scored with the cost figures every report
+carries (README.md, Commands). One module per task:
+
+- ppl.py: perplexity, strided or context → continuation through the model's cache;
+- mc.py: multiple choice by log-likelihood;
+- retrieval.py: passkey retrieval through the cache;
+- cost.py: the cost figures of one probe forward (blocks executed, KV bytes, MACs, sparsity);
+- result.py: the Result every task returns.
+
+Where the model's parts are and how its logits are computed is retrofit/arch.py's business.
+"""
+
+from __future__ import annotations
+
+from ..data import read_mc, read_text
+from ..errors import UsageError, naming
+from .cost import cost_figures, probe_ids
+from .mc import choice_logliks, mc_scores, multiple_choice
+from .ppl import continuation_perplexity, perplexity
+from .result import Result
+from .retrieval import passkey
+
+__all__ = ["Result", "choice_logliks", "continuation_perplexity", "cost_figures", "mc_scores", "multiple_choice",
+           "passkey", "perplexity", "probe_ids", "run_eval", "warn_positions"]
+
+
+# ---- one evaluation spec, as the CLI and the recipes name it ----
+
+
+def warn_positions(model, task: str, seq_len: int, context: int | None, continuation: int | None, label: str) -> None:
+    """One warning line when an evaluation asks for more positions than the model was trained on (its scores
+    would measure extrapolation, not the retrofit)."""
+    import sys
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    need = (context or 0) + (continuation or 0) if context is not None else (seq_len if task == "perplexity" else 0)
+    if isinstance(limit, int) and need > limit:
+        print(f"adaflex: warning: {label}: {need} positions exceed the model's max_position_embeddings ({limit})",
+              file=sys.stderr)
+
+
+def run_eval(model, tokenizer, task: str, data: str, **kw) -> dict:
+    """Score `model` on `data` (see _run_eval); an error about the data names its file."""
+    with naming(data):
+        return _run_eval(model, tokenizer, task, data, **kw)
+
+
+def _run_eval(model, tokenizer, task: str, data: str, *, layout: str = "auto", limit: int | None = None,
+              seq_len: int = 512, stride: int | None = None, context: int | None = None,
+              continuation: int | None = None, batch_size: int = 8, label: str | None = None,
+              depths=None, query_agnostic: bool | None = None) -> dict:
+    label = label or task
+    warn_positions(model, task, seq_len, context, continuation, label)
+    if task == "perplexity":
+        text = read_text(data, layout)
+        if (context is None) != (continuation is None):
+            raise UsageError("--context and --continuation go together")
+        if context is not None:
+            res = continuation_perplexity(model, tokenizer, text, context, continuation,
+                                          batch_size=max(1, batch_size // 2), limit=limit, label=label)
+        else:
+            res = perplexity(model, tokenizer, text, seq_len, stride, batch_size=max(1, batch_size // 2),
+                             limit=limit, label=label)
+        probe_text = text
+    elif task == "mc":
+        items = read_mc(data, layout, limit)
+        res = multiple_choice(model, tokenizer, items, batch_size=batch_size, label=label)
+        probe_text = "\n".join(it.context + it.choices[it.label] for it in items[:64])
+    elif task == "passkey":
+        if context is None:
+            raise UsageError("--context: required by --task passkey (prompt length in tokens)")
+        text = read_text(data, layout)
+        res = passkey(model, tokenizer, text, context, depths=depths, limit=limit, query_agnostic=query_agnostic,
+                      batch_size=max(1, batch_size // 4), label=label)
+        probe_text = text
+    else:
+        raise UsageError(f"unknown task '{task}' (perplexity, mc, passkey)")
+    out = res.to_dict()
+    out["data"] = str(data)
+    out.update(cost_figures(model, probe_ids(tokenizer, probe_text)))
+    return out
