@@ -36,7 +36,7 @@ class KV(Method):
     def cost(self, config, plan, metrics, state: CostState):
         import torch
 
-        from .cache import storage_bytes_per_value
+        from .spec import storage_bytes_per_value
 
         dense = {4.0: torch.float32, 2.0: torch.bfloat16}.get(state.model_bytes, torch.float32)
         rel = storage_bytes_per_value(config.storage, dense, state.shape.head_dim)

@@ -34,10 +34,11 @@ from ..progress import progress
 from ..stage import StageContext, StageResult
 from ..state import state_of
 from .attention import profile, received_mass, register, window_probs
-from .cache import BudgetedCache, KVSpec, storage_bytes_per_value
+from .cache import BudgetedCache
 from .config import KVConfig, needs_calibration
 from .policies import layer_preference, make_policy
 from .replay import record_prefill, replay
+from .spec import KVSpec, storage_bytes_per_value
 
 # ---- installing ----
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from adaflex.kernels import backend, decode_attention
 
-from .cache import active_layer
+from .layer import active_layer
 
 NAME = "adaflex_kv"
 _PROFILE = threading.local()

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from .attention import profile, received_attention, register, window_probs
-from .cache import BudgetedCache, KVSpec, active_layer
+from .cache import BudgetedCache
+from .layer import active_layer
 from .policies import StreamingLLM
+from .spec import KVSpec
 
 
 @dataclass

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaflex.retrofit.kv.cache import BudgetedCache, KVSpec
+from adaflex.retrofit.kv.cache import BudgetedCache
 from adaflex.retrofit.kv.policies import make_policy, pool
+from adaflex.retrofit.kv.spec import KVSpec
 
 
 def _filled_cache(policy: str, allocation="uniform", budget=0.25, layers=3, rows=2, heads=2, T=64, pad=0, **kw):

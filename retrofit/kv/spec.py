@@ -1,0 +1,91 @@
+"""What a budgeted KV cache is asked to keep: the stage settings and plan resolved into one `KVSpec`, and the bytes
+a stored value costs in each storage type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adaflex.search import kv_alloc
+
+from .policies import Policy
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # storage types other than model / int8
+
+
+def storage_bytes_per_value(storage: str, model_dtype: torch.dtype, head_dim: int) -> float:
+    """Bytes a stored value costs relative to the model's dtype."""
+    model = torch.finfo(model_dtype).bits / 8
+    if storage == "model":
+        return 1.0
+    if storage == "int8":
+        return (1 + 4 / head_dim) / model
+    return (torch.finfo(STORAGE_DTYPES[storage]).bits / 8) / model
+
+
+@dataclass
+class KVSpec:
+    """Everything a cache needs, resolved from the stage settings and its plan (JSON-able but the policy)."""
+
+    num_layers: int
+    policy: Policy
+    budget: float | None = 0.25
+    tokens: int | None = None
+    allocation: str = "uniform"
+    sinks: int = 4
+    window: int = 32
+    recent: float = 0.0
+    floor: int = 36
+    beta: float = 20.0
+    tau1: float = 1.0
+    tau2: float = 1.0
+    decode: bool = True
+    fractions: list[float] | None = None  # static per-layer plan (prefixkv, searched, explicit)
+    head_fractions: list[list[float]] | None = None  # or per (layer, KV head): heads keep different counts
+    storage: str = "model"  # element type of the stored keys/values: model, float16, bfloat16, int8
+    bytes_per_value: float = 1.0  # stored bytes per value relative to the model's dtype (int8: + scales)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def token_fraction(self) -> float:
+        """Share of the tokens kept: the byte budget divided by the bytes each stored token costs."""
+        return min(1.0, self.budget / self.bytes_per_value) if self.budget is not None else 1.0
+
+    @property
+    def cascades(self) -> bool:
+        """CAKE's run-time allocation (no static plan, per layer or per head, given)."""
+        return self.allocation == "cake" and self.fractions is None and self.head_fractions is None
+
+    @property
+    def is_full(self) -> bool:
+        return self.tokens is None and self.token_fraction >= 1.0
+
+    def mean_count(self, length: int) -> int:
+        """Tokens a layer keeps on average for a prompt of `length` tokens."""
+        if self.tokens is not None:
+            return min(self.tokens, length)
+        return min(length, int(round(self.token_fraction * length)))
+
+    def total(self, length: int) -> int:
+        lo = min(self.floor, length) * self.num_layers
+        return int(min(max(self.mean_count(length) * self.num_layers, lo), length * self.num_layers))
+
+    def static_counts(self, length: int) -> np.ndarray:
+        """Per-layer token counts of a static plan for a prompt of `length` tokens (sum = total)."""
+        total, floor, n = self.total(length), min(self.floor, length), self.num_layers
+        if self.fractions is not None:
+            return kv_alloc.plan_counts(self.fractions, length, total=total, min_keep=floor)
+        if self.allocation == "pyramid":
+            return kv_alloc.pyramid(n, total, beta=self.beta, lengths=length, min_keep=floor)
+        return kv_alloc.uniform(n, total, lengths=length, min_keep=floor)
+
+    def static_head_counts(self, length: int) -> np.ndarray | None:
+        """Per (layer, KV head) token counts of a per-head plan [L, H] (sum = total · H), None without one."""
+        if self.head_fractions is None:
+            return None
+        f = np.asarray(self.head_fractions, dtype=np.float64)
+        counts = kv_alloc.plan_counts(f.ravel(), length, total=self.total(length) * f.shape[1],
+                                      min_keep=min(self.floor, length))
+        return counts.reshape(f.shape)
