@@ -2,7 +2,7 @@
 
 A block's width is (FFN channels, KV groups kept, query heads per kept group). Every kept group keeps the
 same number of query heads, so GQA's repeat_kv (query head i reads KV head i // r) stays valid.
-MACs per token of a block's linears (q, k, v, o, gate, up, down), as evaluate.dense_reference counts them:
+MACs per token of a block's linears (q, k, v, o, gate, up, down), as arch.dense_reference counts them:
 
     attention(g, r) = d · hd · (2·g·r + 2·g)        mlp(c) = 3 · d · c
 """
