@@ -38,7 +38,7 @@ def evaluate(
     with guard():
         from pathlib import Path
 
-        from adaflex.retrofit import restore
+        from adaflex.retrofit import arch, restore
         from adaflex.retrofit.errors import UsageError
         from adaflex.retrofit.evaluate import run_eval
 
@@ -50,6 +50,7 @@ def evaluate(
 
         read_mc(data, layout, limit=1) if task is Task.mc else read_text(data, layout)  # layout errors first
         m, tok = restore.load(model, allow_bin=allow_bin)
+        arch.check(m)  # an unknown architecture is refused before any scoring
         res = run_eval(m, tok, task.value, data, layout=layout, limit=limit, seq_len=seq_len, stride=stride,
                        context=context, continuation=continuation, batch_size=batch_size, label=task.value,
                        depths=depths, query_agnostic=query_agnostic)

@@ -157,6 +157,13 @@ def dense_reference(config) -> dict:
     }
 
 
+def check(model) -> None:
+    """Refuse, in one line, a model whose blocks, final norm or shape keys adaflex cannot find (before any work)."""
+    decoder_layers(model)
+    final_norm(model)
+    shape(model.config)
+
+
 def reference_of(model) -> dict:
     """The dense reference, pinned on the model the first time it is asked for (before any stage runs)."""
     st = state_of(model)

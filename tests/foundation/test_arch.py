@@ -98,3 +98,19 @@ def test_kv_heads_default_to_heads_and_llama_parts_are_found():
     assert arch.attention(model, block) is block.self_attn and arch.mlp(model, block) is block.mlp
     assert arch.norms(model, block) == (block.input_layernorm, block.post_attention_layernorm)
     assert arch.final_norm(model) is model.model.norm and arch.softcap(model.config) is None
+
+
+def test_eval_of_an_unknown_architecture_exits_2_in_one_line(tmp_path, text_file):
+    from typer.testing import CliRunner
+
+    from adaflex.cli.main import app
+
+    model = _tiny("GPT2Config", n_layer=2, n_embd=32, n_head=2, vocab_size=259, bos_token_id=257, eos_token_id=258)
+    model.save_pretrained(tmp_path / "gpt2")
+    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "gpt2"), "--task", "perplexity", "--data", str(text_file),
+                                   "--seq-len", "32", "--limit", "1"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adaflex: error: model type 'gpt2': adaflex does not know its "
+                                                   "decoder blocks"), res.stderr

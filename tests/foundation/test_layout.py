@@ -7,7 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (setup.py reads pyproject the same way)
+    import tomli as tomllib
 
 from tiny import ROOT
 
