@@ -3,9 +3,10 @@
 Every stage and the evaluator ask here for the decoder blocks, a block's attention, MLP and norms, the final
 norm, the head and the config's shape keys, instead of reading `model.model.layers` or `config.X` themselves.
 What it knows today is the Llama-style decoder that transformers' Llama, Mistral, Qwen2/3 and Gemma 2/3 share
-(`get_decoder().layers`, blocks with `self_attn`, `mlp`, `input_layernorm`, `post_attention_layernorm`); for
-anything else it refuses in one line naming the model type and the missing piece, never an AttributeError.
-Other families (fused qkv, GPT-2's `transformer.h`, MoE experts: issue 26) extend this module.
+(`get_decoder().layers`, blocks with `self_attn`, `mlp`, `input_layernorm`, `post_attention_layernorm`), with
+Gemma 2's final-logit softcapping; for anything else it refuses in one line naming the model type and the missing
+piece, never an AttributeError. Other families (fused qkv, GPT-2's `transformer.h`, MoE experts) and per-layer
+attention kinds (sliding windows) are issue 26's: they extend this module.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def model_type(model_or_config) -> str:
 def unknown(model_or_config, piece: str) -> UsageError:
     """The one-line refusal for a model whose `piece` adaflex cannot find."""
     return UsageError(f"model type '{model_type(model_or_config)}': adaflex does not know {piece} "
-                      "(supported: Llama-style decoders such as Llama, Mistral, Qwen2/3, Gemma 2/3)")
+                      "(it knows Llama-style decoders: blocks in get_decoder().layers with self_attn, mlp and norms)")
 
 
 # ---- structure ----
