@@ -12,7 +12,7 @@ layer's length (it cannot keep more tokens than it has) and any per-layer floor.
     promote   plans that give the few layers whose eviction hurts most (measured gains, e.g. the layers
               that copy from far back) most of their tokens, the others sharing what is left evenly
 
-Real-valued shares come from one water-filling step (`_fill`): find the scale s with
+Real-valued shares come from one water-filling step (`water_fill`): find the scale s with
 sum_l clip(w_l * s, lo_l, hi_l) = total; this is exactly "cap, then spread the excess over the
 uncapped layers, repeat". Integers come from largest-remainder rounding (`round_to_total`): floor
 every share, then hand the missing tokens to the largest fractional parts. Every count is the floor
@@ -68,7 +68,7 @@ def round_to_total(x, total: int, hi=None) -> np.ndarray:
     return base
 
 
-def _fill(w, total: float, lo, hi) -> np.ndarray:
+def water_fill(w, total: float, lo, hi) -> np.ndarray:
     """Real shares clip(w * s, lo, hi) with the scale s chosen so they sum to `total`.
 
     Layers with zero weight stay at their floor unless the weighted layers are all full, in which
@@ -79,10 +79,10 @@ def _fill(w, total: float, lo, hi) -> np.ndarray:
         raise ValueError(f"total {total} outside [{lo.sum()}, {hi.sum()}]")
     pos = w > 0
     if not pos.any():
-        return _fill(np.ones_like(w), total, lo, hi)
+        return water_fill(np.ones_like(w), total, lo, hi)
     full = np.where(pos, hi, lo)
     if total > full.sum():  # weighted layers saturate; zero-weight layers take the rest evenly
-        rest = _fill(np.ones(int((~pos).sum())), total - hi[pos].sum(), lo[~pos], hi[~pos])
+        rest = water_fill(np.ones(int((~pos).sum())), total - hi[pos].sum(), lo[~pos], hi[~pos])
         full[~pos] = rest
         return full
 
@@ -132,7 +132,7 @@ def _allocate(weights, total: int, lengths, min_keep) -> np.ndarray:
     if np.any(w < 0) or not np.all(np.isfinite(w)):
         raise ValueError("layer weights must be finite and >= 0")
     lo, hi = _bounds(w.size, total, lengths, min_keep)
-    return round_to_total(_fill(w, total, lo, hi), total, hi)
+    return round_to_total(water_fill(w, total, lo, hi), total, hi)
 
 
 def uniform(n_layers: int, total: int, lengths=None, min_keep=0) -> np.ndarray:
@@ -232,7 +232,7 @@ def prefixkv(
     k0 = kept(0.0)
     if abs(int(k0.sum()) - total) < abs(int(best.sum()) - total):
         best = k0
-    return round_to_total(_fill(best, total, lo, hi), total, hi)
+    return round_to_total(water_fill(best, total, lo, hi), total, hi)
 
 
 def average_plans(plans: Sequence, weights=None) -> np.ndarray:

@@ -220,7 +220,7 @@ def _normalise(f: np.ndarray, mean: float, floor_frac: float) -> np.ndarray:
     """Fractions in [floor, 1] with the given mean (water-filling over the layers)."""
     n = len(f)
     lo = np.full(n, min(floor_frac, mean))
-    return kv_alloc._fill(np.maximum(f, 1e-9), mean * n, lo, np.ones(n))
+    return kv_alloc.water_fill(np.maximum(f, 1e-9), mean * n, lo, np.ones(n))
 
 
 def coordinate_search(objective, start: np.ndarray, mean: float, floor_frac: float, groups, trials: int,

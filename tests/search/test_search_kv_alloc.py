@@ -25,7 +25,7 @@ def test_cake_sum_caps_and_quota(case):
     b = kv.cake(prefs, total, lengths)
     assert b.dtype == np.int64 and b.sum() == total
     assert np.all(b >= 0) and np.all(b <= lengths)
-    share = kv._fill(prefs, total, np.zeros(len(prefs)), lengths)
+    share = kv.water_fill(prefs, total, np.zeros(len(prefs)), lengths)
     assert share.sum() == pytest.approx(total)
     assert np.all(np.abs(b - share) < 1)  # every count is the floor or the ceiling of its share
     # proportional wherever no cap binds: equal preference, neither capped -> within one token
@@ -42,7 +42,7 @@ def test_monotone_in_total(case):
     if total == lengths.sum():
         return
     lo = np.zeros(len(prefs))
-    a, b = kv._fill(prefs, total, lo, lengths), kv._fill(prefs, total + 1, lo, lengths)
+    a, b = kv.water_fill(prefs, total, lo, lengths), kv.water_fill(prefs, total + 1, lo, lengths)
     assert np.all(b >= a - 1e-9)  # real shares never decrease
     ia, ib = kv.cake(prefs, total, lengths), kv.cake(prefs, total + 1, lengths)
     assert np.all(ib >= ia - 1)  # largest remainder: at most one token moves (Alabama paradox)
