@@ -5,7 +5,6 @@ windows from the end of a text, so KV budgets and routes apply); cost is the pro
 
 from __future__ import annotations
 
-from .data import read_text
 from .errors import UsageError
 from .search_space import SearchSection
 
@@ -57,9 +56,12 @@ def quality_source(recipe) -> tuple[str, str, int, int, int]:
 class Contributions:
     """Measures the model after each stage (and once dense) for the report."""
 
-    def __init__(self, recipe, tok, probe):
+    def __init__(self, recipe, tok, probe, data=None):
+        from .sources import RunData
+
         path, layout, self.context, self.continuation, self.windows = quality_source(recipe)
-        self.text, self.tok, self.probe = read_text(path, layout), tok, probe
+        data = data or RunData(recipe)
+        self.text, self.tok, self.probe = data.text(path, layout, "search.quality.data"), tok, probe
 
     def measure(self, model, stage: str, cost: dict | None = None) -> dict:
         """`cost`: the model's cost_figures when the caller has them already (no second probe pass)."""

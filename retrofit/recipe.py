@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -14,19 +13,15 @@ from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError,
 
 from . import safe_yaml
 from .errors import UsageError
+from .generated import GeneratedConfig
 from .registry import METHODS, config_class
 from .schema import BATCH, ITEMS, SEED, TOKENS, WINDOWS, Strict, capped
 from .search_space import SearchSection
+from .sources import check_spec
 
-
-def _existing_file(value: str) -> str:
-    path = Path(os.path.expandvars(os.path.expanduser(value)))
-    if not path.is_file():
-        raise ValueError(f"no such file: {value}")
-    return value
-
-
-DataPath = Annotated[str, AfterValidator(_existing_file)]
+# a local file (which must exist), hf:NAME[/CONFIG][:SPLIT] or generated[:test] (retrofit/sources.py): the syntax
+# is checked here, a hub dataset and generated text are read at preflight
+DataPath = Annotated[str, AfterValidator(check_spec)]
 Layout = Literal["auto", "text", "jsonl", "arc", "piqa", "hellaswag"]
 
 
@@ -39,6 +34,7 @@ class CalibrationData(Strict):
 
 class DataConfig(Strict):
     calibration: CalibrationData | None = None
+    generated: GeneratedConfig | None = None  # settings of `generated` text (defaults when absent)
 
 
 class Budget(Strict):
@@ -48,7 +44,7 @@ class Budget(Strict):
 
 
 class EvalSpec(Strict):
-    task: Literal["perplexity", "mc", "passkey"]
+    task: Literal["perplexity", "mc", "passkey", "fidelity"]
     data: DataPath
     layout: Layout = "auto"
     limit: int | None = capped(None, ITEMS, ge=1)

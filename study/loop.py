@@ -84,7 +84,7 @@ def search(
     _suppress_optuna_noise()
     from adaflex.retrofit.pipeline import preflight
 
-    preflight(recipe)
+    data = preflight(recipe)
     if evaluate and not recipe.eval:  # refused before the search, not after it
         raise UsageError("--evaluate: the recipe has no `eval:` section")
     model_name = str(model_spec or recipe.model or models.DEFAULT_MODEL)
@@ -100,7 +100,7 @@ def search(
     rundir.hold(out)  # one writer per --out, taken before the model loads so that a second one stops at once
     model, tok = models.load(model_spec or recipe.model, allow_bin=allow_bin)
     raw = {**raw, "model": model_name}
-    session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log)
+    session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log, data)
     session.total = n_trials
     low = session.cheapest()
     if low is not None and not feasible(low, budget):
