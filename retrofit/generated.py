@@ -43,7 +43,7 @@ class GeneratedConfig(Strict):
     tokens: int = capped(256, TOKENS, ge=8, description="tokens each sequence continues its prompt by")
     temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature")
     top_k: int = capped(50, TOKENS, ge=0, description="sample among the k likeliest tokens (0: all)")
-    batch_size: int = capped(8, BATCH, ge=1, description="sequences sampled together")
+    batch_size: int = capped(16, BATCH, ge=1, description="sequences sampled together")
     seed: int | None = capped(None, SEED, ge=0, description="sampling seed (default: the recipe's)")
 
 
@@ -88,53 +88,61 @@ def _check(model, cfg: GeneratedConfig, split: str) -> None:
 
 
 @torch.no_grad()
-def _sample(model, prompt: list[int], n: int, tokens: int, temperature: float, top_k: int, gen, eos, step):
+def _sample(model, prompts: list[list[int]], tokens: int, temperature: float, top_k: int, gen, eos, pad: int, step):
+    """One batch: prompts left-padded (masked; positions count real tokens only), then `tokens` sampled tokens."""
     from transformers import DynamicCache
 
-    x = torch.tensor([prompt] * n, dtype=torch.long)
+    width = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for r, p in enumerate(prompts):
+        x[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)  # the dense model's plain cache
-    out = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
-    rows = [x]
+    out = model(input_ids=x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    last = pos[:, -1:]
+    rows = []
     for _ in range(tokens):
         logits = out.logits[:, -1].float() / temperature
-        if eos is not None:  # every sequence keeps writing: no short rows, no padding
+        if eos is not None:  # every sequence keeps writing: no short rows
             logits[:, eos] = float("-inf")
         if 0 < top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
         rows.append(nxt)
-        out = model(input_ids=nxt, cache=out.cache, use_cache=True)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        last = last + 1
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=last, cache=out.cache, use_cache=True)
         step()
-    return torch.cat(rows, dim=1)
+    new = torch.cat(rows, dim=1)
+    return [torch.cat([torch.tensor(p), new[r]]) for r, p in enumerate(prompts)]
 
 
 def sample(model, tokenizer, settings: dict, batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
     """Sequences of `settings` (each its prompt and continuation) and their prompt lengths; prompts round-robin."""
     gen = torch.Generator().manual_seed(settings["seed"])
     prompts = [tokenizer(p, add_special_tokens=False).input_ids or [0] for p in settings["prompts"]]
-    per = [settings["sequences"] // len(prompts) + (i < settings["sequences"] % len(prompts))
-           for i in range(len(prompts))]
+    rows = [prompts[i % len(prompts)] for i in range(settings["sequences"])]
     eos = tokenizer.eos_token_id
-    done = [0]
-    total = settings["sequences"] * settings["tokens"]
-    seqs, starts = [], []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs = []
     was_training = model.training
     model.eval()
-    with bar(f"generating {settings['split']} text", total) as update:
-        def step(n):
-            done[0] += n
-            update(done[0])
+    with bar(f"generating {settings['split']} text", settings["sequences"] * settings["tokens"]) as update:
+        done = [0]
+        for s in range(0, len(rows), batch_size):
+            batch = rows[s : s + batch_size]
 
-        for prompt, count in zip(prompts, per, strict=True):
-            for s in range(0, count, batch_size):
-                n = min(batch_size, count - s)
-                out = _sample(model, prompt, n, settings["tokens"], settings["temperature"], settings["top_k"], gen,
-                              eos, lambda n=n: step(n))
-                seqs += list(out)
-                starts += [len(prompt)] * n
+            def step(n=len(batch)):
+                done[0] += n
+                update(done[0])
+
+            seqs += _sample(model, batch, settings["tokens"], settings["temperature"], settings["top_k"], gen, eos,
+                            pad, step)
     model.train(was_training)
-    return seqs, starts
+    return seqs, [len(p) for p in rows]
 
 
 def generate(model, tokenizer, spec, cfg: GeneratedConfig, seed: int):
