@@ -52,3 +52,7 @@ def generated_logits(model, tok, text: str, new_tokens: int = 6):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
     return torch.stack([x[0].float() for x in out.logits])
+
+
+# `generated` text small enough for tiny models (8 sequences of 96 tokens: one batch, well under a second)
+GENERATED = {"sequences": 8, "test_sequences": 4, "tokens": 96}
