@@ -32,13 +32,14 @@ def probe_quality(model, tok, text: str, context: int, continuation: int, window
 
 
 def quality_source(recipe) -> tuple[str, str, int, int, int]:
-    """(path, layout, context, continuation, windows): `search.quality`, else the first perplexity eval's
-    data, else the calibration data; context and continuation split the calibration seq_len 3:1."""
+    """(path, layout, context, continuation, windows): `search.quality`, else the first perplexity or fidelity
+    eval's data, else the calibration data; context and continuation split the calibration seq_len 3:1."""
     q = (recipe.search or SearchSection()).quality
     cal = recipe.data.calibration
     path, layout = q.data, q.layout
     if path is None:
-        ppl = [e for e in recipe.eval if e.task == "perplexity"]
+        # held-out text first: a perplexity or fidelity evaluation's (generated:test in the quickstart)
+        ppl = [e for e in recipe.eval if e.task in ("perplexity", "fidelity")]
         if ppl:
             path, layout = ppl[0].data, ppl[0].layout
         elif cal is not None:

@@ -24,8 +24,8 @@ class QualitySpec(Strict):
     KV budgets apply) on a few windows taken from the end of a text."""
 
     data: str | None = Field(
-        None, description="text file, hf:ID or generated (default: the first perplexity eval's data, else the "
-        "calibration data)"
+        None, description="text file, hf:ID or generated (default: the first perplexity or fidelity eval's data, "
+        "else the calibration data)"
     )
     layout: Literal["auto", "text", "jsonl"] = "auto"
     windows: int = Field(4, ge=1, le=256)
