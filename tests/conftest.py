@@ -72,36 +72,34 @@ def shared_missing() -> str | None:
     return None if SHARED.is_dir() else f"needs the project's real data in {SHARED} (absent in this clone)"
 
 
-def _names_shared(fn, module, seen=None) -> bool:
-    """Whether a test function reads ../shared/data: a string constant naming it, a module global holding such a
-    path (WIKI = "../shared/data/..."; SHARED), or a function of the same module that does (followed)."""
+def _names_shared(code, module, seen=None) -> bool:
+    """Whether a test's code reads ../shared/data: a string constant naming it, a module global holding such a
+    path (WIKI = "../shared/data/..."; SHARED), or a function of the same module (or a nested one) that does."""
     import types
 
     seen = seen if seen is not None else set()
-    code = getattr(fn, "__code__", None)
-    if code is None or code in seen:
+    if code in seen:
         return False
     seen.add(code)
-    consts = [c for c in code.co_consts if isinstance(c, str)]
-    nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
-    if any("shared/data" in c for c in consts):
-        return True
+    for const in code.co_consts:
+        if isinstance(const, str) and "shared/data" in const:
+            return True
+        if isinstance(const, types.CodeType) and _names_shared(const, module, seen):
+            return True
     for name in code.co_names:
         value = getattr(module, name, None)
-        if value is SHARED or isinstance(value, (str, Path)) and "shared/data" in str(value):
-            return True
-        if isinstance(value, dict) and "shared/data" in repr(value):
+        if value is SHARED or isinstance(value, (str, Path, dict, list)) and "shared/data" in repr(value):
             return True
         if isinstance(value, types.FunctionType) and value.__module__ == module.__name__ and \
-                _names_shared(value, module, seen):
+                _names_shared(value.__code__, module, seen):
             return True
-    return any(_names_shared(types.FunctionType(c, {}), module, seen) for c in nested)
+    return False
 
 
 def pytest_runtest_setup(item):
     """A `shared_data` test without ../shared/data is skipped in a clone, and fails where CI promises it is there."""
     if item.get_closest_marker("shared_data") is None and not (
-            hasattr(item, "function") and _names_shared(item.function, item.module)):
+            hasattr(item, "function") and _names_shared(item.function.__code__, item.module)):
         return
     why = shared_missing()
     if why is None:
