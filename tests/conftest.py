@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import ROOT, SHARED, byte_tokenizer, tiny_llama
+from tiny import ROOT, SHARED, byte_tokenizer, require_shared, tiny_llama
 
 os.environ.setdefault("ADAFLEX_PROGRESS", "0")
 __all__ = ["ROOT", "SHARED", "byte_tokenizer", "tiny_llama"]
@@ -67,11 +67,6 @@ def pytest_configure(config):
                             "when absent; a failure when ADAFLEX_REQUIRE_SHARED=1, as in .ci/run)")
 
 
-def shared_missing() -> str | None:
-    """Why the real-data tests cannot run here (None: they can)."""
-    return None if SHARED.is_dir() else f"needs the project's real data in {SHARED} (absent in this clone)"
-
-
 def _names_shared(code, module, seen=None) -> bool:
     """Whether a test's code reads ../shared/data: a string constant naming it, a module global holding such a
     path (WIKI = "../shared/data/..."; SHARED), or a function of the same module (or a nested one) that does."""
@@ -101,12 +96,7 @@ def pytest_runtest_setup(item):
     if item.get_closest_marker("shared_data") is None and not (
             hasattr(item, "function") and _names_shared(item.function.__code__, item.module)):
         return
-    why = shared_missing()
-    if why is None:
-        return
-    if os.environ.get("ADAFLEX_REQUIRE_SHARED") == "1":
-        pytest.fail(f"ADAFLEX_REQUIRE_SHARED=1: {why}", pytrace=False)
-    pytest.skip(why)
+    require_shared()
 
 
 def pytest_collection_modifyitems(config, items):
