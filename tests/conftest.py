@@ -93,10 +93,24 @@ def _names_shared(code, module, seen=None) -> bool:
 
 def pytest_runtest_setup(item):
     """A `shared_data` test without ../shared/data is skipped in a clone, and fails where CI promises it is there."""
-    if item.get_closest_marker("shared_data") is None and not (
-            hasattr(item, "function") and _names_shared(item.function.__code__, item.module)):
+    if item.get_closest_marker("shared_data") is None and not _item_names_shared(item):
         return
     require_shared()
+
+
+def _item_names_shared(item) -> bool:
+    """The test function, or a fixture it uses that its own module defines, names ../shared/data."""
+    if not hasattr(item, "function"):
+        return False
+    if _names_shared(item.function.__code__, item.module):
+        return True
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        for d in defs:
+            func = getattr(d.func, "__wrapped__", d.func)
+            if getattr(func, "__module__", None) == item.module.__name__ and \
+                    _names_shared(func.__code__, item.module):
+                return True
+    return False
 
 
 def pytest_collection_modifyitems(config, items):
