@@ -70,6 +70,7 @@ def pytest_configure(config):
 def _names_shared(code, module, seen=None) -> bool:
     """Whether a test's code reads ../shared/data: a string constant naming it, a module global holding such a
     path (WIKI = "../shared/data/..."; SHARED), or a function of the same module (or a nested one) that does."""
+    import inspect
     import types
 
     seen = seen if seen is not None else set()
@@ -86,7 +87,7 @@ def _names_shared(code, module, seen=None) -> bool:
         if value is SHARED or isinstance(value, (str, Path, dict, list)) and "shared/data" in repr(value):
             return True
         if isinstance(value, types.FunctionType) and value.__module__ == module.__name__ and \
-                _names_shared(value.__code__, module, seen):
+                _names_shared(inspect.unwrap(value).__code__, module, seen):  # through @torch.no_grad()
             return True
     return False
 
@@ -102,11 +103,13 @@ def _item_names_shared(item) -> bool:
     """The test function, or a fixture it uses that its own module defines, names ../shared/data."""
     if not hasattr(item, "function"):
         return False
-    if _names_shared(item.function.__code__, item.module):
+    import inspect
+
+    if _names_shared(inspect.unwrap(item.function).__code__, item.module):
         return True
     for defs in item._fixtureinfo.name2fixturedefs.values():
         for d in defs:
-            func = getattr(d.func, "__wrapped__", d.func)
+            func = inspect.unwrap(d.func)
             if getattr(func, "__module__", None) == item.module.__name__ and \
                     _names_shared(func.__code__, item.module):
                 return True
