@@ -35,7 +35,7 @@ def retrofit(
             from adaflex.retrofit.sources import cli_evals
 
             rec, data = cli_evals(rec, evals, eval_limit, str(path))
-        checks.static(rec, str(path), data)
+        data = checks.static(rec, str(path), data)  # the sources read here serve the whole run
         report = run(rec, model or rec.model, out=out_dir, log=log, allow_bin=allow_bin, data=data)
         if format is Format.json:
             emit_json(report)

@@ -224,13 +224,17 @@ def test_kl_top1_against_the_full_kl():
 # ---- the CLI ----
 
 
-def test_retrofit_eval_adds_real_tasks_and_records_inputs(tiny_dir, tmp_path, one_thread):
+def test_retrofit_eval_adds_real_tasks_and_records_inputs(tiny_dir, tmp_path, monkeypatch, one_thread):
     arc = tmp_path / "arc.jsonl"
     arc.write_text("\n".join(json.dumps(r) for r in ARC))
     out = tmp_path / "run"
+    loads = []
+    real = sources.load_file
+    monkeypatch.setattr(sources, "load_file", lambda spec, layout: loads.append(spec.raw) or real(spec, layout))
     res = CliRunner().invoke(app, ["retrofit", str(tiny_dir), "--recipe", "ci/drop-tiny.yaml", "--out", str(out),
                                    "--eval", str(arc), "--eval-limit", "3", "--format", "json"])
     assert res.exit_code == 0, res.output
+    assert loads == [str(arc)], "the CLI's --eval, its checks and the run share one read"
     report = json.loads((out / "report.json").read_text())
     names = [(e["task"], e["dense"]["n"]) for e in report["evals"]]
     assert names[-1] == ("mc", 3) and ("fidelity", 2) in names
