@@ -347,7 +347,7 @@ def cli_evals(recipe, values: list[str], limit: int | None, source: str):
         if parse(value).kind == "generated":
             task = "fidelity"
         else:
-            task = "mc" if data.get(value, "auto", f"--eval {value}").layout in MC_LAYOUTS else "perplexity"
+            task = "mc" if data.get(value, "auto", "--eval").layout in MC_LAYOUTS else "perplexity"
         extra.append({"task": task, "data": value, **({"limit": limit} if limit else {}),
                       "name": f"{task}:{Path(value).name}" if parse(value).kind == "file" else f"{task}:{value}"})
     raw = recipe.to_dict()
