@@ -1,4 +1,5 @@
-"""adaflex eval MODEL_OR_DIR --task perplexity|mc|passkey --data FILE [--limit N] [--context N] [--continuation N]
+"""adaflex eval MODEL_OR_DIR --task perplexity|mc|passkey|fidelity --data FILE|hf:ID|generated[:test]
+ [--limit N] [--context N] [--continuation N]
 [--depths 0.1,0.5,0.9] [--query-agnostic]"""
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ class Task(str, Enum):
     perplexity = "perplexity"
     mc = "mc"
     passkey = "passkey"
+    fidelity = "fidelity"
 
 
 def evaluate(
     model: str = typer.Argument("smollm2-135m", help="model name, HF directory, export or run directory"),
     task: Task = typer.Option(..., "--task"),
-    data: str = typer.Option(..., "--data", help="text, JSONL with `text`, or ARC/PIQA/HellaSwag JSONL"),
+    data: str = typer.Option(..., "--data", help="text, JSONL (`text` or ARC/PIQA/HellaSwag), Parquet/Arrow, "
+                                                  "hf:NAME[/CONFIG][:SPLIT], or generated[:test] (text this model "
+                                                  "writes)"),
     limit: int = typer.Option(None, "--limit", min=1, help="first N items / windows"),
     context: int = typer.Option(None, "--context", min=1, help="prefill this many tokens through the cache"),
     continuation: int = typer.Option(None, "--continuation", min=1, help="then score this many tokens"),
@@ -36,24 +40,31 @@ def evaluate(
 ):
     """Score a model: perplexity, multiple choice (acc, acc_norm), with its cost figures."""
     with guard():
-        from pathlib import Path
 
         from adaflex.retrofit import arch, restore
         from adaflex.retrofit.errors import UsageError
         from adaflex.retrofit.evaluate import run_eval
+        from adaflex.retrofit.sources import RunData, check_spec
 
-        if not Path(data).is_file():
-            raise UsageError(f"--data {data}: no such file")
+        try:
+            check_spec(data)
+        except ValueError as e:
+            raise UsageError(f"--data {e}") from None
         if layout not in ("auto", "text", "jsonl", "arc", "piqa", "hellaswag"):
             raise UsageError(f"--layout {layout}: expected auto, text, jsonl, arc, piqa or hellaswag")
-        from adaflex.retrofit.data import read_mc, read_text
-
-        read_mc(data, layout, limit=1) if task is Task.mc else read_text(data, layout)  # layout errors first
+        sources = RunData()
+        generated = data.startswith("generated")
+        if not generated:  # read before the model loads: layout errors first
+            src = sources.get(data, layout, "--data")
+            src.mc(1) if task is Task.mc else src.text()
         m, tok = restore.load(model, allow_bin=allow_bin)
         arch.check(m)  # an unknown architecture is refused before any scoring
+        # generated text comes from this model; a fidelity task here compares the model with itself (KL 0): the
+        # dense-vs-retrofitted comparison is `adaflex retrofit` with `task: fidelity` in its eval
+        src = sources.bind(m, tok).get(data, layout, "--data")
         res = run_eval(m, tok, task.value, data, layout=layout, limit=limit, seq_len=seq_len, stride=stride,
                        context=context, continuation=continuation, batch_size=batch_size, label=task.value,
-                       depths=depths, query_agnostic=query_agnostic)
+                       depths=depths, query_agnostic=query_agnostic, source=src)
         res["model"] = model
         if format is Format.json:
             emit_json(res)

@@ -15,6 +15,9 @@ def retrofit(
     out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (resumable)"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key: KEY=VALUE"),
     seed: int = typer.Option(None, "--seed", help="overrides the recipe's seed"),
+    evals: list[str] = typer.Option([], "--eval", help="also evaluate on FILE or hf:ID (perplexity for text, "
+                                                       "multiple choice for ARC/PIQA/HellaSwag records)"),
+    eval_limit: int = typer.Option(None, "--eval-limit", min=1, help="first N windows / items of each --eval"),
     allow_bin: bool = typer.Option(False, "--allow-bin", help="allow pickled .bin weights (loaded weights_only)"),
     format: Format = typer.Option(Format.human, "--format"),
 ):
@@ -27,8 +30,13 @@ def retrofit(
         path = resolve_recipe_path(recipe) if recipe else packaged("quickstart.yaml")
         sets = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
         rec = load_recipe(path, sets)
-        checks.static(rec, str(path))
-        report = run(rec, model or rec.model, out=out_dir, log=log, allow_bin=allow_bin)
+        data = None
+        if evals:
+            from adaflex.retrofit.recipe import with_evals
+
+            rec, data = with_evals(rec, evals, eval_limit, str(path))
+        data = checks.static(rec, str(path), data)  # the sources read here serve the whole run
+        report = run(rec, model or rec.model, out=out_dir, log=log, allow_bin=allow_bin, data=data)
         if format is Format.json:
             emit_json(report)
             return
@@ -39,6 +47,9 @@ def retrofit(
             for e in report["evals"]:
                 d, r = e["dense"], e["retrofitted"]
                 ev_rows.append([e["name"], e["metric"], d["value"], r["value"], e["ratio"]])
+                for key in ("kl", "top1_agreement"):  # fidelity to the dense model
+                    if key in d:
+                        ev_rows.append([e["name"], key, d[key], r[key], None])
                 if "acc_norm" in d:
                     ratio = r["acc_norm"] / d["acc_norm"] if d["acc_norm"] else None
                     ev_rows.append([e["name"], "acc_norm", d["acc_norm"], r["acc_norm"], ratio])

@@ -57,7 +57,7 @@ def search(
         for item in overrides:
             apply_override(raw, item)
         rec = validate(raw, str(path))
-        checks.static(rec, str(path))
+        data = checks.static(rec, str(path))  # the sources read here serve the whole search
         summary = run_search(
             rec,
             raw,
@@ -72,6 +72,7 @@ def search(
             evaluate=evaluate,
             log=log,
             allow_bin=allow_bin,
+            data=data,
         )
         if format is Format.json:
             err.print(_table(summary))

@@ -36,12 +36,12 @@ def search_section(recipe: Recipe, source: str) -> None:
             raise UsageError(f"{source}: data.calibration: required by the {sp.method} stage")
 
 
-def static(recipe: Recipe, source: str = "recipe") -> None:
-    """Everything checkable without a model, data files read included."""
+def static(recipe: Recipe, source: str = "recipe", data=None):
+    """Everything checkable without a model, data sources read included (the returned RunData holds them)."""
     from .pipeline import preflight
 
     eval_settings(recipe, source)
     needs_data(recipe, source)
     if recipe.search is not None:
         search_section(recipe, source)
-    preflight(recipe)
+    return preflight(recipe, data)

@@ -5,7 +5,6 @@ windows from the end of a text, so KV budgets and routes apply); cost is the pro
 
 from __future__ import annotations
 
-from .data import read_text
 from .errors import UsageError
 from .search_space import SearchSection
 
@@ -33,13 +32,14 @@ def probe_quality(model, tok, text: str, context: int, continuation: int, window
 
 
 def quality_source(recipe) -> tuple[str, str, int, int, int]:
-    """(path, layout, context, continuation, windows): `search.quality`, else the first perplexity eval's
-    data, else the calibration data; context and continuation split the calibration seq_len 3:1."""
+    """(path, layout, context, continuation, windows): `search.quality`, else the first perplexity or fidelity
+    eval's data, else the calibration data; context and continuation split the calibration seq_len 3:1."""
     q = (recipe.search or SearchSection()).quality
     cal = recipe.data.calibration
     path, layout = q.data, q.layout
     if path is None:
-        ppl = [e for e in recipe.eval if e.task == "perplexity"]
+        # held-out text first: a perplexity or fidelity evaluation's (generated:test in the quickstart)
+        ppl = [e for e in recipe.eval if e.task in ("perplexity", "fidelity")]
         if ppl:
             path, layout = ppl[0].data, ppl[0].layout
         elif cal is not None:
@@ -57,9 +57,12 @@ def quality_source(recipe) -> tuple[str, str, int, int, int]:
 class Contributions:
     """Measures the model after each stage (and once dense) for the report."""
 
-    def __init__(self, recipe, tok, probe):
+    def __init__(self, recipe, tok, probe, data=None):
+        from .sources import RunData
+
         path, layout, self.context, self.continuation, self.windows = quality_source(recipe)
-        self.text, self.tok, self.probe = read_text(path, layout), tok, probe
+        data = data or RunData(recipe)
+        self.text, self.tok, self.probe = data.text(path, layout, "search.quality.data"), tok, probe
 
     def measure(self, model, stage: str, cost: dict | None = None) -> dict:
         """`cost`: the model's cost_figures when the caller has them already (no second probe pass)."""

@@ -22,7 +22,7 @@ class MCItem:
     label: int
 
 
-def _records(path: Path) -> list[tuple[int, dict]]:
+def jsonl_records(path: Path) -> list[tuple[int, dict]]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -47,7 +47,12 @@ def detect_layout(path: str | Path) -> str:
     path = Path(path)
     if path.suffix not in (".jsonl", ".json"):
         return "text"
-    n, first = _records(path)[0]
+    n, first = jsonl_records(path)[0]
+    return layout_of(path, n, first)
+
+
+def layout_of(source, n: int, first: dict) -> str:
+    """The layout of a record (the first of a JSONL file or a dataset), by its keys."""
     if "question" in first and "choices" in first:
         return "arc"
     if "goal" in first and "sol1" in first:
@@ -57,7 +62,7 @@ def detect_layout(path: str | Path) -> str:
     if "text" in first:
         return "jsonl"
     raise UsageError(
-        f"{path}:{n}: unknown layout (keys {sorted(first)}); expected 'text' or an ARC, PIQA or HellaSwag record"
+        f"{source}:{n}: unknown layout (keys {sorted(first)}); expected 'text' or an ARC, PIQA or HellaSwag record"
     )
 
 
@@ -72,12 +77,7 @@ def read_text(path: str | Path, layout: str = "auto") -> str:
             raise UsageError(f"{path}: cannot read ({e})") from None
     if layout in MC_LAYOUTS:
         return "\n\n".join(it.context + it.choices[it.label] for it in read_mc(path, layout))
-    texts = []
-    for n, rec in _records(path):
-        if not isinstance(rec.get("text"), str):
-            raise UsageError(f"{path}:{n}: key 'text' missing or not a string")
-        texts.append(rec["text"])
-    return "\n\n".join(texts)
+    return record_texts(path, jsonl_records(path))
 
 
 def _get(path: Path, n: int, rec: dict, dotted: str, kind: type | tuple):
@@ -131,10 +131,26 @@ def read_mc(path: str | Path, layout: str = "auto", limit: int | None = None) ->
     layout = detect_layout(path) if layout == "auto" else layout
     if layout not in _READERS:
         raise UsageError(f"{path}: layout '{layout}' is not multiple choice (expected ARC, PIQA or HellaSwag)")
-    records = _records(path)
+    return mc_items(path, jsonl_records(path), layout, limit)
+
+
+def mc_items(source, records: list[tuple[int, dict]], layout: str, limit: int | None = None) -> list[MCItem]:
+    """Multiple-choice items of numbered records (a JSONL file's lines, a dataset's rows); errors name `source`."""
+    if layout not in _READERS:
+        raise UsageError(f"{source}: layout '{layout}' is not multiple choice (expected ARC, PIQA or HellaSwag)")
     if limit is not None:
         records = records[:limit]
-    return [_READERS[layout](path, n, rec) for n, rec in records]
+    return [_READERS[layout](source, n, rec) for n, rec in records]
+
+
+def record_texts(source, records: list[tuple[int, dict]]) -> str:
+    """The `text` of numbered records, joined by blank lines."""
+    texts = []
+    for n, rec in records:
+        if not isinstance(rec.get("text"), str):
+            raise UsageError(f"{source}:{n}: key 'text' missing or not a string")
+        texts.append(rec["text"])
+    return "\n\n".join(texts)
 
 
 def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int, source: str = "data",

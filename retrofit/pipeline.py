@@ -18,30 +18,26 @@ from safetensors.torch import load_file
 from . import io, models, registry, restore, rundir
 from .arch import reference_of
 from .contribution import Contributions
-from .data import read_mc, read_text
 from .errors import UsageError
 from .evaluate import cost_figures, probe_ids, run_eval
 from .recipe import Recipe, validate
+from .sources import RunData, run_data
 from .stage import StageContext, StageResult
 from .state import state_of
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. " * 64
 
 
-def preflight(recipe: Recipe) -> None:
-    """Read every data file the recipe names before anything is loaded or written (layout errors first)."""
-    cal = recipe.data.calibration
-    if cal is not None and not read_text(cal.path, cal.layout).strip():
-        raise UsageError(f"{cal.path}: data.calibration.path: the file holds no text")
-    for i, ev in enumerate(recipe.eval):
-        if ev.task == "mc":
-            read_mc(ev.data, ev.layout, limit=1)
-        elif not read_text(ev.data, ev.layout).strip():
-            raise UsageError(f"{ev.data}: eval.{i}.data: the file holds no text")
+def preflight(recipe: Recipe, data: RunData | None = None) -> RunData:
+    """Read every data source the recipe names before anything is loaded or written (layout errors first); the
+    returned RunData serves them to the rest of the run. Generated text waits for the model (RunData.bind)."""
+    return run_data(recipe, data).preflight()
 
 
-def evaluate_recipe(model, tok, recipe: Recipe, state: Path, tag: str, log) -> list[dict]:
-    """The recipe's `eval:` on `model`, each result kept as STATE/TAG-eval-i.json (a rerun reuses it)."""
+def evaluate_recipe(model, tok, recipe: Recipe, state: Path, tag: str, log, data: RunData | None = None) -> list[dict]:
+    """The recipe's `eval:` on `model`, each result kept as STATE/TAG-eval-i.json (a rerun reuses it). A fidelity
+    evaluation keeps the dense model's top-k as STATE/fidelity-i.safetensors: the retrofitted run compares to it."""
+    data = data or RunData(recipe).bind(model, tok)
     results = []
     for i, ev in enumerate(recipe.eval):
         f = state / f"{tag}-eval-{i}.json"
@@ -51,24 +47,27 @@ def evaluate_recipe(model, tok, recipe: Recipe, state: Path, tag: str, log) -> l
         log(f"{tag}: {ev.label()}")
         res = run_eval(model, tok, ev.task, ev.data, layout=ev.layout, limit=ev.limit, seq_len=ev.seq_len,
                        stride=ev.stride, context=ev.context, continuation=ev.continuation,
-                       batch_size=ev.batch_size, label=f"{tag} {ev.label()}")
+                       batch_size=ev.batch_size, label=f"{tag} {ev.label()}",
+                       source=data.get(ev.data, ev.layout, f"eval.{i}.data"),
+                       reference=state / f"fidelity-{i}.safetensors" if ev.task == "fidelity" else None)
         res["name"] = ev.label()
         io.write_json(f, res)
         results.append(res)
     return results
 
 
-def _probe(recipe: Recipe, tok) -> torch.Tensor:
+def _probe(recipe: Recipe, tok, data: RunData) -> torch.Tensor:
     cal = recipe.data.calibration
-    text = read_text(cal.path, cal.layout) if cal is not None else PROBE_TEXT
+    text = data.text(cal.path, cal.layout, "data.calibration.path") if cal is not None else PROBE_TEXT
     return probe_ids(tok, text)
 
 
 def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=None, *, model_name: str | None = None,
-        out: str | Path | None = None, log=None, allow_bin: bool = False) -> dict:
+        out: str | Path | None = None, log=None, allow_bin: bool = False, data: RunData | None = None) -> dict:
     """Python API of `adaflex retrofit`: returns the report; writes the run directory when `out` is given.
 
     `model` may be a loaded model (with `tokenizer`) or a MODEL spec; the recipe's `model` is the fallback.
+    `data`: sources already resolved by the caller (the CLI's --eval), shared instead of read again.
     """
     log = log or (lambda msg: print(f"adaflex: {msg}", file=sys.stderr))
     if recipe is None or isinstance(recipe, (str, Path)):
@@ -77,7 +76,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         recipe = load_recipe(recipe)
     recipe = validate(recipe)
     torch.manual_seed(recipe.seed)
-    preflight(recipe)
+    data = preflight(recipe, data)
     if out is not None:  # before the model loads, so that a second writer is refused at once
         rundir.hold(out)
     try:
@@ -91,16 +90,17 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         resolved["model"] = model_name
     run_dir = Path(out) if out is not None else None
     state = _open_run_dir(run_dir, resolved)
+    data.bind(model, tokenizer)  # generated text is written by the dense model, before any stage changes it
     if run_dir is not None:
-        rundir.record_inputs(run_dir, resolved, model_name)
+        rundir.record_inputs(run_dir, resolved, model_name, data.inputs())
 
     reference_of(model)
-    probe = _probe(recipe, tokenizer)
+    probe = _probe(recipe, tokenizer, data)
     dense_cost = cost_figures(model, probe)
-    dense = evaluate_recipe(model, tokenizer, recipe, state, "dense", log)
+    dense = evaluate_recipe(model, tokenizer, recipe, state, "dense", log, data)
 
     # a composed recipe reports each stage's contribution: quality and cost after every stage
-    contrib = Contributions(recipe, tokenizer, probe) if len(recipe.stages) > 1 else None
+    contrib = Contributions(recipe, tokenizer, probe, data) if len(recipe.stages) > 1 else None
     after = []
     if contrib:  # the dense cost is already measured above
         after.append(_measured(state / "dense-after.json", lambda: contrib.measure(model, "dense", dense_cost)))
@@ -115,7 +115,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
             log(f"stage {i} ({method}): resumed from {f}")
         else:
             log(f"stage {i} ({method}): fitting")
-            ctx = StageContext(model, tokenizer, recipe, i, state / f"stage-{i}")
+            ctx = StageContext(model, tokenizer, recipe, i, state / f"stage-{i}", data)
             result = registry.get(method).fit(ctx, cfg)
             if result.tensors:
                 io.save_tensors(tf, result.tensors)
@@ -127,7 +127,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         all_tensors.update({restore.stage_prefix(i, method) + k: v for k, v in result.tensors.items()})
 
     retro_cost = cost_figures(model, probe)
-    retro = evaluate_recipe(model, tokenizer, recipe, state, "retrofitted", log)
+    retro = evaluate_recipe(model, tokenizer, recipe, state, "retrofitted", log, data)
     plan = {"adaflex_version": rundir.version(), "model": resolved.get("model"), "recipe_sha256": recipe.sha256(),
             "dense_reference": reference_of(model), "stages": stages}
     report = _report(resolved, plan, dense_cost, retro_cost, dense, retro)

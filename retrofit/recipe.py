@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -13,20 +12,17 @@ import yaml
 from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError, create_model
 
 from . import safe_yaml
+from .data import MC_LAYOUTS
 from .errors import UsageError
+from .generated import GeneratedConfig
 from .registry import METHODS, config_class
 from .schema import BATCH, ITEMS, SEED, TOKENS, WINDOWS, Strict, capped
 from .search_space import SearchSection
+from .sources import RunData, check_spec, parse
 
-
-def _existing_file(value: str) -> str:
-    path = Path(os.path.expandvars(os.path.expanduser(value)))
-    if not path.is_file():
-        raise ValueError(f"no such file: {value}")
-    return value
-
-
-DataPath = Annotated[str, AfterValidator(_existing_file)]
+# a local file (which must exist), hf:NAME[/CONFIG][:SPLIT] or generated[:test] (retrofit/sources.py): the syntax
+# is checked here, a hub dataset and generated text are read at preflight
+DataPath = Annotated[str, AfterValidator(check_spec)]
 Layout = Literal["auto", "text", "jsonl", "arc", "piqa", "hellaswag"]
 
 
@@ -39,6 +35,7 @@ class CalibrationData(Strict):
 
 class DataConfig(Strict):
     calibration: CalibrationData | None = None
+    generated: GeneratedConfig | None = None  # settings of `generated` text (defaults when absent)
 
 
 class Budget(Strict):
@@ -48,7 +45,7 @@ class Budget(Strict):
 
 
 class EvalSpec(Strict):
-    task: Literal["perplexity", "mc", "passkey"]
+    task: Literal["perplexity", "mc", "passkey", "fidelity"]
     data: DataPath
     layout: Layout = "auto"
     limit: int | None = capped(None, ITEMS, ge=1)
@@ -235,3 +232,24 @@ def resolve_recipe_path(name: str) -> Path:
 def list_packaged() -> list[Path]:
     root = recipes_root()
     return sorted(p.relative_to(root) for p in root.rglob("*.yaml"))
+
+
+def with_evals(recipe, values: list[str], limit: int | None, source: str):
+    """The recipe with one evaluation per `--eval` source (perplexity for text, mc for multiple-choice records),
+    and the RunData that read them (the run reads them no second time)."""
+    data = RunData(recipe)
+    extra = []
+    for value in values:
+        try:
+            check_spec(value)
+        except ValueError as e:
+            raise UsageError(f"--eval {e}") from None
+        if parse(value).kind == "generated":
+            task = "fidelity"
+        else:
+            task = "mc" if data.get(value, "auto", "--eval").layout in MC_LAYOUTS else "perplexity"
+        extra.append({"task": task, "data": value, **({"limit": limit} if limit else {}),
+                      "name": f"{task}:{Path(value).name}" if parse(value).kind == "file" else f"{task}:{value}"})
+    raw = recipe.to_dict()
+    raw["eval"] = list(raw.get("eval", [])) + extra
+    return validate(raw, source), data

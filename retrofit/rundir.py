@@ -130,29 +130,41 @@ def _expand(value: str) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(value)))
 
 
-def inputs_of(recipe: dict, model: str | None) -> dict:
+def inputs_of(recipe: dict, model: str | None, sources: dict | None = None) -> dict:
+    """`sources`: RunData.inputs() of the run (hub datasets: id and fingerprint; generated text: its settings and
+    cache key; files: path and sha256, which are taken from there instead of hashed again)."""
+    sources = sources or {}
     data = {}
     for value in dict.fromkeys(_data_paths(recipe)):
+        if value in sources:
+            continue
         path = _expand(value).resolve()
         data[value] = {"path": str(path), "sha256": _sha256(path)}
+    data.update(sources)
     out = {"data": data}
     if model and Path(model).is_dir():
         out["model"] = {"spec": model, "path": str(Path(model).resolve())}
     return out
 
 
-def record_inputs(run_dir: Path, recipe: dict, model: str | None) -> None:
-    """Write inputs.json on the first start; on a resume, a data file whose content changed is an error (the
+def _identity(rec: dict) -> str | None:
+    """What must not change across a resume: a file's sha256, a dataset's fingerprint, generated text's key."""
+    return rec.get("sha256") or rec.get("fingerprint") or rec.get("cache_key")
+
+
+def record_inputs(run_dir: Path, recipe: dict, model: str | None, sources: dict | None = None) -> None:
+    """Write inputs.json on the first start; on a resume, a data source whose content changed is an error (the
     stages still to run would read other data than the finished ones)."""
-    now = inputs_of(recipe, model)
+    now = inputs_of(recipe, model, sources)
     f = run_dir / INPUTS
     if f.is_file():
         before = json.loads(f.read_text())
         for value, rec in before.get("data", {}).items():
             cur = now["data"].get(value)
-            if cur is not None and cur["sha256"] != rec["sha256"]:
-                raise UsageError(f"{cur['path']}: changed since this run started (recorded sha256 "
-                                 f"{rec['sha256'][:12]}, now {cur['sha256'][:12]}); rerun with another --out")
+            was, is_now = _identity(rec), cur and _identity(cur)
+            if cur is not None and was and is_now and was != is_now:
+                raise UsageError(f"{cur.get('path', value)}: changed since this run started (recorded "
+                                 f"{was[:12]}, now {is_now[:12]}); rerun with another --out")
         return
     io.write_json(f, now)
 
@@ -164,6 +176,8 @@ def warn_changed(run_dir: Path, log=None) -> None:
     if not f.is_file():
         return
     for rec in json.loads(f.read_text()).get("data", {}).values():
+        if "path" not in rec:  # a hub dataset or generated text: nothing on disk to compare
+            continue
         path = Path(rec["path"])
         if not path.is_file():
             log(f"{path}: read by this run, now missing")

@@ -9,8 +9,6 @@ of the stage's settings). `search.stages.METHOD: false` keeps a stage out of the
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -26,7 +24,8 @@ class QualitySpec(Strict):
     KV budgets apply) on a few windows taken from the end of a text."""
 
     data: str | None = Field(
-        None, description="text file (default: the first perplexity eval's data, else the calibration data)"
+        None, description="text file, hf:ID or generated (default: the first perplexity or fidelity eval's data, "
+        "else the calibration data)"
     )
     layout: Literal["auto", "text", "jsonl"] = "auto"
     windows: int = Field(4, ge=1, le=256)
@@ -36,9 +35,9 @@ class QualitySpec(Strict):
     @field_validator("data")
     @classmethod
     def _exists(cls, v):
-        if v is not None and not Path(os.path.expandvars(os.path.expanduser(v))).is_file():
-            raise ValueError(f"no such file: {v}")
-        return v
+        from .sources import check_spec
+
+        return v if v is None else check_spec(v)
 
 
 class SearchSection(Strict):

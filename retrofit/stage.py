@@ -8,8 +8,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .data import calibration_windows, read_text
-
 
 @dataclass
 class StageContext:
@@ -18,21 +16,24 @@ class StageContext:
     recipe: Any  # Recipe
     index: int  # position of the stage in the recipe
     state_dir: Path | None = None  # where a stage may keep resumable progress
+    data: Any = None  # the run's RunData (retrofit/sources.py); None: one is made for this stage alone
 
     @property
     def seed(self) -> int:
         return self.recipe.seed + self.index
 
+    @property
+    def run_data(self):
+        if self.data is None:
+            from .sources import RunData
+
+            self.data = RunData(self.recipe).bind(self.model, self.tokenizer)
+        return self.data
+
     @cached_property
     def calibration(self):
-        """Calibration windows [samples, seq_len] from the recipe's `data.calibration`."""
-        cal = self.recipe.data.calibration
-        if cal is None:
-            from .errors import UsageError
-
-            raise UsageError("recipe: data.calibration: required by this stage")
-        text = read_text(cal.path, cal.layout)
-        return calibration_windows(self.tokenizer, text, cal.samples, cal.seq_len, self.recipe.seed, cal.path)
+        """Calibration windows [samples, seq_len] from the recipe's `data.calibration` (read once per run)."""
+        return self.run_data.calibration(self.tokenizer)
 
 
 @dataclass

@@ -30,7 +30,7 @@ def evaluate_best(study, session: Session, summary: dict, out: Path, log) -> lis
         try:
             if pick is not None:
                 session.apply_stages(model, session.trial_recipe([tuple(x) for x in pick["stages"]]), tmp)
-            results = evaluate_recipe(model, session.tok, session.recipe, state, tag, log)
+            results = evaluate_recipe(model, session.tok, session.recipe, state, tag, log, session.data)
         finally:
             if pick is not None:
                 del model

@@ -74,6 +74,7 @@ def search(
     log=None,
     show_progress: bool | None = None,
     allow_bin: bool = False,
+    data=None,
 ) -> dict:
     """Run (or continue) a study; returns the summary that `--format json` prints. `evaluate`: afterwards,
     hold dense, the best trial and the best single-method trial to the recipe's `eval:` side by side."""
@@ -84,7 +85,7 @@ def search(
     _suppress_optuna_noise()
     from adaflex.retrofit.pipeline import preflight
 
-    preflight(recipe)
+    data = preflight(recipe, data)  # `data`: the sources the CLI's checks read already
     if evaluate and not recipe.eval:  # refused before the search, not after it
         raise UsageError("--evaluate: the recipe has no `eval:` section")
     model_name = str(model_spec or recipe.model or models.DEFAULT_MODEL)
@@ -100,7 +101,7 @@ def search(
     rundir.hold(out)  # one writer per --out, taken before the model loads so that a second one stops at once
     model, tok = restore.load(model_spec or recipe.model, allow_bin=allow_bin)
     raw = {**raw, "model": model_name}
-    session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log)
+    session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log, data)
     session.total = n_trials
     low = session.cheapest()
     if low is not None and not feasible(low, budget):

@@ -54,10 +54,11 @@ class Session:
         pareto: bool,
         out: Path,
         log,
+        data=None,
     ):
         from adaflex.retrofit.arch import reference_of
-        from adaflex.retrofit.data import read_text
         from adaflex.retrofit.evaluate import probe_ids
+        from adaflex.retrofit.sources import run_data
 
         self.recipe, self.raw, self.model_name, self.budget, self.pareto = recipe, raw, model_name, budget, pareto
         self.out, self.log = out, log
@@ -70,10 +71,12 @@ class Session:
         if not self.spaces:
             raise UsageError("recipe: stages: nothing to search (no stage, and no search.stages)")
         qpath, qlayout, self.context, self.continuation, self.windows = quality_source(recipe)
-        self.qtext = read_text(qpath, qlayout)
+        # the dense model writes any generated text now, before a trial changes it; every trial shares the data
+        self.data = run_data(recipe, data).bind(model, tok)
+        self.qtext = self.data.text(qpath, qlayout, "search.quality.data")
         self.ref_context = self.sec.context or self.context
         cal = recipe.data.calibration
-        self.probe = probe_ids(tok, read_text(cal.path, cal.layout) if cal is not None else self.qtext)
+        self.probe = probe_ids(tok, self.data.text(cal.path, cal.layout) if cal is not None else self.qtext)
         self.memo: collections.OrderedDict = collections.OrderedDict()
         self.current: int | None = None
         self.ran = 0
@@ -147,7 +150,7 @@ class Session:
                     state = self.out / "cache" / hashlib.sha256(json.dumps(prefix[:-1]).encode()).hexdigest()[:12]
                 else:
                     state = tmp / f"stage-{i}"
-                res = impl.fit(StageContext(model, self.tok, recipe, i, state), cfg)
+                res = impl.fit(StageContext(model, self.tok, recipe, i, state, self.data), cfg)
                 self.memo[key] = res
                 while len(self.memo) > MEMO_SIZE:
                     self.memo.popitem(last=False)

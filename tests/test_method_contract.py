@@ -12,7 +12,7 @@ import torch
 
 import adaflex.retrofit as af
 from adaflex.retrofit import registry
-from tiny import generated_logits
+from tiny import GENERATED, generated_logits
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs back home across the field. " * 2
 
@@ -26,8 +26,8 @@ def recipe_for(method) -> dict:
         settings = method.contract_config()
     except NotImplementedError as e:
         pytest.fail(f"{method.name}: {e} (implement Method.contract_config, see retrofit/method.py)")
-    return {"seed": 0, "data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 4,
-                                                "seq_len": 64}},
+    return {"seed": 0, "data": {"calibration": {"path": "generated", "samples": 4, "seq_len": 64},
+                                "generated": GENERATED},
             "stages": [{method.name: settings}]}
 
 

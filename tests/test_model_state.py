@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import adaflex.retrofit as af
 from adaflex.retrofit.state import state_of, undo_all
-from tiny import generated_logits
+from tiny import GENERATED, generated_logits
 
 TEXT = "A tiny model reads this sentence twice, then keeps reading it until the cache is half full. " * 2
 
@@ -18,7 +18,7 @@ TEXT = "A tiny model reads this sentence twice, then keeps reading it until the 
 # generate()'s cache (kv); the fused add + norm comes with adaflex's own load
 RECIPE = {
     "seed": 0,
-    "data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 4, "seq_len": 64}},
+    "data": {"calibration": {"path": "generated", "samples": 4, "seq_len": 64}, "generated": GENERATED},
     "stages": [
         {"shards": {"method": "mos", "rank": 4, "equivalent_rank": 2, "shards_per_vector": 4, "steps": 2,
                     "batch_size": 2, "lr": 0.05}},

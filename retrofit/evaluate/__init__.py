@@ -4,6 +4,7 @@ carries (README.md, Commands). One module per task:
 - ppl.py: perplexity, strided or context → continuation through the model's cache;
 - mc.py: multiple choice by log-likelihood;
 - retrieval.py: passkey retrieval through the cache;
+- fidelity.py: KL, top-1 agreement and own-continuation perplexity against the dense model's top-k;
 - cost.py: the cost figures of one probe forward (blocks executed, KV bytes, MACs, sparsity);
 - result.py: the Result every task returns.
 
@@ -12,9 +13,9 @@ Where the model's parts are and how its logits are computed is retrofit/arch.py'
 
 from __future__ import annotations
 
-from ..data import read_mc, read_text
 from ..errors import UsageError, naming
 from .cost import cost_figures, probe_ids
+from .fidelity import fidelity
 from .mc import choice_logliks, mc_scores, multiple_choice
 from .ppl import continuation_perplexity, perplexity
 from .result import Result
@@ -40,7 +41,7 @@ def warn_positions(model, task: str, seq_len: int, context: int | None, continua
 
 
 def run_eval(model, tokenizer, task: str, data: str, **kw) -> dict:
-    """Score `model` on `data` (see _run_eval); an error about the data names its file."""
+    """Score `model` on `data` (see _run_eval); an error about the data names it."""
     with naming(data):
         return _run_eval(model, tokenizer, task, data, **kw)
 
@@ -48,11 +49,17 @@ def run_eval(model, tokenizer, task: str, data: str, **kw) -> dict:
 def _run_eval(model, tokenizer, task: str, data: str, *, layout: str = "auto", limit: int | None = None,
               seq_len: int = 512, stride: int | None = None, context: int | None = None,
               continuation: int | None = None, batch_size: int = 8, label: str | None = None,
-              depths=None, query_agnostic: bool | None = None) -> dict:
+              depths=None, query_agnostic: bool | None = None, source=None, reference=None) -> dict:
+    """`source`: the run's resolved data source (retrofit/sources.py), else `data` is resolved here (a file, an
+    hf: dataset, or text this model generates). `reference`: where a fidelity task keeps the dense top-k."""
     label = label or task
     warn_positions(model, task, seq_len, context, continuation, label)
+    if source is None:
+        from ..sources import RunData
+
+        source = RunData().bind(model, tokenizer).get(data, layout)
     if task == "perplexity":
-        text = read_text(data, layout)
+        text = source.text()
         if (context is None) != (continuation is None):
             raise UsageError("--context and --continuation go together")
         if context is not None:
@@ -63,18 +70,22 @@ def _run_eval(model, tokenizer, task: str, data: str, *, layout: str = "auto", l
                              limit=limit, label=label)
         probe_text = text
     elif task == "mc":
-        items = read_mc(data, layout, limit)
+        items = source.mc(limit)
         res = multiple_choice(model, tokenizer, items, batch_size=batch_size, label=label)
         probe_text = "\n".join(it.context + it.choices[it.label] for it in items[:64])
     elif task == "passkey":
         if context is None:
             raise UsageError("--context: required by --task passkey (prompt length in tokens)")
-        text = read_text(data, layout)
+        text = source.text()
         res = passkey(model, tokenizer, text, context, depths=depths, limit=limit, query_agnostic=query_agnostic,
                       batch_size=max(1, batch_size // 4), label=label)
         probe_text = text
+    elif task == "fidelity":
+        res = fidelity(model, tokenizer, source, seq_len=seq_len, limit=limit, batch_size=max(1, batch_size // 2),
+                       reference=reference, label=label)
+        probe_text = source.text()
     else:
-        raise UsageError(f"unknown task '{task}' (perplexity, mc, passkey)")
+        raise UsageError(f"unknown task '{task}' (perplexity, mc, passkey, fidelity)")
     out = res.to_dict()
     out["data"] = str(data)
     out.update(cost_figures(model, probe_ids(tokenizer, probe_text)))

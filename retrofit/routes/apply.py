@@ -28,12 +28,7 @@ def check(model, cfg: RoutesConfig, where: str) -> None:
         path_counts(cfg.path, L, f"{where}.path")
     if cfg.max_executed is not None and cfg.max_executed > 2 * L:
         raise UsageError(f"{where}.max_executed: {cfg.max_executed} is more than 2 x {L} blocks")
-    if cfg.path is None:
-        from ..data import MC_LAYOUTS, detect_layout, read_mc
-
-        for p in cfg.train:
-            if detect_layout(p) in MC_LAYOUTS:
-                read_mc(p, limit=1)
+    # the training sources themselves are read (and their layout errors reported) at preflight: RunData
 
 
 def _log(msg: str) -> None:
@@ -137,7 +132,7 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
         if cal is None:
             raise UsageError(f"{where}.train: give MCTS data files (or data.calibration)")
         paths = [cal.path]
-    pool = training_pool(cfg, tok, paths, ctx.seed)
+    pool = training_pool(cfg, tok, paths, ctx.seed, ctx.run_data)
     examples = to_examples(cfg, tok, pool[: cfg.examples])
     if not examples:
         raise UsageError(f"{where}.train: no usable example in {paths}")

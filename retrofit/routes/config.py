@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
 from ..schema import BATCH, BLOCKS, SEED, STEPS, TOKENS, WIDTH, WINDOWS, BlockIndex, Strict, capped
+from ..sources import check_spec
 
-
-def _existing_file(value: str) -> str:
-    if not Path(os.path.expandvars(os.path.expanduser(value))).is_file():
-        raise ValueError(f"no such file: {value}")
-    return value
-
-
-DataPath = Annotated[str, AfterValidator(_existing_file)]  # as in recipe.py (which imports the registry)
+DataPath = Annotated[str, AfterValidator(check_spec)]  # as in recipe.py (which imports the registry)
 
 
 class RoutesConfig(Strict):
@@ -32,7 +24,8 @@ class RoutesConfig(Strict):
     examples: int = capped(256, WINDOWS, ge=1, description="training examples to label")
     # data
     train: list[DataPath] = Field(default_factory=list,
-                                  description="MCTS data: ARC/PIQA/HellaSwag JSONL or text (default: data.calibration)")
+                                  description="MCTS data: ARC/PIQA/HellaSwag JSONL, text, hf:ID or generated "
+                                              "(default: data.calibration)")
     text_len: int = capped(64, TOKENS, ge=8,
         description="tokens per text example (first half prompt, second half scored)")
     max_tokens: int = capped(256, TOKENS, ge=8, description="longest context kept for a multiple-choice example")

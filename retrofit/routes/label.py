@@ -31,7 +31,7 @@ from adaflex.search.mcts import enrich, search_path
 
 from .. import arch, io
 from ..arch import decoder_layers
-from ..data import MC_LAYOUTS, calibration_windows, detect_layout, read_mc, read_text
+from ..data import MC_LAYOUTS, calibration_windows
 from ..errors import AdaflexError, UsageError
 from ..evaluate.mc import encode_pair
 from ..progress import progress
@@ -71,22 +71,27 @@ def packed_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def load_examples(cfg, tokenizer, paths: list[str], seed: int, start: int = 0,
-                  count: int | None = None) -> list[Example]:
+                  count: int | None = None, data=None) -> list[Example]:
     """Examples drawn (seeded) from the training files, in a fixed order: the first `cfg.examples`, or the
     `count` after the first `start` (prompts the MCTS does not label; indices restart at 0)."""
-    pool = training_pool(cfg, tokenizer, paths, seed)
+    pool = training_pool(cfg, tokenizer, paths, seed, data)
     return to_examples(cfg, tokenizer, pool[start : start + (cfg.examples if count is None else count)])
 
 
-def training_pool(cfg, tokenizer, paths: list[str], seed: int) -> list[tuple[str, object]]:
-    """Every candidate of the training files, ("mc", MCItem) or ("text", window), in a seeded order."""
+def training_pool(cfg, tokenizer, paths: list[str], seed: int, data=None) -> list[tuple[str, object]]:
+    """Every candidate of the training sources, ("mc", MCItem) or ("text", window), in a seeded order. `data`: the
+    run's RunData (each source read once per run); None: the sources are read here (generated text needs one)."""
+    if data is None:
+        from ..sources import RunData
+
+        data = RunData()
     pool: list[tuple[str, object]] = []
-    for path in paths:
-        layout = detect_layout(path)
-        if layout in MC_LAYOUTS:
-            pool += [("mc", it) for it in read_mc(path, layout)]
+    for j, path in enumerate(paths):
+        src = data.get(path, "auto", f"routes.train.{j}")
+        if src.layout in MC_LAYOUTS:
+            pool += [("mc", it) for it in src.mc()]
         else:
-            text = read_text(path, layout)
+            text = src.text()
             n = max(1, min(4096, len(tokenizer(text[:400000]).input_ids) // cfg.text_len))
             wins = calibration_windows(tokenizer, text, n, cfg.text_len, seed, path)
             pool += [("text", w) for w in wins]

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from adaflex.cli.main import app
 from adaflex.retrofit.recipe import recipes_root
+from tiny import GENERATED
 
 runner = CliRunner()
 ARC = "../shared/data/arc_easy_validation.jsonl"
@@ -106,7 +107,8 @@ def test_killed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
 
     export_mod = importlib.import_module("adaflex.retrofit.checkpoint")
 
-    run({"data": {"calibration": {"path": WIKI, "samples": 2, "seq_len": 32}}, "stages": [{"drop": {"blocks": 1}}]},
+    run({"data": {"calibration": {"path": "generated", "samples": 2, "seq_len": 32}, "generated": GENERATED},
+         "stages": [{"drop": {"blocks": 1}}]},
         str(tiny_dir), out=tmp_path / "run")
     calls = []
 

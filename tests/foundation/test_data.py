@@ -31,7 +31,7 @@ def test_piqa_and_hellaswag(tmp_path):
     assert read_mc(h)[0].label == 2 and read_mc(h)[0].context == "A man"
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present")
+@pytest.mark.shared_data
 def test_shared_data_reads():
     arc = read_mc(SHARED / "arc_easy_validation.jsonl")
     hs = read_mc(SHARED / "hellaswag_dev.jsonl", limit=10)

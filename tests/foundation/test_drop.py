@@ -13,11 +13,12 @@ from adaflex.retrofit import load
 from adaflex.retrofit.drop.apply import apply, block_influence, choose
 from adaflex.retrofit.evaluate import cost_figures
 from adaflex.retrofit.pipeline import run
+from tiny import GENERATED
 
 RECIPE = {
-    "data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 3, "seq_len": 48}},
+    "data": {"calibration": {"path": "generated", "samples": 3, "seq_len": 48}, "generated": GENERATED},
     "stages": [{"drop": {"blocks": 2}}],
-    "eval": [{"task": "perplexity", "data": "../shared/data/wikitext2_dev.txt", "seq_len": 48, "limit": 2}],
+    "eval": [{"task": "perplexity", "data": "generated:test", "seq_len": 48, "limit": 2}],
 }
 
 

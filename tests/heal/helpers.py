@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import adaflex.retrofit as af
+from tiny import GENERATED
 
-CAL = {"path": "../shared/data/wikitext2_dev.txt", "samples": 8, "seq_len": 64}
+CAL = {"path": "generated", "samples": 8, "seq_len": 64}
 HEAL = {"train": ["adapters", "head", "replacements"], "adapter": {"method": "lora", "rank": 4, "dropout": 0.0},
         "tokens": 1536, "batch_size": 4, "top_k": 16, "lr": 0.005, "weights_lr": 0.001, "checkpoint_every": 2}
 
@@ -17,7 +18,7 @@ HEAL = {"train": ["adapters", "head", "replacements"], "adapter": {"method": "lo
 def recipe(*stages, **heal) -> dict:
     h = copy.deepcopy(HEAL)
     h.update(heal)
-    return {"seed": 0, "data": {"calibration": dict(CAL)}, "stages": [*stages, {"heal": h}]}
+    return {"seed": 0, "data": {"calibration": dict(CAL), "generated": GENERATED}, "stages": [*stages, {"heal": h}]}
 
 
 def run(tiny_dir, rec: dict, out=None):

@@ -6,12 +6,14 @@ from adaflex.retrofit.prune.apply import fit
 from adaflex.retrofit.prune.config import PruneConfig
 from adaflex.retrofit.recipe import validate
 from adaflex.retrofit.stage import StageContext
+from tiny import GENERATED
 
-DATA = "../shared/data/wikitext2_dev.txt"
+DATA = "generated"
 
 
 def context(model, tok, state_dir=None, samples: int = 4, seq_len: int = 32, seed: int = 0) -> StageContext:
-    recipe = validate({"seed": seed, "data": {"calibration": {"path": DATA, "samples": samples, "seq_len": seq_len}}})
+    recipe = validate({"seed": seed, "data": {"calibration": {"path": DATA, "samples": samples, "seq_len": seq_len},
+                                                      "generated": GENERATED}})
     return StageContext(model, tok, recipe, 0, state_dir)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny import ROOT, SHARED
+from tiny import ROOT
 
-pytestmark = pytest.mark.skipif(not (SHARED / "wikitext2_dev.txt").is_file(), reason="needs ../shared/data")
+pytestmark = pytest.mark.shared_data  # recipes and quality text of ../shared/data (tests/conftest.py)
 
 DATA = "../shared/data/wikitext2_dev.txt"
 CHEAP = {  # prune + kv: no training, about a second a trial

@@ -9,9 +9,8 @@ from adaflex.retrofit.recipe import load_recipe, packaged, read_yaml, validate
 from adaflex.retrofit.search_space import build
 from adaflex.search.cost import Shape
 from adaflex.study.cost import setting_of
-from tiny import SHARED
 
-pytestmark = pytest.mark.skipif(not (SHARED / "wikitext2_dev.txt").is_file(), reason="needs ../shared/data")
+pytestmark = pytest.mark.shared_data  # recipes and quality text of ../shared/data (tests/conftest.py)
 
 TINY = Shape(
     num_layers=4, hidden_size=64, intermediate_size=160, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=259

@@ -10,11 +10,11 @@ from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.recipe import validate
 from adaflex.retrofit.shards.apply import check, trainable_params
 from adaflex.retrofit.shards.config import ShardsConfig, mos_feasibility
-from tiny import tiny_llama
+from tiny import GENERATED, tiny_llama
 
 
 def _recipe(**shards):
-    return {"data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 2, "seq_len": 32}},
+    return {"data": {"calibration": {"path": "generated", "samples": 2, "seq_len": 32}, "generated": GENERATED},
             "stages": [{"shards": shards}]}
 
 

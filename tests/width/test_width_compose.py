@@ -14,18 +14,19 @@ from adaflex.retrofit.arch import decoder_layers
 from adaflex.retrofit.checkpoint import export
 from adaflex.retrofit.pipeline import run
 from adaflex.retrofit.restore import load, load_run
+from tiny import GENERATED
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
 RECIPE = {
     "seed": 0,
-    "data": {"calibration": {"path": "../shared/data/wikitext2_dev.txt", "samples": 8, "seq_len": 32}},
+    "data": {"calibration": {"path": "generated", "samples": 8, "seq_len": 32}, "generated": GENERATED},
     "stages": [
         {"drop": {"blocks": 1}},
         {"width": {"fraction": 0.3, "allocation": "dp", "channel_multiple": 16, "levels": 4, "curve_samples": 2}},
         {"shards": {"method": "mos", "rank": 4, "equivalent_rank": 2, "shards_per_vector": 4, "private_rank": 0,
                     "steps": 2, "lr": 0.005, "batch_size": 4, "holdout": 2}},
     ],
-    "eval": [{"task": "perplexity", "data": "../shared/data/wikitext2_dev.txt", "seq_len": 32, "limit": 2}],
+    "eval": [{"task": "perplexity", "data": "generated:test", "seq_len": 32, "limit": 2}],
 }
 
 
