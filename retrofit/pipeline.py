@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from . import io, models, registry, rundir
+from . import checks, io, models, registry, rundir
 from .contribution import Contributions
 from .data import read_mc, read_text
 from .errors import UsageError, naming
@@ -116,6 +116,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
 
         recipe = load_recipe(recipe)
     recipe = validate(recipe)
+    checks.stage_order(recipe, "recipe")  # the API refuses what `adaflex recipe validate` does, before the load
     torch.manual_seed(recipe.seed)
     preflight(recipe)
     if out is not None:  # before the model loads, so that a second writer is refused at once
