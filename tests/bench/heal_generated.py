@@ -1,7 +1,11 @@
 """Emulate the `generated` data source until it lands (issue 25 quickstart figures): the dense model samples its own text from generic seed prompts.
 Seeded temperature sampling, batched generate; writes one text file (sequences separated by blank lines)."""
-import argparse, sys, time
+import argparse
+import sys
+import time
+
 import torch
+
 from adaflex.retrofit import load
 
 ap = argparse.ArgumentParser()
