@@ -38,6 +38,10 @@ def search(
         False, "--evaluate", help="then run the recipe's eval: on dense, the best and the best single-method trial"
     ),
     allow_bin: bool = typer.Option(False, "--allow-bin", help="allow pickled .bin weights (loaded weights_only)"),
+    heal_top: int = typer.Option(
+        None, "--heal-top", min=0,
+        help="then heal the K best trials and pick by healed quality (default: search.heal.top)"
+    ),
     format: Format = typer.Option(Format.human, "--format"),
 ):
     """Search the recipe's stages and settings for the best quality within a cost budget (Optuna)."""
@@ -73,6 +77,7 @@ def search(
             log=log,
             allow_bin=allow_bin,
             data=data,
+            heal_top=heal_top,
         )
         if format is Format.json:
             err.print(_table(summary))
@@ -89,6 +94,9 @@ def search(
             f"best: trial {b['trial']} ({'+'.join(m for m, _ in b['stages']) or 'dense'}), "
             f"perplexity {b['quality']['value']:.4g}, flops_ratio {b['flops_ratio']:.4f}"
         )
+        for h in summary.get("healed") or []:
+            out.print(f"healed: trial {h['trial']}, perplexity {h['unhealed']:.4g} -> "
+                      + (f"{h['healed']:.4g}" if h["healed"] is not None else f"failed ({h.get('reason')})"))
         out.print(f"recipe: {summary['recipe']}  (run it with `adaflex retrofit --recipe {summary['recipe']}`)")
         out.print(f"trials.csv, pareto.png in {summary['out']}")
         if summary.get("evaluation"):

@@ -19,6 +19,13 @@ def eval_settings(recipe: Recipe, source: str) -> None:
             raise UsageError(f"{source}: eval.{i}.context: required by task passkey (prompt length in tokens)")
 
 
+def stage_order(recipe: Recipe, source: str) -> None:
+    """Each method's checks against the other stages of the recipe (Method.check_recipe), e.g. heal runs last."""
+    methods = [m for m, _ in recipe.stage_items()]
+    for i, (method, cfg) in enumerate(recipe.stage_items()):
+        registry.get(method).check_recipe(cfg, i, methods, f"{source}: stages.{i}.{method}")
+
+
 def needs_data(recipe: Recipe, source: str) -> None:
     for i, (method, cfg) in enumerate(recipe.stage_items()):
         if registry.get(method).needs_calibration(cfg) and recipe.data.calibration is None:
@@ -41,6 +48,7 @@ def static(recipe: Recipe, source: str = "recipe", data=None):
     from .pipeline import preflight
 
     eval_settings(recipe, source)
+    stage_order(recipe, source)
     needs_data(recipe, source)
     if recipe.search is not None:
         search_section(recipe, source)

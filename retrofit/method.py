@@ -9,6 +9,10 @@ Hooks and their defaults:
 
 - `check(model, config, where)`: settings that depend on the model; raises `UsageError` naming `where`.key,
   returns nothing. Default: nothing to check.
+- `check_recipe(config, index, methods, where)`: settings that depend on the other stages of the recipe
+  (`methods`: the stage methods in order, this one at `index`), checked with no model loaded, by
+  `adaflex recipe validate`, `retrofit` and `search` alike; raises `UsageError` naming `where`. Default:
+  nothing to check.
 - `needs_calibration(config)`: whether `fit` reads the recipe's `data.calibration`. Default False.
 - `fit(ctx, config) -> StageResult`: search and train; may keep resumable progress under `ctx.state_dir`.
 - `apply(model, plan, tensors)`: deterministic; a run directory or an export is restored from the plan and
@@ -97,6 +101,9 @@ class Method:
     reuses_state: ClassVar[bool] = False
 
     def check(self, model, config, where: str) -> None:
+        return None
+
+    def check_recipe(self, config, index: int, methods: list[str], where: str) -> None:
         return None
 
     def needs_calibration(self, config) -> bool:

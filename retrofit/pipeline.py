@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from . import io, models, registry, restore, rundir
+from . import checks, io, models, registry, restore, rundir
 from .arch import reference_of
 from .contribution import Contributions
 from .errors import UsageError
@@ -75,6 +75,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
 
         recipe = load_recipe(recipe)
     recipe = validate(recipe)
+    checks.stage_order(recipe, "recipe")  # the API refuses what `adaflex recipe validate` does, before the load
     torch.manual_seed(recipe.seed)
     data = preflight(recipe, data)
     if out is not None:  # before the model loads, so that a second writer is refused at once

@@ -40,6 +40,30 @@ class QualitySpec(Strict):
         return v if v is None else check_spec(v)
 
 
+# The method that `search.heal` and `--heal-top` append to the top trials (issue 25: ModelOpt-NAS style
+# "score unhealed, heal the best few briefly, pick by healed quality"). The name is the CLI's, as the issue
+# states it; the stage itself runs through the Method contract like any other.
+HEAL = "heal"
+
+
+class HealSearch(Strict):
+    """`search.heal`: after the trials, heal the `top` best (by unhealed quality) and pick by healed quality."""
+
+    top: int = capped(0, STEPS, ge=0, description="default of --heal-top: trials healed after the search (0: none)")
+    settings: dict[str, Any] | None = Field(
+        None, description="the heal stage's settings (default: the recipe's heal stage, else heal's defaults)"
+    )
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, v):
+        if v is not None:
+            why = _valid(HEAL, v)
+            if why:
+                raise ValueError(why.removeprefix(": "))  # a model-level error has no key of its own
+        return v
+
+
 class SearchSection(Strict):
     trials: int = capped(20, STEPS, ge=1, description="default of --trials")
     stages: dict[str, bool | dict[str, Any]] = Field(default_factory=dict)
@@ -51,6 +75,7 @@ class SearchSection(Strict):
         False,
         description="count 2:4 sparsity as saved FLOPs (a GPU semi-structured kernel runs it; nothing does on CPU)",
     )
+    heal: HealSearch | None = Field(None, description="heal the top trials after the search (--heal-top)")
     single_methods: bool = Field(
         True,
         description="enqueue one trial per method alone (the single-method points "

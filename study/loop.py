@@ -22,10 +22,11 @@ from adaflex.retrofit import io, models, registry, restore, rundir
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.progress import bar
 from adaflex.retrofit.recipe import Recipe
-from adaflex.retrofit.search_space import SearchSection, build
+from adaflex.retrofit.search_space import HEAL, SearchSection, build
 from adaflex.search.cost import AXES, feasible, format_budget
 from adaflex.search.errors import BudgetInfeasible
 
+from . import heal as healing
 from .evaluate_best import evaluate_best
 from .outputs import finish
 from .session import Session, Surplus
@@ -75,9 +76,11 @@ def search(
     show_progress: bool | None = None,
     allow_bin: bool = False,
     data=None,
+    heal_top: int | None = None,
 ) -> dict:
     """Run (or continue) a study; returns the summary that `--format json` prints. `evaluate`: afterwards,
-    hold dense, the best trial and the best single-method trial to the recipe's `eval:` side by side."""
+    hold dense, the best trial and the best single-method trial to the recipe's `eval:` side by side.
+    `heal_top` (default `search.heal.top`): heal that many best trials and pick by healed quality (heal.py)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -90,6 +93,7 @@ def search(
         raise UsageError("--evaluate: the recipe has no `eval:` section")
     model_name = str(model_spec or recipe.model or models.DEFAULT_MODEL)
     n_trials = trials or (recipe.search or SearchSection()).trials
+    k_heal = healing.heal_top_of(recipe, heal_top, n_trials)
     name = study_name or default_study_name(recipe, model_name, budget, pareto)
     out = Path(out) if out is not None else Path("runs") / name
     if storage is not None and journal_path(storage) is None and "://" not in storage:
@@ -102,6 +106,10 @@ def search(
     model, tok = restore.load(model_spec or recipe.model, allow_bin=allow_bin)
     raw = {**raw, "model": model_name}
     session = Session(recipe, raw, model, tok, model_name, budget, pareto, out, log, data)
+    if k_heal:  # the trials are scored unhealed; heal joins only the top k afterwards
+        session.spaces = [sp for sp in session.spaces if sp.method != HEAL]
+        if not session.spaces:
+            raise UsageError("recipe: stages: nothing to search besides heal")
     session.total = n_trials
     low = session.cheapest()
     if low is not None and not feasible(low, budget):
@@ -182,7 +190,10 @@ def search(
                     study.tell(t.number, state=TrialState.FAIL)
                 retry(study, study.trials[t.number])
                 log(f"trial {t.number}: interrupted; re-enqueued for the next run")
-    summary = finish(study, session, budget, pareto, n_trials, name, label, out)
+    healed = None
+    if k_heal and not interrupted:
+        healed = healing.heal_top(study, session, k_heal, healing.heal_settings(recipe), log)
+    summary = finish(study, session, budget, pareto, n_trials, name, label, out, healed)
     try:
         (out / "tmp").rmdir()  # trial folders are removed as they finish; the parent goes when empty
     except OSError:

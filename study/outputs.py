@@ -15,6 +15,7 @@ from adaflex.retrofit import io, registry
 from adaflex.retrofit.recipe import validate
 from adaflex.search.cost import AXES, format_budget, pareto_front
 
+from .heal import best_healed
 from .session import Session
 
 
@@ -122,15 +123,24 @@ def best_recipe(raw: dict, settings: list, budget: dict, header: str) -> str:
 
 
 def finish(
-    study, session: Session, budget: dict, pareto: bool, n_trials: int, name: str, label: str, out: Path
+    study, session: Session, budget: dict, pareto: bool, n_trials: int, name: str, label: str, out: Path,
+    healed: dict | None = None,
 ) -> dict:
+    """`healed` ({trial number: result}, study/heal.py): the best is then the best healed trial, with the heal
+    stage in its settings and best.yaml."""
     rows = trial_rows(study, budget)
+    for r in rows:
+        r["healed_quality"] = (healed or {}).get(str(r["number"]), {}).get("quality")
     states = collections.Counter(r["state"] for r in rows)
     ok = [r for r in rows if r["state"] == "COMPLETE" and r["feasible"]]
     axes = list(budget)
     front_idx = pareto_front([(r["quality"], *[r[AXES[a]] for a in axes]) for r in ok])
     front = [ok[i] for i in front_idx]
     best = min(ok, key=lambda r: (r["quality"], r[AXES[axes[0]]])) if ok else None
+    picked = best_healed(healed or {})
+    if picked is not None:  # picked by healed quality, costed with the heal stage
+        best = {**next(r for r in rows if r["number"] == picked[0]), "quality": picked[1]["quality"],
+                **{AXES[a]: picked[1]["cost"][AXES[a]] for a in AXES}}
     dense_q = study.user_attrs.get("dense_quality")
     write_csv(out / "trials.csv", rows)
     plot(out / "pareto.png", rows, dense_q, budget, axes[0], front)
@@ -165,9 +175,17 @@ def finish(
         "best_single": None,
         "table": sorted(ok, key=lambda r: r["quality"])[:10],
     }
+    if healed is not None:
+        summary["healed"] = [{"trial": int(n), "unhealed": r["unhealed"], "healed": r.get("quality"),
+                              "feasible": r.get("feasible"), "flops_ratio": (r.get("cost") or {}).get("flops_ratio"),
+                              **({"reason": r["reason"]} if "reason" in r else {})} for n, r in healed.items()]
     if best is not None:
         t = study.trials[best["number"]]
-        a = t.user_attrs
+        a = dict(t.user_attrs)
+        if picked is not None:
+            h = picked[1]
+            a.update(stages=h["stages"], quality=h["quality"], cost=h["cost"], measured=h["measured"],
+                     stage_metrics=[*a.get("stage_metrics", []), *h.get("stage_metrics", [])])
         summary["best"] = {
             "trial": t.number,
             "config": [{m: st} for m, st in a["stages"]],
@@ -178,10 +196,13 @@ def finish(
             "flops_ratio": a["cost"]["flops_ratio"],
             "measured": a["measured"],
             "stage_metrics": a.get("stage_metrics", []),
+            **({"unhealed": {"quality": t.user_attrs["quality"], "cost": t.user_attrs["cost"]}}
+               if picked is not None else {}),
         }
         header = (
             f"# adaflex search: best of study {name} under budget {format_budget(budget)} (trial {t.number})\n"
-            f"# quality (continuation perplexity, {session.windows} windows): {a['quality']:.4g}; "
+            f"# quality (continuation perplexity, {session.windows} windows{', healed' if picked else ''}): "
+            f"{a['quality']:.4g}; "
             f"flops_ratio {a['cost']['flops_ratio']:.4f}, kv_ratio {a['cost']['kv_ratio']:.4f}, "
             f"params_ratio {a['cost']['params_ratio']:.5f}\n"
         )

@@ -65,3 +65,30 @@ def test_a_method_without_contract_settings_fails_the_contract():
 def test_the_registry_holds_each_name_once():
     with pytest.raises(ValueError, match="drop"):
         registry.registry_of([registry.get("drop"), registry.get("drop")])
+
+
+@pytest.mark.parametrize("name", list(registry.METHODS))
+def test_check_recipe_accepts_the_method_alone_and_names_where(name):
+    # every method passes its own one-stage recipe; a refusal would have to name `where`
+    method = registry.get(name)
+    cfg = registry.config_class(name).model_validate(method.contract_config())
+    method.check_recipe(cfg, 0, [name], f"r.yaml: stages.0.{name}")
+
+
+def test_check_recipe_runs_at_validate_time_for_every_stage(monkeypatch):
+    from adaflex.retrofit import checks
+    from adaflex.retrofit.errors import UsageError
+    from adaflex.retrofit.recipe import validate
+
+    seen = []
+
+    def refuse(self, config, index, methods, where):
+        seen.append((index, tuple(methods), where))
+        if index == 0:
+            raise UsageError(f"{where}: refused by position")
+
+    monkeypatch.setattr(type(registry.get("drop")), "check_recipe", refuse)
+    rec = validate({"stages": [{"drop": {"blocks": 1}}, {"drop": {"blocks": 1}}]})
+    with pytest.raises(UsageError, match=r"^r.yaml: stages.0.drop: refused by position$"):
+        checks.stage_order(rec, "r.yaml")
+    assert seen == [(0, ("drop", "drop"), "r.yaml: stages.0.drop")]

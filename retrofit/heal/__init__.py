@@ -21,6 +21,13 @@ class Heal(Method):
 
         check(model, config, where)
 
+    def check_recipe(self, config, index, methods, where):
+        # it heals what the earlier stages left; a stage after it would change the model it was fitted to
+        if index != len(methods) - 1:
+            from ..errors import UsageError
+
+            raise UsageError(f"{where}: heal must be the last stage (followed by {', '.join(methods[index + 1:])})")
+
     def needs_calibration(self, config):
         return True  # it heals on the calibration windows
 
