@@ -6,6 +6,7 @@ from __future__ import annotations
 from . import registry
 from .errors import UsageError
 from .recipe import Recipe
+from .sources import run_data
 
 
 def eval_settings(recipe: Recipe, source: str) -> None:
@@ -45,11 +46,9 @@ def search_section(recipe: Recipe, source: str) -> None:
 
 def static(recipe: Recipe, source: str = "recipe", data=None):
     """Everything checkable without a model, data sources read included (the returned RunData holds them)."""
-    from .pipeline import preflight
-
     eval_settings(recipe, source)
     stage_order(recipe, source)
     needs_data(recipe, source)
     if recipe.search is not None:
         search_section(recipe, source)
-    return preflight(recipe, data)
+    return run_data(recipe, data).preflight()

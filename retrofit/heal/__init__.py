@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from ..method import CostState, Method
-from .config import HealConfig
+from .config import HealConfig, check_last
 
 
 class Heal(Method):
@@ -22,11 +22,7 @@ class Heal(Method):
         check(model, config, where)
 
     def check_recipe(self, config, index, methods, where):
-        # it heals what the earlier stages left; a stage after it would change the model it was fitted to
-        if index != len(methods) - 1:
-            from ..errors import UsageError
-
-            raise UsageError(f"{where}: heal must be the last stage (followed by {', '.join(methods[index + 1:])})")
+        check_last(index, methods, where)
 
     def needs_calibration(self, config):
         return True  # it heals on the calibration windows

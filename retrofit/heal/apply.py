@@ -27,6 +27,7 @@ from ..shards.train import windows_for
 from ..stage import StageContext, StageResult
 from . import replace as rp
 from .config import HealConfig
+from .config import check_last as last_stage
 from .train import TopKTeacher, heal, mean_kl, steps_for, world
 
 PRUNED = 0.01  # a linear with at least this share of exact zeros is pruned: its adapter is not merged
@@ -47,10 +48,8 @@ def check(model, cfg: HealConfig, where: str) -> None:
 
 def check_last(ctx: StageContext) -> None:
     # the pipeline refuses this before the model loads (Method.check_recipe); a caller of fit() directly is not
-    from . import Heal
-
     methods = [m for m, _ in ctx.recipe.stage_items()]
-    Heal().check_recipe(None, ctx.index, methods, f"recipe: stages.{ctx.index}.heal")
+    last_stage(ctx.index, methods, f"recipe: stages.{ctx.index}.heal")
 
 
 def trained_weights(model, cfg: HealConfig) -> list[str]:

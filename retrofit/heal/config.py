@@ -46,3 +46,12 @@ class HealConfig(Strict):
         if self.tokens == 0:
             raise ValueError(f"tokens: 0 with train {self.train}: give a token budget (e.g. tokens: 74000)")
         return self
+
+
+def check_last(index: int, methods: list[str], where: str) -> None:
+    """Heal heals what the earlier stages left; a stage after it would change the model it was fitted to. (Here,
+    not in the Method, so that apply.py checks it too without importing the package's __init__.)"""
+    if index != len(methods) - 1:
+        from ..errors import UsageError
+
+        raise UsageError(f"{where}: heal must be the last stage (followed by {', '.join(methods[index + 1:])})")
