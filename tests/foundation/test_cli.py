@@ -133,8 +133,8 @@ def test_export_refuses_non_run_dir(tiny_dir, tmp_path):
 def test_models_list_and_recipe_show():
     res = runner.invoke(app, ["models", "list"])
     assert res.exit_code == 0 and "smollm2-135m" in res.stdout
-    res = runner.invoke(app, ["recipe", "show", "quickstart", "--set", "prune.sparsity=0.35"])
-    assert res.exit_code == 0 and "sparsity: 0.35" in res.stdout
+    res = runner.invoke(app, ["recipe", "show", "quickstart", "--set", "width.fraction=0.35"])
+    assert res.exit_code == 0 and "fraction: 0.35" in res.stdout
 
 
 def test_stage_without_calibration_writes_nothing(tiny_dir, tmp_path):
