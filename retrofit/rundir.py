@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import fcntl
-import hashlib
 import json
 import os
 import sys
@@ -107,14 +106,6 @@ def is_empty(directory: Path) -> bool:
 # ---- inputs: data files and model, with their sha256 ----
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _data_paths(obj, key: str = "") -> list[str]:
     """Every string of the recipe that names an existing file (calibration, eval, routes.train, search data)."""
     if isinstance(obj, dict):
@@ -139,7 +130,7 @@ def inputs_of(recipe: dict, model: str | None, sources: dict | None = None) -> d
         if value in sources:
             continue
         path = _expand(value).resolve()
-        data[value] = {"path": str(path), "sha256": _sha256(path)}
+        data[value] = {"path": str(path), "sha256": io.sha256_file(path)}
     data.update(sources)
     out = {"data": data}
     if model and Path(model).is_dir():
@@ -181,7 +172,7 @@ def warn_changed(run_dir: Path, log=None) -> None:
         path = Path(rec["path"])
         if not path.is_file():
             log(f"{path}: read by this run, now missing")
-        elif _sha256(path) != rec["sha256"]:
+        elif io.sha256_file(path) != rec["sha256"]:
             log(f"{path}: changed since this run read it (sha256 {rec['sha256'][:12]})")
 
 

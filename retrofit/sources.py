@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import io
 from .data import MC_LAYOUTS, jsonl_records, layout_of, mc_items, record_texts
 from .errors import UsageError
 
@@ -141,18 +142,8 @@ def load_file(spec: Spec, layout: str) -> Source:
             raise UsageError(f"{spec.raw}: cannot read ({e})") from None
     else:
         src = _from_records(spec, spec.raw, jsonl_records(path), layout)
-    src.record = {"path": str(path.resolve()), "sha256": _sha256(path)}
+    src.record = {"path": str(path.resolve()), "sha256": io.sha256_file(path)}
     return src
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hf_candidates(ident: str) -> list[tuple[str, str | None]]:

@@ -14,13 +14,11 @@ import os
 import shutil
 
 from adaflex.retrofit import registry
-from adaflex.retrofit.contribution import probe_quality
 from adaflex.retrofit.errors import AdaflexError, UsageError
 from adaflex.retrofit.recipe import Recipe
 from adaflex.retrofit.search_space import HEAL, SearchSection
-from adaflex.search.cost import cost, feasible
+from adaflex.search.cost import feasible
 
-from .cost import setting_of
 from .session import Session
 
 
@@ -80,8 +78,6 @@ def heal_top(study, session: Session, k: int, settings: dict, log) -> dict[str, 
 
 
 def _healed(session: Session, stages: list, trial, key: str) -> dict:
-    from adaflex.retrofit.evaluate import cost_figures
-
     base = {"settings": key, "unhealed": trial.user_attrs["quality"], "stages": [[m, s] for m, s in stages]}
     tmp = session.out / "tmp" / f"heal-{trial.number}-{os.getpid()}"
     model = copy.deepcopy(session.pristine)
@@ -90,10 +86,7 @@ def _healed(session: Session, stages: list, trial, key: str) -> dict:
             done = session.apply_stages(model, session.trial_recipe(stages), tmp)
         except (AdaflexError, ValueError) as e:
             return {**base, "quality": None, "feasible": False, "reason": str(e).splitlines()[0]}
-        c = cost(session.shape, setting_of(done, session.shape, session.ref_context, session.sec.sparse_kernel,
-                                           session.shape.bytes_per_value), session.ref_context)
-        measured = cost_figures(model, session.probe)
-        q = probe_quality(model, session.tok, session.qtext, session.context, session.continuation, session.windows)
+        c, measured, q = session.scored(model, done)
     finally:
         del model
         shutil.rmtree(tmp, ignore_errors=True)

@@ -163,10 +163,16 @@ class Session:
     def evaluate_dense(self) -> float:
         return probe_quality(self.pristine, self.tok, self.qtext, self.context, self.continuation, self.windows)
 
+    def scored(self, model, done: list):
+        """A fitted trial model's cost by the plans (the cost model), its measured cost figures and its quality."""
+        from adaflex.retrofit.evaluate import cost_figures
+
+        setting = setting_of(done, self.shape, self.ref_context, self.sec.sparse_kernel, self.shape.bytes_per_value)
+        quality = probe_quality(model, self.tok, self.qtext, self.context, self.continuation, self.windows)
+        return cost(self.shape, setting, self.ref_context), cost_figures(model, self.probe), quality
+
     def objective(self, trial):
         import optuna
-
-        from adaflex.retrofit.evaluate import cost_figures
 
         self.current = trial.number
         trial.set_user_attr("worker", WORKER)
@@ -215,13 +221,7 @@ class Session:
                 done = self.apply_stages(model, rec, tmp)
             except (AdaflexError, ValueError) as e:
                 reject("invalid", str(e).splitlines()[0])
-            c = cost(
-                self.shape,
-                setting_of(done, self.shape, self.ref_context, self.sec.sparse_kernel, self.shape.bytes_per_value),
-                self.ref_context,
-            )
-            measured = cost_figures(model, self.probe)
-            q = probe_quality(model, self.tok, self.qtext, self.context, self.continuation, self.windows)
+            c, measured, q = self.scored(model, done)
         finally:
             del model
             shutil.rmtree(tmp, ignore_errors=True)
