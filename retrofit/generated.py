@@ -145,7 +145,7 @@ def sample(model, tokenizer, settings: dict, batch_size: int) -> tuple[list[torc
     return seqs, [len(p) for p in rows]
 
 
-def generate(model, tokenizer, spec, cfg: GeneratedConfig, seed: int):
+def generate(model, tokenizer, spec, cfg: GeneratedConfig, seed: int, log=None):
     """`generated` / `generated:test` for this dense model, from the cache, else sampled now: the sequences'
     token ids, where each continuation starts, the decoded text, and what inputs.json records."""
     split = spec.name
@@ -161,6 +161,9 @@ def generate(model, tokenizer, spec, cfg: GeneratedConfig, seed: int):
             seqs = [f.get_tensor(f"seq.{i}") for i in range(int(meta["count"]))]
         starts = json.loads(meta["starts"])
     else:
+        if log:  # minutes on a CPU, and the bar is silent without a terminal
+            log(f"{spec.raw}: the dense model writes {settings['sequences']} sequences of {settings['tokens']} tokens "
+                f"(cached as {path})")
         seqs, starts = sample(model, tokenizer, settings, cfg.batch_size)
         io.save_tensors(path, {f"seq.{i}": s for i, s in enumerate(seqs)},
                         {"count": str(len(seqs)), "starts": json.dumps(starts), "settings": json.dumps(settings)})

@@ -91,7 +91,7 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
         resolved["model"] = model_name
     run_dir = Path(out) if out is not None else None
     state = _open_run_dir(run_dir, resolved)
-    data.bind(model, tokenizer)  # generated text is written by the dense model, before any stage changes it
+    data.bind(model, tokenizer, log)  # generated text is written by the dense model, before any stage changes it
     if run_dir is not None:
         rundir.record_inputs(run_dir, resolved, model_name, data.inputs())
 

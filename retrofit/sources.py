@@ -230,6 +230,7 @@ class RunData:
         self.recipe = recipe
         self.generated = (recipe.data.generated if recipe is not None else None) or GeneratedConfig()
         self.seed = recipe.seed if recipe is not None else 0
+        self.log = None
         self.model = self.tokenizer = None
         self._sources: dict[tuple[str, str], Source] = {}
         self._windows: dict[tuple, Any] = {}
@@ -260,7 +261,7 @@ class RunData:
             raise UsageError(f"{spec.raw}: generated text needs the dense model (RunData.bind) before it is read")
         from .generated import generate
 
-        seqs, starts, text, record = generate(self.model, self.tokenizer, spec, self.generated, self.seed)
+        seqs, starts, text, record = generate(self.model, self.tokenizer, spec, self.generated, self.seed, self.log)
         return Source(spec, "text", text_value=text, ids=seqs, starts=starts, record=record)
 
     def preflight(self) -> RunData:
@@ -280,9 +281,10 @@ class RunData:
                 raise UsageError(f"{where}: {value}: holds no text")
         return self
 
-    def bind(self, model, tokenizer) -> RunData:
-        """The dense model, before any stage changes it: generated sources the recipe names are written now."""
-        self.model, self.tokenizer = model, tokenizer
+    def bind(self, model, tokenizer, log=None) -> RunData:
+        """The dense model, before any stage changes it: generated sources the recipe names are written now
+        (`log` says so when one is sampled rather than read from the cache)."""
+        self.model, self.tokenizer, self.log = model, tokenizer, log
         if self.recipe is not None:
             for where, value, layout in named_sources(self.recipe):
                 if parse(value).kind == "generated":

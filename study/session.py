@@ -72,7 +72,7 @@ class Session:
             raise UsageError("recipe: stages: nothing to search (no stage, and no search.stages)")
         qpath, qlayout, self.context, self.continuation, self.windows = quality_source(recipe)
         # the dense model writes any generated text now, before a trial changes it; every trial shares the data
-        self.data = run_data(recipe, data).bind(model, tok)
+        self.data = run_data(recipe, data).bind(model, tok, log)
         self.qtext = self.data.text(qpath, qlayout, "search.quality.data")
         self.ref_context = self.sec.context or self.context
         cal = recipe.data.calibration

@@ -141,10 +141,12 @@ def test_generated_is_cached_per_model_seed_and_settings(tiny, monkeypatch, one_
     calls = []
     real = gen.sample
     monkeypatch.setattr(gen, "sample", lambda *a, **k: calls.append(a[2]["seed"]) or real(*a, **k))
-    first = RunData(_recipe()).bind(model, tok).get("generated")
+    said = []
+    first = RunData(_recipe()).bind(model, tok, said.append).get("generated")
+    assert len(said) == 1 and "generated: the dense model writes 4 sequences" in said[0], said
     assert len(calls) == 1 and len(first.ids) == 4 and all(len(r) == s + 40 for r, s in zip(first.ids, first.starts))
-    again = RunData(_recipe()).bind(model, tok).get("generated")
-    assert len(calls) == 1, "a second resolve reads the cache"
+    again = RunData(_recipe()).bind(model, tok, said.append).get("generated")
+    assert len(calls) == 1 and len(said) == 1, "a second resolve reads the cache, silently"
     assert again.text() == first.text() and all(torch.equal(a, b) for a, b in zip(again.ids, first.ids))
     other = RunData(validate({"seed": 5, "data": {"generated": SMALL}})).bind(model, tok).get("generated")
     assert len(calls) == 2 and other.text() != first.text()
