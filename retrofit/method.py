@@ -14,6 +14,8 @@ Hooks and their defaults:
   `adaflex recipe validate`, `retrofit` and `search` alike; raises `UsageError` naming `where`. Default:
   nothing to check.
 - `needs_calibration(config)`: whether `fit` reads the recipe's `data.calibration`. Default False.
+- `data_keys(config) -> [(key, source)]`: other data sources its settings name (resolved once per run with the
+  recipe's own, retrofit/sources.py). Default none.
 - `fit(ctx, config) -> StageResult`: search and train; may keep resumable progress under `ctx.state_dir`.
 - `apply(model, plan, tensors)`: deterministic; a run directory or an export is restored from the plan and
   tensors alone.
@@ -108,6 +110,9 @@ class Method:
 
     def needs_calibration(self, config) -> bool:
         return False
+
+    def data_keys(self, config) -> list[tuple[str, str]]:
+        return []
 
     def fit(self, ctx: StageContext, config) -> StageResult:
         raise NotImplementedError(f"{type(self).__name__}.fit")

@@ -9,20 +9,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationError, create_model
+from pydantic import Discriminator, Field, Tag, ValidationError, create_model
 
-from . import safe_yaml
+from . import registry, safe_yaml
 from .data import MC_LAYOUTS
 from .errors import UsageError
 from .generated import GeneratedConfig
 from .registry import METHODS, config_class
 from .schema import BATCH, ITEMS, SEED, TOKENS, WINDOWS, Strict, capped
 from .search_space import SearchSection
-from .sources import RunData, check_spec, parse
+from .sources import DataPath, RunData, check_spec, parse
 
 # a local file (which must exist), hf:NAME[/CONFIG][:SPLIT] or generated[:test] (retrofit/sources.py): the syntax
 # is checked here, a hub dataset and generated text are read at preflight
-DataPath = Annotated[str, AfterValidator(check_spec)]
 Layout = Literal["auto", "text", "jsonl", "arc", "piqa", "hellaswag"]
 
 
@@ -103,6 +102,11 @@ class Recipe(Strict):
             (name,) = type(entry).model_fields
             out.append((name, getattr(entry, name)))
         return out
+
+    def stage_sources(self) -> list[tuple[str, str]]:
+        """(recipe key, source) of the data each stage's settings name (the method's `data_keys`)."""
+        return [(f"stages.{i}.{method}.{key}", value) for i, (method, cfg) in enumerate(self.stage_items())
+                for key, value in registry.get(method).data_keys(cfg)]
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import io
 from .errors import UsageError
 from .models import is_export_dir
+from .sources import expand
 
 INPUTS = "inputs.json"
 _held: dict[str, int] = {}  # resolved directory -> open descriptor holding its lock (re-entrant per process)
@@ -112,13 +113,9 @@ def _data_paths(obj, key: str = "") -> list[str]:
         return [p for k, v in obj.items() if k != "model" for p in _data_paths(v, str(k))]
     if isinstance(obj, list):
         return [p for v in obj for p in _data_paths(v, key)]
-    if isinstance(obj, str) and _expand(obj).is_file():
+    if isinstance(obj, str) and expand(obj).is_file():
         return [obj]
     return []
-
-
-def _expand(value: str) -> Path:
-    return Path(os.path.expandvars(os.path.expanduser(value)))
 
 
 def inputs_of(recipe: dict, model: str | None, sources: dict | None = None) -> dict:
@@ -129,7 +126,7 @@ def inputs_of(recipe: dict, model: str | None, sources: dict | None = None) -> d
     for value in dict.fromkeys(_data_paths(recipe)):
         if value in sources:
             continue
-        path = _expand(value).resolve()
+        path = expand(value).resolve()
         data[value] = {"path": str(path), "sha256": io.sha256_file(path)}
     data.update(sources)
     out = {"data": data}

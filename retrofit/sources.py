@@ -20,7 +20,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from . import io
 from .data import MC_LAYOUTS, jsonl_records, layout_of, mc_items, record_texts
@@ -68,6 +70,10 @@ def check_spec(value: str) -> str:
     if spec.kind == "file" and not expand(value).is_file():
         raise ValueError(f"no such file: {value}")
     return value
+
+
+# a recipe value that names data (recipe keys and method settings alike): its syntax is checked on load
+DataPath = Annotated[str, AfterValidator(check_spec)]
 
 
 @dataclass
@@ -212,9 +218,7 @@ def named_sources(recipe) -> list[tuple[str, str, str]]:
         out.append(("data.calibration.path", cal.path, cal.layout))
     for i, ev in enumerate(recipe.eval):
         out.append((f"eval.{i}.data", ev.data, ev.layout))
-    for i, (method, cfg) in enumerate(recipe.stage_items()):
-        for j, path in enumerate(getattr(cfg, "train", None) or []) if method == "routes" else ():
-            out.append((f"stages.{i}.routes.train.{j}", path, "auto"))
+    out += [(key, value, "auto") for key, value in recipe.stage_sources()]
     q = getattr(getattr(recipe, "search", None), "quality", None)
     if q is not None and q.data is not None:
         out.append(("search.quality.data", q.data, q.layout))

@@ -32,6 +32,9 @@ class Routes(Method):
 
         apply(model, plan, tensors)
 
+    def data_keys(self, config):
+        return [(f"train.{j}", value) for j, value in enumerate(config.train)]
+
     def search_knobs(self, num_layers):
         return knobs(max_executed={"low": max(1, (num_layers + 1) // 2), "high": num_layers})
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import Field, field_validator
 
 from ..schema import BATCH, BLOCKS, SEED, STEPS, TOKENS, WIDTH, WINDOWS, BlockIndex, Strict, capped
-from ..sources import check_spec
-
-DataPath = Annotated[str, AfterValidator(check_spec)]  # as in recipe.py (which imports the registry)
+from ..sources import DataPath
 
 
 class RoutesConfig(Strict):
