@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import UsageError
 
-
 _KEYED = re.compile(r"^[\w.]+: ")
 
 

@@ -13,8 +13,8 @@ from ..errors import AdaflexError, UsageError
 from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import RoutesConfig
-from .plan import RoutesPlan
 from .label import BlockRunner, fingerprint, keep, label_all, summary, to_examples, training_pool
+from .plan import RoutesPlan
 from .router import Routers, fit_guard
 from .runtime import FixedPolicy, RouterPolicy, install, path_counts, runtime_of, uninstall
 from .train import teacher_features, train_routers

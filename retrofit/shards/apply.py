@@ -22,7 +22,6 @@ from ..errors import UsageError
 from ..stage import StageContext, StageResult
 from . import indices as ix
 from .config import ShardsConfig, mos_feasibility
-from .plan import ShardsPlan, trainable_params
 from .layer import (
     DTYPES,
     LoraDelta,
@@ -36,6 +35,7 @@ from .layer import (
     record,
     remove_all,
 )
+from .plan import ShardsPlan, trainable_params
 from .train import CachedTeacher, heal, windows_for
 
 

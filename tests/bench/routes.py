@@ -24,8 +24,7 @@ import torch
 from adaflex.retrofit import registry, restore
 from adaflex.retrofit.arch import reference_of
 from adaflex.retrofit.data import read_mc
-from adaflex.retrofit.drop.apply import remove_blocks
-from adaflex.retrofit.drop.apply import block_influence, choose
+from adaflex.retrofit.drop.apply import block_influence, choose, remove_blocks
 from adaflex.retrofit.evaluate import choice_logliks, mc_scores
 from adaflex.retrofit.evaluate.mc import encode_pair
 from adaflex.retrofit.recipe import load_recipe

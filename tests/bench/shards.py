@@ -26,8 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from adaflex.retrofit.arch import decoder_layers
-from adaflex.retrofit.drop.apply import remove_blocks
-from adaflex.retrofit.drop.apply import block_influence, choose
+from adaflex.retrofit.drop.apply import block_influence, choose, remove_blocks
 from adaflex.retrofit.evaluate import perplexity
 from adaflex.retrofit.recipe import load_recipe
 from adaflex.retrofit.restore import load

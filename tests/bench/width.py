@@ -29,13 +29,12 @@ import torch
 from adaflex.retrofit import restore
 from adaflex.retrofit.arch import decoder_layers, new_cache, reference_of
 from adaflex.retrofit.data import calibration_windows, read_mc, read_text
-from adaflex.retrofit.drop.apply import remove_blocks
-from adaflex.retrofit.drop.apply import block_influence, choose
+from adaflex.retrofit.drop.apply import block_influence, choose, remove_blocks
 from adaflex.retrofit.evaluate import cost_figures, multiple_choice, perplexity, probe_ids
 from adaflex.retrofit.width.apply import apply as width_apply
-from adaflex.retrofit.width.plan import WidthPlan
 from adaflex.retrofit.width.apply import narrow_plan
 from adaflex.retrofit.width.importance import collect, scores
+from adaflex.retrofit.width.plan import WidthPlan
 from adaflex.retrofit.width.search import (
     Measurer,
     dp_picks,

@@ -9,8 +9,8 @@ from adaflex.cli.main import app
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.recipe import validate
 from adaflex.retrofit.shards.apply import check
-from adaflex.retrofit.shards.plan import trainable_params
 from adaflex.retrofit.shards.config import ShardsConfig, mos_feasibility
+from adaflex.retrofit.shards.plan import trainable_params
 from tiny import GENERATED, tiny_llama
 
 
