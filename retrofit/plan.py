@@ -61,8 +61,9 @@ def read(model: type[Plan], data: Any, where: str) -> Plan:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         bad = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") and _short(err) else ""
-        if not loc and _KEYED.match(msg):  # a model validator names its key first: "removed: ..."
-            loc, msg = msg.split(": ", 1)
+        if err["type"] == "value_error" and _KEYED.match(msg):  # a model validator names its key: "removed: ..."
+            key, msg = msg.split(": ", 1)
+            loc = f"{loc}.{key}" if loc else key
         raise UsageError(f"{where}{'.' + loc if loc else ''}: {msg}{bad}") from None
 
 
