@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import io, models, registry, rundir
+from . import io, models, rundir
 from .errors import UsageError
-from .restore import load_run, split_tensors
+from .restore import load_run, read_stages, split_tensors
 
 
 def _dense_state(model) -> dict[str, torch.Tensor]:
@@ -37,6 +37,7 @@ def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False, f
     rundir.check_export_target(run_dir, out, force)
     rundir.warn_changed(run_dir)
     plan = json.loads((run_dir / "plan.json").read_text())
+    typed = read_stages(plan.get("stages"), str(run_dir / "plan.json"))
     model, tok = load_run(run_dir)
     tensors_path = run_dir / "adaflex.safetensors"
     adaptive = load_file(str(tensors_path)) if tensors_path.is_file() else {}
@@ -52,7 +53,7 @@ def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False, f
         "merge_adapters": merge_adapters,
     }
     with io.atomic_dir(out) as tmp:
-        config["adaflex"]["stages"] = _export_stages(model, plan, adaptive, tmp, merge_adapters)
+        config["adaflex"]["stages"] = _export_stages(model, plan, typed, adaptive, tmp, merge_adapters)
         save_file(_dense_state(model), str(tmp / "model.safetensors"), metadata=meta)
         save_file({k: v.contiguous() for k, v in adaptive.items()}, str(tmp / "adaflex.safetensors"), metadata=meta)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -64,13 +65,13 @@ def export(run_dir: str | Path, out: str | Path, merge_adapters: bool = False, f
     return out
 
 
-def _export_stages(model, plan: dict, adaptive: dict, out: Path, merge_adapters: bool) -> list[dict]:
-    """Let each stage write its extra export files (`Method.export_extra`), which may also change the model
-    (e.g. merge adapters) and returns keys for its config entry (`baked: true` makes load skip it)."""
+def _export_stages(model, plan: dict, typed: list, adaptive: dict, out: Path, merge_adapters: bool) -> list[dict]:
+    """Let each stage write its extra export files (`Method.export_extra`, given the typed plans of
+    `restore.read_stages`), which may also change the model (e.g. merge adapters) and returns keys for its config
+    entry (`baked: true` makes load skip it)."""
     stages = []
-    for i, st in enumerate(plan["stages"]):
-        method = registry.get(st["method"])
-        info = method.export_extra(model, st["plan"], split_tensors(adaptive, i, st["method"]), out, merge_adapters)
+    for i, (st, (method, stage_plan)) in enumerate(zip(plan["stages"], typed, strict=True)):
+        info = method.export_extra(model, stage_plan, split_tensors(adaptive, i, method.name), out, merge_adapters)
         stages.append({**st, **info})
     return stages
 

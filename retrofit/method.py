@@ -16,9 +16,17 @@ Hooks and their defaults:
 - `needs_calibration(config)`: whether `fit` reads the recipe's `data.calibration`. Default False.
 - `data_keys(config) -> [(key, source)]`: other data sources its settings name (resolved once per run with the
   recipe's own, retrofit/sources.py). Default none.
-- `fit(ctx, config) -> StageResult`: search and train; may keep resumable progress under `ctx.state_dir`.
+- `plan`: the method's typed plan, a `retrofit.plan.Plan` subclass in its folder (plan.py). It describes exactly
+  the keys its plans hold; its validators check the plan on its own (lengths equal to `num_layers`, kept and
+  removed disjoint, shapes), its `check_model(model)` and `check_tensors(tensors)` check a model and the
+  stage's tensors against it. `read_plan` (not a hook) is the one place a plan is validated: the pipeline
+  after `fit` or on resume, a run directory's plan.json and an export's config.json on load and export, and
+  the search; a plan that does not fit is a `UsageError` naming the file and key. `plan.dump()` is the JSON
+  form, byte-identical to what `fit` wrote (tests/test_method_contract.py checks the round trip).
+- `fit(ctx, config) -> StageResult`: search and train; may keep resumable progress under `ctx.state_dir`. Its
+  plan may be the typed plan or its JSON form (a dict).
 - `apply(model, plan, tensors)`: deterministic; a run directory or an export is restored from the plan and
-  tensors alone.
+  tensors alone. `plan` is typed (attribute access), as in `export_extra` and `cost`.
 - `reuses_state`: True when `fit` checks what it finds under `ctx.state_dir` against the model, data and
   settings (a cache, not a resume point): `adaflex search` then keeps that folder across trials that share
   the upstream stages. Default False (each trial starts from an empty folder).
@@ -38,6 +46,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from .plan import Plan, read
 
 if TYPE_CHECKING:
     from adaflex.search.cost import Setting, Shape
@@ -94,13 +104,17 @@ class CostState:
 
 
 class Method:
-    """Base of every method; a subclass sets `name`, `config` (and `plan`) and implements `fit` and `apply`."""
+    """Base of every method; a subclass sets `name`, `config` and `plan` and implements `fit` and `apply`."""
 
     name: ClassVar[str]
     config: ClassVar[type]  # pydantic settings (a retrofit.schema.Strict)
-    plan: ClassVar[type | None] = None  # typed plan (plan.json entries validate through it), when there is one
+    plan: ClassVar[type[Plan]]  # typed plan (retrofit/plan.py): plan.json entries validate through it
     baked: ClassVar[bool] = False
     reuses_state: ClassVar[bool] = False
+
+    def read_plan(self, data, where: str) -> Plan:
+        """`data` (JSON, or already typed) as this method's typed plan; `where` names it in errors."""
+        return read(self.plan, data, where)
 
     def check(self, model, config, where: str) -> None:
         return None
@@ -117,16 +131,16 @@ class Method:
     def fit(self, ctx: StageContext, config) -> StageResult:
         raise NotImplementedError(f"{type(self).__name__}.fit")
 
-    def apply(self, model, plan: dict, tensors: dict) -> None:
+    def apply(self, model, plan: Plan, tensors: dict) -> None:
         raise NotImplementedError(f"{type(self).__name__}.apply")
 
-    def export_extra(self, model, plan: dict, tensors: dict, out_dir: Path, merge: bool) -> dict:
+    def export_extra(self, model, plan: Plan, tensors: dict, out_dir: Path, merge: bool) -> dict:
         return {}
 
     def search_knobs(self, num_layers: int) -> dict[str, Knob]:
         return {}
 
-    def cost(self, config, plan: dict | None, metrics: dict, state: CostState) -> None:
+    def cost(self, config, plan: Plan | None, metrics: dict, state: CostState) -> None:
         raise NotImplementedError(f"{type(self).__name__}.cost: no cost rule")
 
     def contract_config(self) -> dict[str, Any]:

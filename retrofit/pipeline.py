@@ -110,19 +110,22 @@ def run(recipe: Recipe | dict | str | Path | None = None, model=None, tokenizer=
     for i, (method, cfg) in enumerate(recipe.stage_items()):
         f = state / f"stage-{i}.json"
         tf = state / f"stage-{i}.safetensors"
+        impl = registry.get(method)
         if f.is_file():
             done = json.loads(f.read_text())
-            result = StageResult(done["plan"], load_file(str(tf)) if tf.is_file() else {}, done.get("metrics", {}))
+            result = StageResult(impl.read_plan(done.get("plan"), f"{f}: plan"),
+                                 load_file(str(tf)) if tf.is_file() else {}, done.get("metrics", {}))
             log(f"stage {i} ({method}): resumed from {f}")
         else:
             log(f"stage {i} ({method}): fitting")
             ctx = StageContext(model, tokenizer, recipe, i, state / f"stage-{i}", data)
-            result = registry.get(method).fit(ctx, cfg)
+            result = impl.fit(ctx, cfg)
+            result.plan = impl.read_plan(result.plan, f"stages.{i}.{method}: the fitted plan")
             if result.tensors:
                 io.save_tensors(tf, result.tensors)
-            io.write_json(f, {"method": method, "plan": result.plan, "metrics": result.metrics})
-        registry.get(method).apply(model, result.plan, result.tensors)
-        stages.append({"method": method, "plan": result.plan, "metrics": result.metrics})
+            io.write_json(f, {"method": method, "plan": result.plan.dump(), "metrics": result.metrics})
+        impl.apply(model, result.plan, result.tensors)
+        stages.append({"method": method, "plan": result.plan.dump(), "metrics": result.metrics})
         if contrib:
             after.append(_measured(state / f"stage-{i}-after.json", lambda m=method: contrib.measure(model, m)))
         all_tensors.update({restore.stage_prefix(i, method) + k: v for k, v in result.tensors.items()})

@@ -14,7 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from . import models, registry, rundir
-from .errors import naming
+from .errors import UsageError, naming
+from .method import Method
+from .plan import Plan
 from .state import state_of
 
 
@@ -38,13 +40,31 @@ def split_tensors(all_tensors: dict, i: int, method: str) -> dict:
     return {k[len(p):]: v for k, v in all_tensors.items() if k.startswith(p)}
 
 
-def apply_plan(model, plan: dict, tensors: dict, only_runtime: bool = False) -> None:
+def read_stages(stages, where: str, key: str = "stages") -> list[tuple[Method, Plan]]:
+    """Stored stage entries (plan.json's `stages`, an export's `adaflex.stages`) as (method, typed plan), every
+    plan validated before anything is applied; a bad entry is a UsageError naming `where` and the key."""
+    if not isinstance(stages, list):
+        raise UsageError(f"{where}: {key}: expected a list of stages")
+    out = []
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict) or not isinstance(st.get("method"), str):
+            raise UsageError(f"{where}: {key}.{i}.method: missing")
+        try:
+            method = registry.get(st["method"])
+        except UsageError as e:
+            raise UsageError(f"{where}: {key}.{i}.method: {e}") from None
+        out.append((method, method.read_plan(st.get("plan"), f"{where}: {key}.{i}.plan")))
+    return out
+
+
+def apply_plan(model, plan: dict, tensors: dict, only_runtime: bool = False, where: str = "plan",
+               key: str = "stages") -> None:
     """Re-apply stored stages; exports skip the ones whose effect is already baked into the weights."""
-    for i, st in enumerate(plan["stages"]):
-        method = registry.get(st["method"])
+    typed = read_stages(plan.get("stages"), where, key)
+    for i, (st, (method, stage_plan)) in enumerate(zip(plan["stages"], typed, strict=True)):
         if only_runtime and (method.baked or st.get("baked")):  # merged by export
             continue
-        method.apply(model, st["plan"], split_tensors(tensors, i, st["method"]))
+        method.apply(model, stage_plan, split_tensors(tensors, i, method.name))
 
 
 def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
@@ -52,11 +72,12 @@ def load_run(run_dir: str | Path, allow_bin: bool = False, dtype=None):
     # recipe.yaml is not validated again: its data paths may be relative to another working directory
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
+    read_stages(plan.get("stages"), str(run_dir / "plan.json"))  # a bad plan is refused before the model loads
     spec = rundir.model_spec(run_dir, plan.get("model") or recipe.get("model"))
     model, tok = load(spec, allow_bin=allow_bin, dtype=dtype)
     tpath = run_dir / "adaflex.safetensors"
     with naming(run_dir / "plan.json"):
-        apply_plan(model, plan, load_file(str(tpath)) if tpath.is_file() else {})
+        apply_plan(model, plan, load_file(str(tpath)) if tpath.is_file() else {}, where=str(run_dir / "plan.json"))
     return model, tok
 
 
@@ -69,5 +90,6 @@ def load_export(path: str | Path, dtype=None):
     tpath = path / "adaflex.safetensors"
     tensors = load_file(str(tpath)) if tpath.is_file() else {}
     with naming(path / "config.json"):
-        apply_plan(model, {"stages": block["stages"]}, tensors, only_runtime=True)
+        apply_plan(model, {"stages": block.get("stages")}, tensors, only_runtime=True, where=str(path / "config.json"),
+                   key="adaflex.stages")
     return model, tok

@@ -38,6 +38,6 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    plan: dict  # JSON: what the search chose, per layer
+    plan: Any  # what the search chose, per layer: the method's typed plan, or its JSON form from `fit`
     tensors: dict = field(default_factory=dict)  # name -> tensor (routers, pools, masks)
     metrics: dict = field(default_factory=dict)  # search figures for the report

@@ -151,6 +151,7 @@ class Session:
                 else:
                     state = tmp / f"stage-{i}"
                 res = impl.fit(StageContext(model, self.tok, recipe, i, state, self.data), cfg)
+                res.plan = impl.read_plan(res.plan, f"trial: stages.{i}.{method}: the fitted plan")
                 self.memo[key] = res
                 while len(self.memo) > MEMO_SIZE:
                     self.memo.popitem(last=False)

@@ -7,6 +7,8 @@ own cache (tiny.generated_logits), so runtime parts are compared too."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -44,12 +46,35 @@ def test_fit_apply_run_dir_load_export_reload(name, tiny_dir, tmp_path, one_thre
     assert fitted.shape == dense.shape
     assert not torch.equal(fitted, dense), f"{name}: the contract settings leave the model unchanged"
 
+    assert_plans_round_trip(tmp_path / "run" / "plan.json")
+
     restored, rtok = af.load(str(tmp_path / "run"))
     torch.testing.assert_close(logits_of(restored, rtok), fitted, rtol=0, atol=1e-5)
 
     af.export(tmp_path / "run", tmp_path / "export")
+    assert_plans_round_trip(tmp_path / "export" / "config.json", "adaflex")
     reloaded, etok = af.load(str(tmp_path / "export"))
     torch.testing.assert_close(logits_of(reloaded, etok), fitted, rtol=0, atol=1e-5)
+
+
+def assert_plans_round_trip(path, block: str | None = None) -> None:
+    """Each stored stage plan validates through its method's typed plan and dumps back to the same JSON (same keys,
+    order and values): what a run writes does not change by passing through `Method.plan`."""
+    obj = json.loads(path.read_text())
+    for i, st in enumerate((obj[block] if block else obj)["stages"]):
+        method = registry.get(st["method"])
+        typed = method.plan.model_validate(st["plan"])
+        assert json.dumps(typed.dump()) == json.dumps(st["plan"]), f"{path}: stages.{i} ({st['method']})"
+        assert json.dumps(method.read_plan(st["plan"], str(path)).dump()) == json.dumps(st["plan"])
+
+
+@pytest.mark.parametrize("name", list(registry.METHODS))
+def test_every_method_has_a_typed_plan(name):
+    from adaflex.retrofit.plan import Plan
+
+    plan = registry.get(name).plan
+    assert isinstance(plan, type) and issubclass(plan, Plan), f"{name}: Method.plan must subclass retrofit.plan.Plan"
+    assert plan.model_config.get("extra") == "forbid"
 
 
 def test_a_method_without_contract_settings_fails_the_contract():

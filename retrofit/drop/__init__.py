@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ..method import CostState, Method, knobs
 from .config import DropConfig
+from .plan import DropPlan
 
 
 class Drop(Method):
     name = "drop"
     config = DropConfig
+    plan = DropPlan
     baked = True  # removed blocks stay removed in the exported weights
 
     def check(self, model, config, where):
@@ -33,7 +35,7 @@ class Drop(Method):
         return knobs(blocks={"low": 1, "high": max(1, num_layers // 2)})
 
     def cost(self, config, plan, metrics, state: CostState):
-        state.remove(len(plan["removed"]) if plan else config.count(state.layers))
+        state.remove(len(plan.removed) if plan else config.count(state.layers))
 
     def contract_config(self):
         return {"blocks": 1}

@@ -9,6 +9,7 @@ from ..errors import UsageError
 from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import DropConfig
+from .plan import DropPlan
 
 
 @torch.no_grad()
@@ -75,13 +76,17 @@ def fit(ctx: StageContext, cfg: DropConfig) -> StageResult:
     return StageResult(plan=plan, metrics={"removed": removed})
 
 
-def apply(model, plan: dict, tensors: dict | None = None) -> None:
-    """Remove the planned blocks in place, re-indexing attention so cache slots stay contiguous."""
+def apply(model, plan: DropPlan, tensors: dict | None = None) -> None:
+    """Remove the planned blocks in place."""
+    plan.check_model(model)
+    remove_blocks(model, plan.kept)
+
+
+def remove_blocks(model, keep: list[int]) -> None:
+    """Keep only the blocks `keep` (ascending), re-indexing attention so cache slots stay contiguous."""
     reference_of(model)  # pin the dense reference before the shape changes
     layers = decoder_layers(model)
-    if len(layers) != plan["num_layers"]:
-        raise UsageError(f"drop plan is for {plan['num_layers']} blocks, the model has {len(layers)}")
-    kept = [layers[i] for i in plan["kept"]]
+    kept = [layers[i] for i in keep]
     model.get_decoder().layers = torch.nn.ModuleList(kept)
     for new, blk in enumerate(kept):
         blk.self_attn.layer_idx = new
@@ -89,5 +94,5 @@ def apply(model, plan: dict, tensors: dict | None = None) -> None:
             blk.layer_idx = new
     cfg = model.config
     if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in plan["kept"]]
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
     cfg.num_hidden_layers = len(kept)

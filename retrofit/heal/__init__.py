@@ -9,11 +9,13 @@ import math
 
 from ..method import CostState, Method
 from .config import HealConfig, check_last
+from .plan import HealPlan
 
 
 class Heal(Method):
     name = "heal"
     config = HealConfig
+    plan = HealPlan
     baked = False  # replacements and adapters on pruned linears are re-installed on load
 
     def check(self, model, config, where):
@@ -48,11 +50,11 @@ class Heal(Method):
         # pruned, and one replacement stands for the removed blocks.
         d = state.shape.hidden_size
         if plan is not None:
-            a = plan["adapter"]
-            per_rank = {t: sum(dims) for t, dims in a["shapes"].items()} if a else {}
-            unmerged = sum(per_rank[n.rsplit(".", 1)[-1]] * a["rank"] for n in plan["unmerged"]) if a else 0
-            reps = len(plan["replacements"])
-            rank = plan["replacement_rank"]
+            a = plan.adapter
+            per_rank = {t: sum(dims) for t, dims in a.shapes.items()} if a else {}
+            unmerged = sum(per_rank[n.rsplit(".", 1)[-1]] * a.rank for n in plan.unmerged) if a else 0
+            reps = len(plan.replacements)
+            rank = plan.replacement_rank
         else:
             from ..shards import target_dims
 

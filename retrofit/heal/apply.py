@@ -6,7 +6,7 @@ Tensors of the stage (under `stages.{i}.heal.` in adaflex.safetensors):
     replace.{j}.a / .b    the replacement of run j: A [r, d], B [d, r]
 
 `apply` copies the weights, installs the adapters and merges each into its base weight unless that weight is
-pruned (merging a dense ΔW would fill its zeros: those adapters stay unmerged, listed in plan["unmerged"]),
+pruned (merging a dense ΔW would fill its zeros: those adapters stay unmerged, listed in plan.unmerged),
 and installs the replacements. An export bakes the weights and merges; its plan says `weights_baked`.
 """
 
@@ -28,6 +28,7 @@ from ..stage import StageContext, StageResult
 from . import replace as rp
 from .config import HealConfig
 from .config import check_last as last_stage
+from .plan import HealPlan, adapter_tensors
 from .train import TopKTeacher, heal, mean_kl, steps_for, world
 
 PRUNED = 0.01  # a linear with at least this share of exact zeros is pruned: its adapter is not merged
@@ -80,7 +81,7 @@ def pruned(linear) -> bool:
     return (w.numel() - int(torch.count_nonzero(w))) >= PRUNED * w.numel()
 
 
-def make_plan(ctx: StageContext, cfg: HealConfig, runs: list[dict] | None, where: str) -> dict:
+def make_plan(ctx: StageContext, cfg: HealConfig, runs: list[dict] | None, where: str) -> HealPlan:
     model = ctx.model
     plan: dict = {"train": list(cfg.train), "params": trained_weights(model, cfg), "adapter": None,
                   "unmerged": [], "replacements": [], "replacement_rank": cfg.replacement_rank,
@@ -89,18 +90,18 @@ def make_plan(ctx: StageContext, cfg: HealConfig, runs: list[dict] | None, where
         if adapted(model):
             raise UsageError(f"{where}.train: adapters: the model already carries adapters of an earlier stage "
                              "(shards); heal norms, head, last_blocks or replacements instead")
-        plan["adapter"] = shards.make_plan(model, cfg.adapter, f"{where}.adapter")
+        plan["adapter"] = shards.make_plan(model, cfg.adapter, f"{where}.adapter").dump()
         targets = {id(m) for mods in shards.targets_of(model, cfg.adapter.targets).values() for m in mods}
         plan["unmerged"] = sorted(n for n, m in model.named_modules() if id(m) in targets and pruned(m))
     if "replacements" in cfg.train:
         plan["replacements"] = runs or []
-    return plan
+    return HealPlan.model_validate(plan)
 
 
-def fingerprint(plan: dict, cfg: HealConfig, seed: int, windows: torch.Tensor, model) -> str:
-    h = hashlib.sha256(json.dumps([plan, cfg.model_dump(mode="json"), seed], sort_keys=True).encode())
+def fingerprint(plan: HealPlan, cfg: HealConfig, seed: int, windows: torch.Tensor, model) -> str:
+    h = hashlib.sha256(json.dumps([plan.dump(), cfg.model_dump(mode="json"), seed], sort_keys=True).encode())
     h.update(windows.numpy().tobytes())
-    for n in plan["params"]:  # the starting weights (what the earlier stages left)
+    for n in plan.params:  # the starting weights (what the earlier stages left)
         h.update(model.get_parameter(n).detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -123,21 +124,21 @@ def fit(ctx: StageContext, cfg: HealConfig) -> StageResult:
         if not runs:
             _log("heal: no removed blocks: no replacement to train")
     plan = make_plan(ctx, cfg, runs, where)
-    if not (plan["params"] or plan["adapter"] or plan["replacements"]):
+    if not (plan.params or plan.adapter or plan.replacements):
         raise UsageError(f"{where}.train: {cfg.train} selects nothing to train on this model")
     fp = fingerprint(plan, cfg, ctx.seed, windows, model)
-    groups: dict[str, dict] = {"fast": {}, "slow": {n: model.get_parameter(n) for n in plan["params"]}}
+    groups: dict[str, dict] = {"fast": {}, "slow": {n: model.get_parameter(n) for n in plan.params}}
     teacher = TopKTeacher(dense, cfg.top_k, cfg.temperature) if cfg.loss == "kl" else None
     state_dir = Path(ctx.state_dir) if ctx.state_dir is not None else None
     metrics: dict = {"train": list(cfg.train), "trained_weights": sum(p.numel() for p in groups["slow"].values()),
-                     "replacements": len(plan["replacements"]), "unmerged_adapters": len(plan["unmerged"])}
+                     "replacements": len(plan.replacements), "unmerged_adapters": len(plan.unmerged)}
     g = torch.Generator().manual_seed(ctx.seed)
     try:
-        if plan["adapter"]:
-            shards.install(model, plan["adapter"], shards.init_tensors(plan["adapter"], ctx.seed))
+        if plan.adapter:
+            shards.install(model, plan.adapter, shards.init_tensors(plan.adapter, ctx.seed))
             groups["fast"].update({n: p for n, p in model.named_parameters() if "adaflex" in n
                                    and ("adaflex_shards" in n or "adaflex_delta" in n)})
-        for j, rep in enumerate(rp.attach(model, plan["replacements"], cfg.replacement_rank)):
+        for j, rep in enumerate(rp.attach(model, plan.replacements, cfg.replacement_rank)):
             rep.reset(g)
             groups["fast"].update({f"replace.{j}.a": rep.adaflex_a, f"replace.{j}.b": rep.adaflex_b})
         metrics["trainable_params"] = sum(p.numel() for grp in groups.values() for p in grp.values())
@@ -155,36 +156,31 @@ def fit(ctx: StageContext, cfg: HealConfig) -> StageResult:
 
 
 @torch.no_grad()
-def collect(model, plan: dict) -> dict[str, torch.Tensor]:
-    out = {f"weight.{n}": model.get_parameter(n).detach().cpu().clone() for n in plan["params"]}
-    if plan["adapter"]:
-        out.update({f"adapter.{k}": v for k, v in shards.collect(model, plan["adapter"]).items()})
-    for j, run in enumerate(plan["replacements"]):
-        blk = decoder_layers(model)[max(run["after"], 0)]
-        rep = blk.adaflex_heal_after if run["after"] >= 0 else blk.adaflex_heal_before
+def collect(model, plan: HealPlan) -> dict[str, torch.Tensor]:
+    out = {f"weight.{n}": model.get_parameter(n).detach().cpu().clone() for n in plan.params}
+    if plan.adapter:
+        out.update({f"adapter.{k}": v for k, v in shards.collect(model, plan.adapter).items()})
+    for j, run in enumerate(plan.replacements):
+        blk = decoder_layers(model)[max(run.after, 0)]
+        rep = blk.adaflex_heal_after if run.after >= 0 else blk.adaflex_heal_before
         out[f"replace.{j}.a"] = rep.adaflex_a.detach().cpu().clone()
         out[f"replace.{j}.b"] = rep.adaflex_b.detach().cpu().clone()
     return out
 
 
 @torch.no_grad()
-def apply(model, plan: dict, tensors: dict | None = None) -> None:
+def apply(model, plan: HealPlan, tensors: dict | None = None) -> None:
     """Restore the healed model from plan + tensors (deterministic)."""
     tensors = tensors or {}
-    n = len(decoder_layers(model))
-    if n != plan["num_layers"]:
-        raise UsageError(f"heal plan is for {plan['num_layers']} blocks, the model has {n}")
-    baked = plan.get("weights_baked", False)
-    missing = [k for k in (f"weight.{p}" for p in plan["params"]) if not baked and k not in tensors]
-    if missing:
-        raise UsageError(f"heal: trained tensors missing: {', '.join(missing[:3])}")
+    plan.check_model(model)
+    plan.check_tensors(tensors)
+    baked = plan.weights_baked
     if not baked:
-        for p in plan["params"]:
+        for p in plan.params:
             model.get_parameter(p).copy_(tensors[f"weight.{p}"])
-    if plan["adapter"]:
-        shards.install(model, plan["adapter"], {k[len("adapter."):]: v for k, v in tensors.items()
-                                                if k.startswith("adapter.")})
-        keep = set(plan["unmerged"])
+    if plan.adapter:
+        shards.install(model, plan.adapter, adapter_tensors(tensors))
+        keep = set(plan.unmerged)
         for name, m in adapted(model):
             if name in keep:
                 continue
@@ -194,7 +190,7 @@ def apply(model, plan: dict, tensors: dict | None = None) -> None:
         if not keep:
             remove_all(model)
     rp.detach_all(model)
-    for j, rep in enumerate(rp.attach(model, plan["replacements"], plan["replacement_rank"])):
+    for j, rep in enumerate(rp.attach(model, plan.replacements, plan.replacement_rank)):
         rep.adaflex_a.copy_(tensors[f"replace.{j}.a"])
         rep.adaflex_b.copy_(tensors[f"replace.{j}.b"])
     for name, p in model.named_parameters():
@@ -202,9 +198,9 @@ def apply(model, plan: dict, tensors: dict | None = None) -> None:
             p.requires_grad_(False)
 
 
-def export_extra(model, plan: dict, tensors: dict, out_dir: Path, merge: bool) -> dict:
+def export_extra(model, plan: HealPlan, tensors: dict, out_dir: Path, merge: bool) -> dict:
     """The export holds the trained weights with the mergeable adapters merged (whatever `merge` says: the
     cost reported counts them merged); load then installs only the unmerged adapters and the replacements."""
-    if not plan["unmerged"] and not plan["replacements"]:
+    if not plan.unmerged and not plan.replacements:
         return {"baked": True}
-    return {"baked": False, "plan": {**plan, "weights_baked": True}}
+    return {"baked": False, "plan": {**plan.dump(), "weights_baked": True}}

@@ -15,6 +15,7 @@ from torch import nn
 from ..arch import decoder_layers
 from ..prune.scores import block_linears
 from ..state import state_of
+from .plan import Run
 
 
 class Replacement(nn.Module):
@@ -50,19 +51,19 @@ def _before(block, args, kwargs):
     return args, {**kwargs, "hidden_states": rep(kwargs["hidden_states"])}
 
 
-def attach(model, runs: list[dict], rank: int) -> list[Replacement]:
-    """Install one identity-initialised replacement per run ({"after": kept index or -1, "blocks": [...]})."""
+def attach(model, runs: list[Run], rank: int) -> list[Replacement]:
+    """Install one identity-initialised replacement per run (`after`: kept index or -1; heal/plan.py)."""
     layers, d = decoder_layers(model), model.config.hidden_size
     ref = next(model.parameters())
     out = []
     for run in runs:
         rep = Replacement(d, rank).to(ref.device)
-        if run["after"] < 0:
+        if run.after < 0:
             blk = layers[0]
             blk.adaflex_heal_before = rep
             blk.adaflex_heal_hook = blk.register_forward_pre_hook(_before, with_kwargs=True)
         else:
-            blk = layers[run["after"]]
+            blk = layers[run.after]
             blk.adaflex_heal_after = rep
             blk.adaflex_heal_hook = blk.register_forward_hook(_after)
         out.append(rep)

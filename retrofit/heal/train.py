@@ -9,7 +9,7 @@
 - Data parallel (torch.distributed): under torchrun (WORLD_SIZE > 1) each rank takes its slice of every
   global batch and the gradients are averaged by one all-reduce, so the update equals the one-process
   update over the same global batch; gloo on CPU, NCCL on GPU. Only rank 0 writes checkpoints.
-- Resume: seeded batches and the same step order (the shards loop's `_batch`), an atomic checkpoint of
+- Resume: seeded batches and the same step order (the shards loop's `batch_ids`), an atomic checkpoint of
   the trained tensors and the optimizer under the stage's state folder.
 """
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..progress import progress
-from ..shards.train import _batch, lm_loss, load_checkpoint, mean_loss, save_checkpoint
+from ..shards.train import batch_ids, lm_loss, load_checkpoint, mean_loss, save_checkpoint
 from .config import HealConfig
 
 # ---- data parallel ----
@@ -170,7 +170,7 @@ def heal(model, windows: torch.Tensor, groups: dict[str, dict[str, torch.Tensor]
     try:
         for step in progress(range(start, steps), desc="heal", total=steps - start, disable=rank != 0):
             t0 = time.perf_counter()
-            which = _batch(step, windows.shape[0], cfg.batch_size, seed)[rank::size]
+            which = batch_ids(step, windows.shape[0], cfg.batch_size, seed)[rank::size]
             torch.manual_seed(seed * 1_000_003 + step * size + rank)
             for group in opt.param_groups:
                 group["lr"] = group["base"] * lr_scale(step, steps, cfg.warmup)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from ..method import CostState, Method, knobs
 from .config import KVConfig, needs_calibration
+from .plan import KVPlan
 
 
 class KV(Method):
     name = "kv"
     config = KVConfig
+    plan = KVPlan
     baked = False  # the plan is re-applied on load from the export's config block
 
     def check(self, model, config, where):

@@ -36,6 +36,7 @@ from ..state import state_of
 from .attention import profile, received_mass, register, window_probs
 from .cache import BudgetedCache
 from .config import KVConfig, needs_calibration
+from .plan import KVPlan
 from .policies import layer_preference, make_policy
 from .replay import record_prefill, replay
 from .spec import KVSpec, storage_bytes_per_value
@@ -375,22 +376,10 @@ def fit(ctx: StageContext, cfg: KVConfig) -> StageResult:
     return StageResult(plan=plan, metrics=metrics)
 
 
-def apply(model, plan: dict, tensors: dict | None = None) -> None:
+def apply(model, plan: KVPlan, tensors: dict | None = None) -> None:
     reference_of(model)
-    n = len(decoder_layers(model))
-    if plan.get("num_layers") != n:
-        raise UsageError(f"kv plan: num_layers is {plan.get('num_layers')}, the model has {n} layers")
-    cfg = KVConfig.model_validate(plan["config"])
-    fractions = plan.get("fractions")
-    if fractions is not None and len(fractions) != n:
-        raise UsageError(f"kv plan: fractions has {len(fractions)} entries, the model has {n} layers")
-    heads = plan.get("head_fractions")
-    if heads is not None:
-        want = (n, kv_heads(model.config))
-        if np.asarray(heads).shape != want:
-            raise UsageError(f"kv plan: head_fractions has shape {np.asarray(heads).shape}, the model has {want[0]} "
-                             f"layers of {want[1]} KV heads")
-    install(model, spec_from(cfg, n, fractions, model, heads))
+    plan.check_model(model)
+    install(model, spec_from(plan.config, plan.num_layers, plan.fractions, model, plan.head_fractions))
 
 
 def budget_tokens(spec: KVSpec, length: int) -> int:

@@ -7,11 +7,13 @@ import math
 
 from ..method import CostState, Method, knobs
 from .config import PruneConfig, needs_calibration
+from .plan import PrunePlan
 
 
 class Prune(Method):
     name = "prune"
     config = PruneConfig
+    plan = PrunePlan
     baked = True  # the masks (and removed blocks) live in the exported weights
     reuses_state = True  # the distortion-curve cache checks the model, data and settings itself
 
@@ -38,10 +40,10 @@ class Prune(Method):
 
     def cost(self, config, plan, metrics, state: CostState):
         if plan:
-            k = len(plan["removed"])
-            kept = [e for e in plan["linears"] if not e.get("removed")]
-            n = sum(math.prod(e["shape"]) for e in kept)
-            state.sparsity = sum(e["sparsity"] * math.prod(e["shape"]) for e in kept) / max(1, n)
+            k = len(plan.removed)
+            kept = [e for e in plan.linears if not e.removed]
+            n = sum(math.prod(e.shape) for e in kept)
+            state.sparsity = sum(e.sparsity * math.prod(e.shape) for e in kept) / max(1, n)
         else:  # the whole allowance: a pruning that may drop blocks drops as many as its sparsity allows
             nm = config.nm
             s = (nm[1] - nm[0]) / nm[1] if nm and config.allocation == "uniform" else config.sparsity

@@ -18,12 +18,13 @@ from adaflex.search.knapsack import additivity_report, allocate
 from adaflex.search.owl import outlier_ratio, owl_sparsities
 
 from ..arch import decoder_layers, reference_of
-from ..drop.apply import apply as remove_blocks
+from ..drop.apply import remove_blocks
 from ..errors import BudgetInfeasible, UsageError
 from ..stage import StageContext, StageResult
 from .calibrate import capture, dense_statistics, prune_sequential
 from .config import PruneConfig, needs_calibration
 from .curves import DROP, CurveCache, CurveMeasurer, Unit, fingerprint, make_units, measure_curves
+from .plan import PrunePlan
 from .scores import block_linears, pack_mask, semi_structured_problems, unpack_mask, wanda_score
 
 # ---- checks before anything is written ----
@@ -280,22 +281,19 @@ def _plan(model, cfg: PruneConfig, targets, masks, dropped: set[int], extra: dic
 
 
 @torch.no_grad()
-def apply(model, plan: dict, tensors: dict | None = None) -> None:
-    """Zero the planned weights (exact masks), then remove the planned blocks (the `drop` stage's apply)."""
+def apply(model, plan: PrunePlan, tensors: dict | None = None) -> None:
+    """Zero the planned weights (exact masks), then remove the planned blocks (the `drop` stage's removal)."""
     tensors = tensors or {}
     reference_of(model)  # pin the dense reference before anything changes
+    plan.check_model(model)
+    plan.check_tensors(tensors)
     layers = decoder_layers(model)
-    if len(layers) != plan["num_layers"]:
-        raise UsageError(f"prune plan is for {plan['num_layers']} blocks, the model has {len(layers)}")
     mods = [dict(block_linears(blk)) for blk in layers]
-    for e in plan["linears"]:
-        key = f"mask.{e['block']}.{e['name']}"
-        if e.get("removed") or key not in tensors:
+    for e in plan.linears:
+        key = f"mask.{e.block}.{e.name}"
+        if e.removed or key not in tensors:
             continue
-        w = mods[e["block"]][e["name"]].weight
-        if list(w.shape) != e["shape"]:
-            raise UsageError(f"prune plan: {e['name']} of block {e['block']} has shape {list(w.shape)}, "
-                             f"planned {e['shape']}")
+        w = mods[e.block][e.name].weight
         w.masked_fill_(~unpack_mask(tensors[key], w.shape), 0)
-    if plan.get("removed"):
-        remove_blocks(model, {"num_layers": plan["num_layers"], "removed": plan["removed"], "kept": plan["kept"]})
+    if plan.removed:
+        remove_blocks(model, plan.kept)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from ..method import CostState, Method, knobs
 from .config import RoutesConfig
+from .plan import RoutesPlan
 
 
 class Routes(Method):
     name = "routes"
     config = RoutesConfig
+    plan = RoutesPlan
     baked = False  # routers are re-attached at load time; the exported weights stay dense
 
     def check(self, model, config, where):
@@ -39,8 +41,8 @@ class Routes(Method):
         return knobs(max_executed={"low": max(1, (num_layers + 1) // 2), "high": num_layers})
 
     def cost(self, config, plan, metrics, state: CostState):
-        if plan and plan.get("policy") == "path":
-            state.executed = float(len(plan["path"]))
+        if plan and plan.policy == "path":
+            state.executed = float(len(plan.path))
         elif plan and metrics.get("calibrated_executed_mean") is not None:
             state.executed = float(metrics["calibrated_executed_mean"])
         else:  # the whole allowance

@@ -14,6 +14,7 @@ from ..progress import progress
 from ..stage import StageContext, StageResult
 from .config import RoutesConfig
 from .label import BlockRunner, fingerprint, keep, label_all, summary, to_examples, training_pool
+from .plan import RoutesPlan
 from .router import Routers, fit_guard
 from .runtime import FixedPolicy, RouterPolicy, install, path_counts, runtime_of, uninstall
 from .train import teacher_features, train_routers
@@ -185,17 +186,12 @@ def fit(ctx: StageContext, cfg: RoutesConfig) -> StageResult:
     return StageResult(plan, tensors, metrics)
 
 
-def routers_from(tensors: dict, plan: dict) -> Routers | None:
+def routers_from(tensors: dict, plan: RoutesPlan) -> Routers | None:
     sd = {k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")}
     if not sd:
         return None
-    L, d = plan["num_layers"], plan["hidden_size"]
-    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    w = sd.get("blocks.0.0.weight")
-    if n_blocks != L or w is None or w.shape[1] != d:
-        got_d = None if w is None else w.shape[1]
-        raise UsageError(f"routes: routers saved for {n_blocks} blocks of width {got_d}; "
-                         f"the plan says {L} of width {d}")
+    plan.check_tensors(tensors)
+    L, d, w = plan.num_layers, plan.hidden_size, sd["blocks.0.0.weight"]
     basis = sd.get("guard_basis")
     routers = Routers(L, d, w.shape[0], guard_rank=0 if basis is None else basis.shape[0])
     sd.setdefault("allowed", routers.allowed)  # routers saved before the class mask: every class allowed
@@ -208,21 +204,18 @@ def routers_from(tensors: dict, plan: dict) -> Routers | None:
     return routers.eval()
 
 
-def apply(model, plan: dict, tensors: dict | None = None) -> None:
+def apply(model, plan: RoutesPlan, tensors: dict | None = None) -> None:
     """Install the routed runtime: a fixed path, or the routers stored in `tensors` with the plan's dial."""
     reference_of(model)
-    L, d = len(decoder_layers(model)), model.config.hidden_size
-    if plan["num_layers"] != L or plan["hidden_size"] != d:
-        raise UsageError(f"routes: routers saved for a model with {plan['num_layers']} blocks of width "
-                         f"{plan['hidden_size']}; this model has {L} blocks of width {d}")
-    if plan.get("policy") == "path":
-        install(model, FixedPolicy(counts=path_counts(plan["path"], L, "routes.path")))
+    plan.check_model(model)
+    if plan.policy == "path":
+        install(model, FixedPolicy(counts=path_counts(plan.path, plan.num_layers, "routes.path")))
         return
     routers = routers_from(tensors or {}, plan)
     if routers is None:
-        if plan.get("fallback_dense") or os.environ.get(FALLBACK_ENV) == "dense":
+        if plan.fallback_dense or os.environ.get(FALLBACK_ENV) == "dense":
             _log("routes: router weights missing; running the dense model (fallback asked for)")
             return
         raise UsageError("routes: router weights missing from adaflex.safetensors; set routes.fallback_dense=true "
                          f"or {FALLBACK_ENV}=dense to run the dense model instead")
-    install(model, RouterPolicy(routers, plan.get("windows", 8), plan.get("dial", 0.0)), routers)
+    install(model, RouterPolicy(routers, plan.windows, plan.dial), routers)

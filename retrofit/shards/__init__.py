@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..method import CostState, Method, knobs
 from .config import ShardsConfig
+from .plan import ShardsPlan
 
 
 def target_dims(shape) -> dict[str, tuple[int, int]]:
@@ -22,6 +23,7 @@ def target_dims(shape) -> dict[str, tuple[int, int]]:
 class Shards(Method):
     name = "shards"
     config = ShardsConfig
+    plan = ShardsPlan
     baked = False  # adapters are re-installed on load unless the export merged them (export_extra says so)
 
     def check(self, model, config, where):
@@ -51,10 +53,10 @@ class Shards(Method):
         return knobs(rank=[4, 8, 16])
 
     def cost(self, config, plan, metrics, state: CostState):
-        dims = plan["shapes"] if plan else {t: target_dims(state.shape)[t] for t in config.targets}
+        dims = plan.shapes if plan else {t: target_dims(state.shape)[t] for t in config.targets}
         per_rank = sum(a + b for a, b in dims.values())
         rank_params = config.equivalent_rank if config.method == "mos" else config.rank
-        state.adapter_params = plan["trainable_params"] if plan else rank_params * state.layers * per_rank
+        state.adapter_params = plan.trainable_params if plan else rank_params * state.layers * per_rank
         state.adapter_macs = config.rank * per_rank
 
     def contract_config(self):

@@ -35,6 +35,7 @@ from .layer import (
     record,
     remove_all,
 )
+from .plan import ShardsPlan, trainable_params
 from .train import CachedTeacher, heal, windows_for
 
 
@@ -79,13 +80,7 @@ def check(model, cfg: ShardsConfig, where: str) -> None:
                          "replacement, or raise equivalent_rank)")
 
 
-def trainable_params(plan: dict) -> int:
-    n = plan["num_layers"]
-    per_rank = sum(d_in + d_out for d_in, d_out in plan["shapes"].values())
-    return (plan["equivalent_rank"] if plan["method"] == "mos" else plan["rank"]) * n * per_rank
-
-
-def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> dict:
+def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> ShardsPlan:
     check(model, cfg, where)
     dims = shapes(model, cfg, where)
     n = len(decoder_layers(model))
@@ -99,23 +94,24 @@ def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> dict:
                      "index_dtype": str(index_dtype(pool)).removeprefix("torch."),
                      "subset_selection": cfg.subset_selection, "pair_dissociation": cfg.pair_dissociation,
                      "vector_sharding": cfg.vector_sharding})
-    plan["trainable_params"] = trainable_params(plan)
-    return plan
+    plan["trainable_params"] = trainable_params(plan["method"], plan["rank"], plan.get("equivalent_rank"), n,
+                                                plan["shapes"])
+    return ShardsPlan.model_validate(plan)
 
 
-def init_tensors(plan: dict, seed: int) -> dict[str, torch.Tensor]:
+def init_tensors(plan: ShardsPlan, seed: int) -> dict[str, torch.Tensor]:
     """Fresh adapter tensors: A Kaiming-uniform (fan = full d_in), B zero, MoS indices drawn from `seed`."""
-    dtype = DTYPES[plan["dtype"]]
+    dtype = DTYPES[plan.dtype]
     g = torch.Generator().manual_seed(seed)
-    n, r, out = plan["num_layers"], plan["rank"], {}
-    for k, (t, (d_in, d_out)) in enumerate(plan["shapes"].items()):
+    n, r, out = plan.num_layers, plan.rank, {}
+    for k, (t, (d_in, d_out)) in enumerate(plan.shapes.items()):
         bound = 1 / math.sqrt(d_in)
-        if plan["method"] == "mos":
-            n_sh, pool = plan["shards_per_vector"], plan["pool_shards"]
+        if plan.method == "mos":
+            n_sh, pool = plan.shards_per_vector, plan.pool_shards
             out[f"pool.{t}.a"] = (torch.rand(pool, d_in // n_sh, generator=g) * 2 * bound - bound).to(dtype)
             out[f"pool.{t}.b"] = torch.zeros(pool, d_out // n_sh, dtype=dtype)
-            a, b = ix.draw(n, r, plan["equivalent_rank"], n_sh, plan["private_rank"], subset=plan["subset_selection"],
-                           dissociate=plan["pair_dissociation"], shard=plan["vector_sharding"],
+            a, b = ix.draw(n, r, plan.equivalent_rank, n_sh, plan.private_rank, subset=plan.subset_selection,
+                           dissociate=plan.pair_dissociation, shard=plan.vector_sharding,
                            seed=seed * 7 + k)
             idt = index_dtype(pool)
             out[f"index.{t}.a"], out[f"index.{t}.b"] = a.to(idt), b.to(idt)
@@ -125,24 +121,20 @@ def init_tensors(plan: dict, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def install(model, plan: dict, tensors: dict[str, torch.Tensor]) -> None:
+def install(model, plan: ShardsPlan, tensors: dict[str, torch.Tensor]) -> None:
     """Put the adapters of `plan` on the model, with their values from `tensors` (copied)."""
-    n = len(decoder_layers(model))
-    if n != plan["num_layers"]:
-        raise UsageError(f"shards plan is for {plan['num_layers']} blocks, the model has {n}")
-    missing = [k for k in _tensor_names(plan) if k not in tensors]
-    if missing:
-        raise UsageError(f"shards: adapter tensors missing: {', '.join(missing[:3])}")
+    plan.check_model(model)
+    plan.check_tensors(tensors)
     remove_all(model)
-    dtype = DTYPES[plan["dtype"]]
+    dtype = DTYPES[plan.dtype]
     ref = next(model.parameters())
     dev = ref.device
     pools = nn.ModuleDict()
-    scale, drop = plan["scaling"], plan["dropout"]
-    for t, mods in targets_of(model, plan["targets"]).items():
-        d_in, d_out = plan["shapes"][t]
-        if plan["method"] == "mos":
-            pool = ShardPool(plan["pool_shards"], d_in, d_out, plan["shards_per_vector"], dtype).to(dev)
+    scale, drop = plan.scaling, plan.dropout
+    for t, mods in targets_of(model, plan.targets).items():
+        d_in, d_out = plan.shapes[t]
+        if plan.method == "mos":
+            pool = ShardPool(plan.pool_shards, d_in, d_out, plan.shards_per_vector, dtype).to(dev)
             with torch.no_grad():
                 pool.pool_a.copy_(tensors[f"pool.{t}.a"])
                 pool.pool_b.copy_(tensors[f"pool.{t}.b"])
@@ -159,22 +151,17 @@ def install(model, plan: dict, tensors: dict[str, torch.Tensor]) -> None:
     record(model)
 
 
-def _tensor_names(plan: dict) -> list[str]:
-    kinds = ("pool", "index") if plan["method"] == "mos" else ("lora",)
-    return [f"{k}.{t}.{s}" for t in plan["targets"] for k in kinds for s in ("a", "b")]
-
-
 @torch.no_grad()
-def collect(model, plan: dict) -> dict[str, torch.Tensor]:
+def collect(model, plan: ShardsPlan) -> dict[str, torch.Tensor]:
     """The stage's tensors from the installed adapters: pools once, indices in their small dtype."""
     out = {}
-    for t, mods in targets_of(model, plan["targets"]).items():
+    for t, mods in targets_of(model, plan.targets).items():
         deltas = [m.adaflex_delta for m in mods]
-        if plan["method"] == "mos":
+        if plan.method == "mos":
             pool = model.adaflex_shards[t]
             out[f"pool.{t}.a"] = pool.pool_a.detach().cpu().clone()
             out[f"pool.{t}.b"] = pool.pool_b.detach().cpu().clone()
-            idt = getattr(torch, plan["index_dtype"])
+            idt = getattr(torch, plan.index_dtype)
             out[f"index.{t}.a"] = torch.stack([d.idx_a for d in deltas]).cpu().to(idt)
             out[f"index.{t}.b"] = torch.stack([d.idx_b for d in deltas]).cpu().to(idt)
         else:
@@ -235,8 +222,8 @@ def _teacher(ctx: StageContext, cfg: ShardsConfig, log):
     return CachedTeacher(fn)
 
 
-def fingerprint(plan: dict, cfg: ShardsConfig, seed: int, windows: torch.Tensor) -> str:
-    h = hashlib.sha256(json.dumps([plan, cfg.model_dump(mode="json"), seed], sort_keys=True).encode())
+def fingerprint(plan: ShardsPlan, cfg: ShardsConfig, seed: int, windows: torch.Tensor) -> str:
+    h = hashlib.sha256(json.dumps([plan.dump(), cfg.model_dump(mode="json"), seed], sort_keys=True).encode())
     h.update(windows.numpy().tobytes())
     return h.hexdigest()
 
@@ -251,7 +238,7 @@ def fit(ctx: StageContext, cfg: ShardsConfig) -> StageResult:
 
     plan = make_plan(ctx.model, cfg, where)
     tensors = init_tensors(plan, ctx.seed)
-    metrics: dict = {"adapter": cfg.method, "trainable_params": plan["trainable_params"]}
+    metrics: dict = {"adapter": cfg.method, "trainable_params": plan.trainable_params}
     if cfg.steps:
         cal = ctx.calibration
         if cfg.holdout >= cal.shape[0]:
@@ -274,7 +261,7 @@ def fit(ctx: StageContext, cfg: ShardsConfig) -> StageResult:
     return StageResult(plan=plan, tensors=tensors, metrics=metrics)
 
 
-def apply(model, plan: dict, tensors: dict | None = None) -> None:
+def apply(model, plan: ShardsPlan, tensors: dict | None = None) -> None:
     """Install the trained adapters (deterministic: plan + tensors only)."""
     install(model, plan, tensors or {})
     for name, p in model.named_parameters():
@@ -285,7 +272,7 @@ def apply(model, plan: dict, tensors: dict | None = None) -> None:
 # ---- export ----
 
 
-def export_extra(model, plan: dict, tensors: dict, out_dir: Path, merge: bool) -> dict:
+def export_extra(model, plan: ShardsPlan, tensors: dict, out_dir: Path, merge: bool) -> dict:
     """Called by `adaflex export` with the restored model. Merged: ΔW goes into the base weights (the
     stage is then baked: load does not re-install it). Otherwise write `out_dir/lora/`, the exact rank-r
     peft LoRA of the adapters (ΔW = B·A·alpha/r, the same as the MoS one)."""
@@ -296,13 +283,13 @@ def export_extra(model, plan: dict, tensors: dict, out_dir: Path, merge: bool) -
     return {"baked": False, "peft_lora": "lora"}
 
 
-def write_peft_lora(model, plan: dict, out: Path) -> None:
+def write_peft_lora(model, plan: ShardsPlan, out: Path) -> None:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = LoraConfig(r=plan["rank"], lora_alpha=plan["alpha"], lora_dropout=plan["dropout"], bias="none",
-                     target_modules=list(plan["targets"]), task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.dropout, bias="none",
+                     target_modules=list(plan.targets), task_type="CAUSAL_LM")
     cfg.save_pretrained(str(out))
     weights = {}
     for name, (a, b) in lora_factors(model).items():

@@ -137,7 +137,7 @@ def lr_at(step: int, cfg: ShardsConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / span)))
 
 
-def _batch(step: int, n: int, size: int, seed: int) -> torch.Tensor:
+def batch_ids(step: int, n: int, size: int, seed: int) -> torch.Tensor:
     """Window ids of a step: epoch k is a seeded permutation, so step s is the same after a resume."""
     per_epoch = max(1, n // size) if n >= size else 1
     epoch, pos = divmod(step, per_epoch)
@@ -213,7 +213,7 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
     try:
         for step in progress(range(start, cfg.steps), desc="shards: healing", total=cfg.steps - start):
             t0 = time.perf_counter()
-            which = _batch(step, windows.shape[0], cfg.batch_size, seed)
+            which = batch_ids(step, windows.shape[0], cfg.batch_size, seed)
             x = windows[which]
             torch.manual_seed(seed * 1_000_003 + step)  # dropout of this step, the same after a resume
             for group in opt.param_groups:

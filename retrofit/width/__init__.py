@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..method import CostState, Method, knobs
 from .config import WidthConfig
+from .plan import WidthPlan
 
 
 def _impl():
@@ -17,6 +18,7 @@ def _impl():
 class Width(Method):
     name = "width"
     config = WidthConfig
+    plan = WidthPlan
     baked = False  # uniform widths are baked per export (export_extra says so); per-block ones re-applied
 
     def check(self, model, config, where):
@@ -41,7 +43,7 @@ class Width(Method):
         """The share of the (remaining) blocks' linear MACs kept: measured from the plan, else predicted
         (the whole fraction removed, or the explicit uniform width's MACs)."""
         if plan:
-            kept = plan["block_macs_kept"] / plan["block_macs_dense"]
+            kept = plan.block_macs_kept / plan.block_macs_dense
         elif config.fraction is not None:
             kept = 1 - config.fraction
         else:

@@ -14,7 +14,8 @@ from ..errors import UsageError
 from ..stage import StageContext, StageResult
 from .config import WidthConfig
 from .importance import collect, head_columns, keep_indices, refit, scores, sublayers
-from .shapes import BlockWidth, Dims, check_width, explicit_width, uniform_width
+from .plan import WidthPlan
+from .shapes import BlockWidth, Dims, explicit_width, uniform_width
 from .shrink import pad_state_hook, shrink_block
 
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -163,53 +164,33 @@ def narrow_plan(model, dims: Dims, widths: list[BlockWidth], mlp_s, head_s, st=N
     return plan, tensors
 
 
-def _dims(plan: dict) -> Dims:
-    d = plan["dense"]
-    return Dims(d["hidden"], d["intermediate"], d["heads"], d["kv_heads"], d["head_dim"])
-
-
-def _width(plan: dict, b: int) -> BlockWidth:
-    return BlockWidth(**plan["widths"][b])
-
-
 @torch.no_grad()
-def apply(model, plan: dict, tensors: dict | None = None) -> None:
+def apply(model, plan: WidthPlan, tensors: dict | None = None) -> None:
     """Narrow every block to its planned width, keeping the planned indices (and refit weights)."""
     tensors = tensors or {}
     reference_of(model)  # pin the dense reference before the shapes change
     layers = decoder_layers(model)
-    if len(layers) != plan["num_layers"]:
-        raise UsageError(f"width plan is for {plan['num_layers']} blocks, the model has {len(layers)}")
-    dims = _dims(plan)
-    if Dims.of(model.config) != dims:
-        raise UsageError(f"width plan is for blocks of shape {plan['dense']}, the model's config differs")
+    plan.check_model(model)
+    dims = plan.dims
     dims_of(model, "width plan")
+    plan.check_tensors(tensors)
     for b, blk in enumerate(layers):
-        w = _width(plan, b)
-        why = check_width(dims, w)
-        if why:
-            raise UsageError(f"width plan: block {b} {why}")
-        idx = [tensors.get(f"keep.{b}.{k}") for k in ("channels", "heads", "groups")]
-        if any(t is None for t in idx):
-            raise UsageError(f"width plan: the kept indices of block {b} are missing")
-        channels, heads, groups = (t.long() for t in idx)
-        if (channels.numel(), groups.numel(), heads.numel()) != (w.channels, w.kv_groups, w.heads):
-            raise UsageError(f"width plan: the kept indices of block {b} disagree with its width {w.to_dict()}")
+        channels, heads, groups = (tensors[f"keep.{b}.{k}"].long() for k in ("channels", "heads", "groups"))
         shrink_block(blk, dims, channels, heads, groups, tensors.get(f"refit.{b}.down"), tensors.get(f"refit.{b}.o"))
-    if plan["uniform"]:  # the config describes every block: a plain Llama config
-        w = _width(plan, 0)
+    if plan.uniform:  # the config describes every block: a plain Llama config
+        w = plan.width(0)
         cfg = model.config
         cfg.head_dim = dims.head_dim  # explicit: hidden_size // heads no longer gives it
         cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = w.channels, w.heads, w.kv_groups
 
 
-def export_extra(model, plan: dict, tensors: dict, out_dir, merge: bool) -> dict:
+def export_extra(model, plan: WidthPlan, tensors: dict, out_dir, merge: bool) -> dict:
     """Uniform widths: the weights and config.json are a plain, smaller Llama (`baked`). Per-block widths:
     the weights are written zero-padded to the dense shapes (transformers loads them as the dense model,
     same function) and `adaflex.retrofit.load` narrows them again from the plan."""
-    if plan["uniform"]:
+    if plan.uniform:
         return {"baked": True, "export": "plain"}
-    dims = _dims(plan)
+    dims = plan.dims
     for b, blk in enumerate(decoder_layers(model)):
         idx = [tensors[f"keep.{b}.{k}"].long() for k in ("channels", "heads", "groups")]
         blk.register_state_dict_post_hook(pad_state_hook(dims, *idx))

@@ -24,8 +24,7 @@ import torch
 from adaflex.retrofit import registry, restore
 from adaflex.retrofit.arch import reference_of
 from adaflex.retrofit.data import read_mc
-from adaflex.retrofit.drop.apply import apply as drop_apply
-from adaflex.retrofit.drop.apply import block_influence, choose
+from adaflex.retrofit.drop.apply import block_influence, choose, remove_blocks
 from adaflex.retrofit.evaluate import choice_logliks, mc_scores
 from adaflex.retrofit.evaluate.mc import encode_pair
 from adaflex.retrofit.recipe import load_recipe
@@ -146,7 +145,7 @@ def main():
     fit_s = time.perf_counter() - t0
     log(f"fit {fit_s:.0f}s: {json.dumps({k: v for k, v in fitted.metrics.items() if k != 'label_class_share'})}")
     routed = copy.deepcopy(model)
-    impl.apply(routed, fitted.plan, fitted.tensors)
+    impl.apply(routed, impl.read_plan(fitted.plan, "routes"), fitted.tensors)
 
     arc = read_mc(ROOT.parent / "shared/data/arc_easy_validation.jsonl", limit=a.arc)
     hs = read_mc(ROOT.parent / "shared/data/hellaswag_dev.jsonl", limit=1000 if a.hellaswag is None else a.hellaswag)
@@ -167,7 +166,7 @@ def main():
     dropped = copy.deepcopy(model)
     bi = block_influence(model, ctx.calibration[:8])
     removed = choose(bi, k, [])
-    drop_apply(dropped, {"num_layers": L, "removed": removed, "kept": [i for i in range(L) if i not in removed]})
+    remove_blocks(dropped, [i for i in range(L) if i not in removed])
     rand = copy.deepcopy(model)
     install(rand, RandomPolicy(L, L - e_routes, seed=recipe.seed))
     systems = {"dense": model, "drop": dropped, "random": rand, "routes": routed}
@@ -216,7 +215,7 @@ def seed_spread(a, model, tok, out: Path, sets: list[str]) -> None:
         (_method, cfg), = r_recipe.stage_items()
         fitted = impl.fit(StageContext(model, tok, r_recipe, 0, out / "state"), cfg)
         routed = copy.deepcopy(model)
-        impl.apply(routed, fitted.plan, fitted.tensors)
+        impl.apply(routed, impl.read_plan(fitted.plan, "routes"), fitted.tensors)
         row = {"seed": seed, "dial": fitted.metrics["dial"], "arc_easy": mc_eval(routed, tok, arc, f"seed {seed} arc")}
         if hs:
             row["hellaswag"] = mc_eval(routed, tok, hs, f"seed {seed} hellaswag")

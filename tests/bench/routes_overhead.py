@@ -16,7 +16,7 @@ import torch
 from routes import speed  # tests/bench/routes.py: the script's folder is on sys.path
 
 from adaflex.retrofit import restore
-from adaflex.retrofit.drop.apply import apply as drop_apply
+from adaflex.retrofit.drop.apply import remove_blocks
 from adaflex.retrofit.routes.runtime import FixedPolicy, install
 
 
@@ -33,7 +33,7 @@ def main():
     L = len(model.get_decoder().layers)
     skip = [int(b) for b in a.skip.split(",")]
     dropped = copy.deepcopy(model)
-    drop_apply(dropped, {"num_layers": L, "removed": skip, "kept": [b for b in range(L) if b not in skip]})
+    remove_blocks(dropped, [b for b in range(L) if b not in skip])
     routed = copy.deepcopy(model)
     install(routed, FixedPolicy(counts=tuple(0 if b in skip else 1 for b in range(L))))
     systems = {"dense": model, "drop": dropped, "routes (fixed path)": routed}

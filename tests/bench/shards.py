@@ -26,8 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from adaflex.retrofit.arch import decoder_layers
-from adaflex.retrofit.drop.apply import apply as drop_apply
-from adaflex.retrofit.drop.apply import block_influence, choose
+from adaflex.retrofit.drop.apply import block_influence, choose, remove_blocks
 from adaflex.retrofit.evaluate import perplexity
 from adaflex.retrofit.recipe import load_recipe
 from adaflex.retrofit.restore import load
@@ -127,7 +126,7 @@ def main() -> None:
     k = drop_cfg.count(len(decoder_layers(model)))
     removed = choose(bi, k, drop_cfg.protect)
     n = len(decoder_layers(model))
-    drop_apply(model, {"num_layers": n, "removed": removed, "kept": [i for i in range(n) if i not in removed]})
+    remove_blocks(model, [i for i in range(n) if i not in removed])
     base = {"model": f"dropped {removed} (no adapter)", "ppl": ppl(), "trainable_params": 0}
     rows.append(base)
     log(f"dropped {removed}: held-out ppl {base['ppl']:.2f}")
@@ -152,7 +151,7 @@ def main() -> None:
             model.eval()
             row = {"model": f"{method} r={cfg.rank}" + (f" e={cfg.equivalent_rank} l={cfg.shards_per_vector}"
                                                         if method == "mos" else "") + f" lr={lr:g}",
-                   "seed": seed, "ppl": ppl(), "trainable_params": plan["trainable_params"],
+                   "seed": seed, "ppl": ppl(), "trainable_params": plan.trainable_params,
                    "adapter_bytes": f.stat().st_size,
                    "peft_lora_bytes": (tmp / f"{method}-{seed}-peft" / "adapter_model.safetensors").stat().st_size,
                    "train_tokens": m["train_tokens"], "train_tokens_per_s": m["train_tokens_per_s"],

@@ -29,12 +29,12 @@ import torch
 from adaflex.retrofit import restore
 from adaflex.retrofit.arch import decoder_layers, new_cache, reference_of
 from adaflex.retrofit.data import calibration_windows, read_mc, read_text
-from adaflex.retrofit.drop.apply import apply as drop_apply
-from adaflex.retrofit.drop.apply import block_influence, choose
+from adaflex.retrofit.drop.apply import block_influence, choose, remove_blocks
 from adaflex.retrofit.evaluate import cost_figures, multiple_choice, perplexity, probe_ids
 from adaflex.retrofit.width.apply import apply as width_apply
 from adaflex.retrofit.width.apply import narrow_plan
 from adaflex.retrofit.width.importance import collect, scores
+from adaflex.retrofit.width.plan import WidthPlan
 from adaflex.retrofit.width.search import (
     Measurer,
     dp_picks,
@@ -192,8 +192,7 @@ def main() -> None:
             info: dict = {}
             if method == "drop":
                 removed = choose(bi, blocks[f], [])
-                drop_apply(model, {"num_layers": L, "removed": removed,
-                                   "kept": [i for i in range(L) if i not in removed]})
+                remove_blocks(model, [i for i in range(L) if i not in removed])
                 info = {"removed_blocks": removed, "removed": blocks[f] / L}
                 prep = t_bi
             else:
@@ -220,7 +219,7 @@ def main() -> None:
                 info["kl"] = measurer(kind, refit).config(units, picks)  # outside the search's count
                 widths = widths_of(units, picks, L)
                 plan, tensors = narrow_plan(dense, dims, widths, mlp_s, head_s, st if refit else None)
-                width_apply(model, plan, tensors)
+                width_apply(model, WidthPlan.model_validate(plan), tensors)
                 info.update({"removed": plan["removed"], "widths": [list(w.to_dict().values()) for w in widths]})
             seconds = time.perf_counter() - t0 + prep
             t1 = time.perf_counter()

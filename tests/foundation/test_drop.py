@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import adaflex.retrofit as af
 from adaflex.retrofit import load
 from adaflex.retrofit.drop.apply import apply, block_influence, choose
+from adaflex.retrofit.drop.plan import DropPlan
 from adaflex.retrofit.evaluate import cost_figures
 from adaflex.retrofit.pipeline import run
 from tiny import GENERATED
@@ -41,7 +42,7 @@ def test_choose_lowest_and_protect():
 
 def test_apply_removes_and_generates(tiny):
     model, tok = tiny
-    apply(model, {"num_layers": 4, "kept": [0, 2], "removed": [1, 3]})
+    apply(model, DropPlan(num_layers=4, kept=[0, 2], removed=[1, 3], block_influence=[0.0] * 4))
     assert model.config.num_hidden_layers == 2
     assert [blk.self_attn.layer_idx for blk in model.model.layers] == [0, 1]
     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)

@@ -40,6 +40,7 @@ def test_torn_label_line_is_redone_on_the_next_run(tmp_path, one_thread):
 @pytest.mark.parametrize("cut", [5])
 def test_resumed_heal_keeps_holdout_before_and_counts_all_tokens(tmp_path, cut):
     from adaflex.retrofit.drop.apply import apply as drop_apply
+    from adaflex.retrofit.drop.plan import DropPlan
     from adaflex.retrofit.shards.config import ShardsConfig
     from adaflex.retrofit.shards.train import heal
     from tests.shards.helpers import adapt
@@ -47,7 +48,7 @@ def test_resumed_heal_keeps_holdout_before_and_counts_all_tokens(tmp_path, cut):
     def setup():
         torch.manual_seed(0)
         teacher, student = tiny_llama(), tiny_llama()
-        drop_apply(student, {"num_layers": 4, "kept": [0, 1, 2], "removed": [3]})
+        drop_apply(student, DropPlan(num_layers=4, kept=[0, 1, 2], removed=[3], block_influence=[0.0] * 4))
         settings = {"method": "mos", "rank": 4, "equivalent_rank": 2, "shards_per_vector": 4, "dropout": 0.0}
         adapt(student, random_b=False, **settings)
         cfg = ShardsConfig(**settings, steps=8, lr=1e-2, batch_size=4, checkpoint_every=4)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from adaflex.retrofit import registry
 from adaflex.retrofit.heal.config import HealConfig
+from adaflex.retrofit.heal.plan import HealPlan, Run
 from adaflex.retrofit.method import CostState
+from adaflex.retrofit.shards.plan import ShardsPlan
 from adaflex.search.cost import Shape
 
 SHAPE = Shape(num_layers=4, hidden_size=64, intermediate_size=160, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -17,9 +19,11 @@ def _state(**kw) -> CostState:
 
 def test_cost_from_the_plan():
     heal = registry.get("heal")
-    plan = {"adapter": {"rank": 4, "shapes": {"q_proj": [64, 64], "down_proj": [160, 64]}},
-            "unmerged": ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"],
-            "replacements": [{"after": 1, "blocks": [2]}], "replacement_rank": 8}
+    # the cost rule's keys alone (model_construct: no validation of the rest)
+    adapter = ShardsPlan.model_construct(rank=4, shapes={"q_proj": [64, 64], "down_proj": [160, 64]})
+    plan = HealPlan.model_construct(adapter=adapter,
+                                    unmerged=["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"],
+                                    replacements=[Run(after=1, blocks=[2])], replacement_rank=8)
     s = _state()
     s.remove(1)
     heal.cost(HealConfig(), plan, {}, s)
@@ -27,7 +31,7 @@ def test_cost_from_the_plan():
     assert s.adapter_params == expected
     assert s.adapter_macs == -(-expected // 3)  # per executed block, 3 blocks left
     merged = _state()
-    heal.cost(HealConfig(), {**plan, "unmerged": [], "replacements": []}, {}, merged)
+    heal.cost(HealConfig(), plan.model_copy(update={"unmerged": [], "replacements": []}), {}, merged)
     assert merged.adapter_params == merged.adapter_macs == 0
 
 

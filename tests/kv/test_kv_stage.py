@@ -143,10 +143,10 @@ def test_apply_refuses_a_head_plan_of_another_shape(tiny_dir):
     from adaflex.retrofit.errors import UsageError
     from adaflex.retrofit.kv.apply import apply
     from adaflex.retrofit.kv.config import KVConfig
+    from adaflex.retrofit.kv.plan import KVPlan
 
     model, _ = load(tiny_dir)
-    plan = {"num_layers": 4, "config": KVConfig().model_dump(mode="json"), "fractions": None,
-            "head_fractions": [[0.25] * 3] * 4}
+    plan = KVPlan(num_layers=4, config=KVConfig(), fractions=None, head_fractions=[[0.25] * 3] * 4)
     with pytest.raises(UsageError, match=r"head_fractions has shape \(4, 3\), the model has 4 layers of 2 KV heads"):
         apply(model, plan)
 
@@ -193,9 +193,11 @@ def test_bad_input_is_one_line_exit_2(tiny_dir, text_file, tmp_path, sets, needl
 
 def test_plan_for_another_layer_count_is_refused(tiny):
     from adaflex.retrofit.kv.apply import apply
+    from adaflex.retrofit.kv.plan import KVPlan
+    from adaflex.retrofit.plan import read
 
     model, _ = tiny
     with pytest.raises(UsageError, match="num_layers"):
-        apply(model, {"num_layers": 30, "config": {"budget": 0.25}, "fractions": None})
-    with pytest.raises(UsageError, match="fractions"):
-        apply(model, {"num_layers": 4, "config": {"budget": 0.25}, "fractions": [0.25] * 3})
+        apply(model, read(KVPlan, {"num_layers": 30, "config": {"budget": 0.25}, "fractions": None}, "plan"))
+    with pytest.raises(UsageError, match=r"^plan.fractions: has 3 entries, num_layers is 4$"):
+        read(KVPlan, {"num_layers": 4, "config": {"budget": 0.25}, "fractions": [0.25] * 3}, "plan")

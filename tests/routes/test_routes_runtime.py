@@ -299,6 +299,7 @@ def test_routes_with_budgeted_cache_give_repeat_slots_their_block_budget(model, 
 @torch.no_grad()
 def test_guard_runs_out_of_domain_prompts_dense_and_survives_reload(model):
     from adaflex.retrofit.routes.apply import routers_from
+    from adaflex.retrofit.routes.plan import RoutesPlan
     from adaflex.retrofit.routes.router import Routers
     from adaflex.retrofit.routes.runtime import RouterPolicy
 
@@ -320,7 +321,7 @@ def test_guard_runs_out_of_domain_prompts_dense_and_survives_reload(model):
         with forced_paths(model, [[0, 3], [0, 1, 2, 3]]):
             torch.testing.assert_close(model(x, use_cache=False).logits, got, atol=1e-5, rtol=1e-5)
         # saved and reloaded (adaflex.safetensors keys), and routers saved before the guard: no guard
-        plan = {"num_layers": 4, "hidden_size": d}
+        plan = RoutesPlan(num_layers=4, hidden_size=d)
         tensors = {f"router.{k}": v for k, v in routers.state_dict().items()}
         again = routers_from(tensors, plan)
         assert again.guarded and torch.equal(again.outside(entering), torch.tensor([False, True]))

@@ -14,6 +14,7 @@ from adaflex.cli.main import app
 from adaflex.retrofit import export, load, run
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.routes.apply import apply
+from adaflex.retrofit.routes.plan import RoutesPlan
 from adaflex.retrofit.routes.runtime import runtime_of
 
 WIKI = "../shared/data/wikitext2_dev.txt"  # text rewards: dense is always a valid label on a random model
@@ -52,7 +53,7 @@ def test_run_export_reload_restores_routers(tiny_dir, tmp_path):
         assert torch.equal(plain(x).logits, dense(x).logits)  # plain transformers sees the dense model
 
     # routers for another model: one clear error
-    plan = json.loads((tmp_path / "run" / "plan.json").read_text())["stages"][0]["plan"]
+    plan = RoutesPlan.model_validate(json.loads((tmp_path / "run" / "plan.json").read_text())["stages"][0]["plan"])
     from tiny import tiny_llama
 
     other = tiny_llama(layers=3, hidden=32)
@@ -62,7 +63,7 @@ def test_run_export_reload_restores_routers(tiny_dir, tmp_path):
     fresh, _ = load(str(tiny_dir))
     with pytest.raises(UsageError, match="router weights missing"):
         apply(fresh, plan, {})
-    apply(fresh, {**plan, "fallback_dense": True}, {})
+    apply(fresh, plan.model_copy(update={"fallback_dense": True}), {})
     assert runtime_of(fresh) is None
     bad = {k[len("stages.0.routes."):]: v for k, v in tensors.items()}
     bad["router.blocks.0.0.weight"] = torch.zeros(32, 48)

@@ -86,9 +86,10 @@ def test_a_class_no_label_chose_is_never_decided_even_at_full_dial():
     fresh.load_state_dict(routers.state_dict())
     assert torch.equal(fresh.allowed, routers.allowed)
     from adaflex.retrofit.routes.apply import routers_from
+    from adaflex.retrofit.routes.plan import RoutesPlan
 
     old = {f"router.{k}": v for k, v in routers.state_dict().items() if k != "allowed"}
-    assert routers_from(old, {"num_layers": L, "hidden_size": d}).allowed.all()
+    assert routers_from(old, RoutesPlan(num_layers=L, hidden_size=d)).allowed.all()
 
 
 def test_folded_inference_path_decides_as_the_router_logits_do():

@@ -100,16 +100,18 @@ def test_predicted_setting_spends_each_allowance():
 def test_setting_from_plans():
     rec = validate({"stages": [{"prune": {"sparsity": 0.5}}, {"routes": {"max_executed": 3}}]})
     (pm, pc), (rm, rc) = rec.stage_items()
-    prune_plan = {
-        "removed": [1],
-        "linears": [
-            {"shape": [4, 4], "sparsity": 0.25},
-            {"shape": [4, 8], "sparsity": 0.5},
-            {"shape": [8, 8], "removed": True, "sparsity": 1.0},
-        ],
-    }
+    from adaflex.retrofit.prune.plan import Linear, PrunePlan
+    from adaflex.retrofit.routes.plan import RoutesPlan
+
+    # the cost rules' keys alone (model_construct: no validation of the rest)
+    prune_plan = PrunePlan.model_construct(removed=[1], linears=[
+        Linear.model_construct(shape=[4, 4], sparsity=0.25, removed=False),
+        Linear.model_construct(shape=[4, 8], sparsity=0.5, removed=False),
+        Linear.model_construct(shape=[8, 8], removed=True, sparsity=1.0),
+    ])
+    routes_plan = RoutesPlan.model_construct(policy="routers")
     s = setting_of(
-        [(pm, pc, prune_plan, {}), (rm, rc, {"policy": "routers"}, {"calibrated_executed_mean": 2.25})], TINY, 100
+        [(pm, pc, prune_plan, {}), (rm, rc, routes_plan, {"calibrated_executed_mean": 2.25})], TINY, 100
     )
     assert s.removed_blocks == 1 and s.sparsity == pytest.approx((16 * 0.25 + 32 * 0.5) / 48)
     assert s.executed == 2.25

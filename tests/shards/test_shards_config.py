@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from adaflex.cli.main import app
 from adaflex.retrofit.errors import UsageError
 from adaflex.retrofit.recipe import validate
-from adaflex.retrofit.shards.apply import check, trainable_params
+from adaflex.retrofit.shards.apply import check
 from adaflex.retrofit.shards.config import ShardsConfig, mos_feasibility
+from adaflex.retrofit.shards.plan import trainable_params
 from tiny import GENERATED, tiny_llama
 
 
@@ -48,8 +49,8 @@ SMOL = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_pro
 
 def test_mos_rule_and_parameter_count_on_smollm2_shapes():
     plan = {"method": "mos", "rank": 8, "equivalent_rank": 1, "num_layers": 30, "shapes": SMOL}
-    assert trainable_params(plan) == 305_280  # methods.md: one unit of rank on SmolLM2-135M
-    assert trainable_params({**plan, "method": "lora"}) == 8 * 305_280
+    assert trainable_params(**plan) == 305_280  # methods.md: one unit of rank on SmolLM2-135M
+    assert trainable_params(**{**plan, "method": "lora"}) == 8 * 305_280
     assert mos_feasibility(8, 1, 4, 0, num_layers=30) is None
     assert "private_rank" in mos_feasibility(8, 1, 4, 2, num_layers=30)
     assert "exceeds rank" in mos_feasibility(4, 8, 4, 0)

@@ -32,7 +32,7 @@ def test_shards_mos_params_per_type(e, r, n_sh):
         n = sum(p.numel() for k, p in params.items() if f"adaflex_shards.{t}." in k)
         assert n == e * L * (d_in + d_out), t
     total = e * L * sum(d_in + d_out for d_in, d_out in _dims(model).values())
-    assert sum(p.numel() for p in params.values()) == total == plan["trainable_params"]
+    assert sum(p.numel() for p in params.values()) == total == plan.trainable_params
     probe = torch.randint(0, 200, (1, 16))
     assert cost_figures(model, probe)["trainable_params"] == total  # what reports show
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adaflex.retrofit.drop.apply import apply as drop_apply
+from adaflex.retrofit.drop.plan import DropPlan
 from adaflex.retrofit.shards.apply import collect
 from adaflex.retrofit.shards.config import ShardsConfig
 from adaflex.retrofit.shards.train import heal, mean_loss
@@ -18,7 +19,7 @@ def _setup(method="mos", **kw):
     torch.manual_seed(0)
     teacher = tiny_llama()
     student = tiny_llama()
-    drop_apply(student, {"num_layers": 4, "kept": [0, 1, 2], "removed": [3]})
+    drop_apply(student, DropPlan(num_layers=4, kept=[0, 1, 2], removed=[3], block_influence=[0.0] * 4))
     windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     settings = {"method": method, "rank": 4, "equivalent_rank": 2, "shards_per_vector": 4, "steps": 12,
                 "lr": 1e-2, "batch_size": 4, "dropout": 0.0, "checkpoint_every": 4}

@@ -62,13 +62,15 @@ def test_cost_rule_multiplies_the_kept_share_of_block_macs():
     from adaflex.retrofit.method import CostState
     from adaflex.retrofit.width import Width
     from adaflex.retrofit.width.config import WidthConfig
+    from adaflex.retrofit.width.plan import WidthPlan
     from adaflex.search.cost import Shape
 
     shape = Shape(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
                   vocab_size=49152)
     method = Width()
     st = CostState(shape, context=256)
-    method.cost(WidthConfig(fraction=0.25), {"block_macs_kept": 60, "block_macs_dense": 100}, {}, st)
+    plan = WidthPlan.model_construct(block_macs_kept=60, block_macs_dense=100)  # the cost rule's keys alone
+    method.cost(WidthConfig(fraction=0.25), plan, {}, st)
     assert st.block_macs_fraction == 0.6  # measured from the plan
     st = CostState(shape, context=256)
     method.cost(WidthConfig(fraction=0.25), None, {}, st)

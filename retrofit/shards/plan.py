@@ -1,0 +1,85 @@
+"""The `shards` plan: the adapter's settings and the (d_in, d_out) of each target. Its tensors (the stage's, or
+heal's under `adapter.`) are `pool.{t}.a|b` and `index.{t}.a|b` (MoS) or `lora.{t}.a|b` (LoRA)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..errors import UsageError
+from ..plan import Plan
+from .config import Target
+
+MOS_KEYS = ("equivalent_rank", "shards_per_vector", "private_rank", "pool_shards", "index_dtype", "subset_selection",
+            "pair_dissociation", "vector_sharding")
+
+
+def trainable_params(method: str, rank: int, equivalent_rank: int | None, num_layers: int,
+                     shapes: dict[str, tuple[int, int] | list[int]]) -> int:
+    """Adapter parameters: MoS holds the parameters of a rank-`equivalent_rank` LoRA, LoRA those of its rank."""
+    per_rank = sum(d_in + d_out for d_in, d_out in shapes.values())
+    return (equivalent_rank if method == "mos" else rank) * num_layers * per_rank
+
+
+class ShardsPlan(Plan):
+    method: Literal["mos", "lora"]
+    rank: int = Field(ge=1)
+    alpha: float
+    scaling: float
+    dropout: float = Field(ge=0, lt=1)
+    dtype: Literal["float32", "bfloat16"]
+    targets: list[Target] = Field(min_length=1)
+    num_layers: int = Field(ge=1)
+    shapes: dict[Target, list[int]]
+    # MoS only (absent from a LoRA plan)
+    equivalent_rank: int | None = Field(None, ge=1)
+    shards_per_vector: int | None = Field(None, ge=1)
+    private_rank: int | None = Field(None, ge=0)
+    pool_shards: int | None = Field(None, ge=1)
+    index_dtype: Literal["uint8", "int16", "int32", "int64"] | None = None
+    subset_selection: bool | None = None
+    pair_dissociation: bool | None = None
+    vector_sharding: bool | None = None
+    trainable_params: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if list(self.shapes) != list(self.targets):
+            raise ValueError(f"shapes: holds {list(self.shapes)}, targets are {self.targets}")
+        for t, dims in self.shapes.items():
+            if len(dims) != 2 or min(dims) < 1:
+                raise ValueError(f"shapes.{t}: {dims} is not [d_in, d_out]")
+        given = [k for k in MOS_KEYS if getattr(self, k) is not None]
+        if self.method == "mos" and len(given) != len(MOS_KEYS):
+            raise ValueError(f"{next(k for k in MOS_KEYS if k not in given)}: missing (method mos)")
+        if self.method == "lora" and given:
+            raise ValueError(f"{given[0]}: a MoS key in a lora plan")
+        if not math.isclose(self.scaling, self.alpha / self.rank):
+            raise ValueError(f"scaling: {self.scaling} is not alpha / rank = {self.alpha / self.rank}")
+        want = trainable_params(self.method, self.rank, self.equivalent_rank, self.num_layers, self.shapes)
+        if self.trainable_params != want:
+            raise ValueError(f"trainable_params: {self.trainable_params}, the shapes and ranks give {want}")
+        return self
+
+    def tensor_names(self) -> list[str]:
+        kinds = ("pool", "index") if self.method == "mos" else ("lora",)
+        return [f"{k}.{t}.{s}" for t in self.targets for k in kinds for s in ("a", "b")]
+
+    def check_tensors(self, tensors: dict) -> None:
+        """Every adapter tensor of the plan is there, with the planned shape."""
+        missing = [k for k in self.tensor_names() if k not in tensors]
+        if missing:
+            raise UsageError(f"shards: adapter tensors missing: {', '.join(missing[:3])}")
+        n, r = self.num_layers, self.rank
+        for t, (d_in, d_out) in self.shapes.items():
+            if self.method == "mos":
+                p, sh = self.pool_shards, self.shards_per_vector
+                want = {f"pool.{t}.a": (p, d_in // sh), f"pool.{t}.b": (p, d_out // sh)}
+            else:
+                want = {f"lora.{t}.a": (n, r, d_in), f"lora.{t}.b": (n, d_out, r)}
+            for k, shape in want.items():
+                if tuple(tensors[k].shape) != shape:
+                    raise UsageError(f"shards: adapter tensor {k} has shape {tuple(tensors[k].shape)}, the plan "
+                                     f"needs {shape}")
