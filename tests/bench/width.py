@@ -31,6 +31,9 @@ from adaflex.retrofit.arch import decoder_layers, new_cache, reference_of
 from adaflex.retrofit.data import calibration_windows, read_mc, read_text
 from adaflex.retrofit.drop.apply import block_influence, choose, remove_blocks
 from adaflex.retrofit.evaluate import cost_figures, multiple_choice, perplexity, probe_ids
+from adaflex.retrofit.heal.apply import trained_weights
+from adaflex.retrofit.heal.config import HealConfig
+from adaflex.retrofit.heal.train import TopKTeacher, heal, steps_for
 from adaflex.retrofit.width.apply import apply as width_apply
 from adaflex.retrofit.width.apply import narrow_plan
 from adaflex.retrofit.width.importance import collect, scores
@@ -118,6 +121,10 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--heal-tokens", type=int, default=0, help="after each row, heal it (the quickstart's heal: "
+                    "norms + last 3 blocks, top-64 KL to dense) on the calibration windows and evaluate again")
+    ap.add_argument("--heal-targets", type=float, nargs="*", help="targets whose rows are healed (default: all)")
+    ap.add_argument("--heal-methods", nargs="*", help="methods whose rows are healed (default: all)")
     ap.add_argument("--out", default="runs/bench-width.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,6 +191,18 @@ def main() -> None:
                                 "seconds": time.perf_counter() - t}
         return curves[key], search_info[key]
 
+    heal_cfg = HealConfig(train=["norms", "last_blocks"], last_blocks=3, tokens=max(args.heal_tokens, 1),
+                          batch_size=8, top_k=64, weights_lr=2e-4, warmup=2)
+    teacher = TopKTeacher(dense, heal_cfg.top_k, heal_cfg.temperature)  # shared: same windows for every row
+
+    def healed(model) -> dict:
+        """The same healing for every row: trains `model` in place, returns the heal's own figures."""
+        t = time.perf_counter()
+        groups = {"fast": {}, "slow": {n: model.get_parameter(n) for n in trained_weights(model, heal_cfg)}}
+        out = heal(model, windows, groups, heal_cfg, teacher, steps=steps_for(heal_cfg, windows.shape[1]), seed=0)
+        model.eval()
+        return {"heal_seconds": time.perf_counter() - t, "heal_loss": [out["train_loss_first"], out["train_loss_last"]]}
+
     for f in args.targets:
         for method in args.methods:
             log(f"{method} at {f:g} (k={blocks[f]} blocks, {fracs[f]:.4f} of block MACs)")
@@ -228,6 +247,17 @@ def main() -> None:
                          "eval_seconds": time.perf_counter() - t1, **info})
             log(f"  ppl {res['ppl']:.2f} arc {res['arc_acc']:.3f} flops {res['flops_ratio']:.4f} "
                 f"prefill x{res['prefill_x']:.2f} decode x{res['decode_x']:.2f}")
+            if args.heal_tokens and (args.heal_targets is None or f in args.heal_targets) \
+                    and (args.heal_methods is None or method in args.heal_methods):
+                log(f"  heal {method} at {f:g}: {args.heal_tokens} tokens")
+                h = healed(model)
+                t1 = time.perf_counter()
+                res = evaluate(model, dense, tok, args, eval_text, items, probe, speed_ids)
+                rows.append({"method": f"{method}+heal", "target": f, "blocks": blocks[f], **res, **h,
+                             "seconds": seconds + h["heal_seconds"], "eval_seconds": time.perf_counter() - t1,
+                             **{k: v for k, v in info.items() if k in ("removed", "kl", "evaluations",
+                                                                     "block_forwards")}})
+                log(f"  healed: ppl {res['ppl']:.2f} arc {res['arc_acc']:.3f} (heal {h['heal_seconds']:.0f} s)")
             del model
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
