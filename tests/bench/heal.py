@@ -15,11 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from shards import articles  # tests/bench/shards.py: the script's folder is on sys.path
+
 import adaflex.retrofit as af
 from adaflex.retrofit.evaluate import perplexity
-
-sys.path.insert(0, str(Path(__file__).parent))
-from shards import articles  # noqa: E402
 
 HEAL = {"adapter": {"method": "lora", "rank": 16, "alpha": 16, "dropout": 0.0}, "tokens": 73728,
         "batch_size": 4, "seq_len": 256, "top_k": 64, "warmup": 4}

@@ -1,17 +1,14 @@
-"""Issue 23: hypothesis draws bad recipes and `--set` values (the cases of tests/bench/fuzz_recipes.py); each is
+"""Issue 23: hypothesis draws bad recipes and `--set` values (the cases of tests/recipe_fuzz.py); each is
 accepted and valid, or a UsageError of one line naming the file (or --set) and the key."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
+import recipe_fuzz as fz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import fuzz_recipes as fz  # noqa: E402
 
 TEXTS = {p.name: p.read_text() for p in fz.ci_recipes()}
 

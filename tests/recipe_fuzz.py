@@ -9,9 +9,10 @@ Each case is one mutation of a CI recipe (a value replaced, a key added or remov
   wrongly-accepted  accepted although the mutation is known bad (a bool or NaN for a number, a count out of
                     range, a duplicate key, an unknown key, an empty file, bytes that are not UTF-8, ...)
 
-    python tests/bench/fuzz_recipes.py --cases 10000 [--seed 0]
+    python tests/recipe_fuzz.py --cases 10000 [--seed 0]
 
-The suite's tests/foundation/test_reliability_fuzz.py draws the same cases through hypothesis.
+The suite's tests/foundation/test_reliability_fuzz.py draws the same cases through hypothesis (a test helper,
+like tests/tiny.py, so that no test imports from tests/bench/).
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def main() -> None:
     a = ap.parse_args()
     import os
 
-    os.chdir(Path(__file__).resolve().parents[2])  # the CI recipes name ../shared/data/... from the repo root
+    os.chdir(Path(__file__).resolve().parents[1])  # the CI recipes name ../shared/data/... from the repo root
     rng = random.Random(a.seed)
     texts = {p.name: p.read_text() for p in ci_recipes()}
     counts: Counter = Counter()
