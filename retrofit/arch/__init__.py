@@ -19,7 +19,7 @@ method runs on which family: README.md, Supported families (tests/arch/test_matr
 
 from __future__ import annotations
 
-from .base import Layout, find, model_type, text_config, unknown
+from .base import Layout, find, model_type, refuse, text_config, unknown
 from .heads import hidden_states, logits, new_cache, softcap
 from .moe import expert_macs, is_experts, is_router
 from .reference import (
@@ -51,5 +51,5 @@ FINAL_NORMS = tuple(dict.fromkeys(lay.final_norm for lay in LAYOUTS))
 __all__ = ["FINAL_NORMS", "LAYOUTS", "Layout", "SHAPE_KEYS", "attention", "attention_kinds", "blocks_name", "check",
            "decoder", "decoder_layers", "dense_reference", "expert_macs", "final_norm", "find", "head_dim",
            "hidden_states", "is_experts", "is_router", "kv_heads", "layout", "linear_macs", "logits",
-           "macs_per_token", "mlp", "model_type", "new_cache", "norms", "reference_of", "role_names", "roles",
+           "macs_per_token", "mlp", "model_type", "new_cache", "norms", "reference_of", "refuse", "role_names", "roles",
            "set_decoder_layers", "shape", "softcap", "text_config", "unknown", "weight_params", "windows"]

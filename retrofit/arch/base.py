@@ -26,6 +26,11 @@ def unknown(model_or_config, piece: str) -> UsageError:
                       "(README.md, Supported families)")
 
 
+def refuse(model_or_config, where: str, what: str) -> UsageError:
+    """A method's one-line refusal of a family it cannot handle yet: `where`, the model type, what is missing."""
+    return UsageError(f"{where}: model type '{model_type(model_or_config)}': {what}")
+
+
 def find(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
     """The submodule at a dotted `path` ("" is `root` itself), None where a part is missing."""
     mod = root

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import decoder_layers, reference_of
+from ..arch import attention, decoder_layers, reference_of, set_decoder_layers
 from ..errors import UsageError
 from ..progress import progress
 from ..stage import StageContext, StageResult
@@ -82,9 +82,9 @@ def apply(model, plan: dict, tensors: dict | None = None) -> None:
     if len(layers) != plan["num_layers"]:
         raise UsageError(f"drop plan is for {plan['num_layers']} blocks, the model has {len(layers)}")
     kept = [layers[i] for i in plan["kept"]]
-    model.get_decoder().layers = torch.nn.ModuleList(kept)
+    set_decoder_layers(model, torch.nn.ModuleList(kept))
     for new, blk in enumerate(kept):
-        blk.self_attn.layer_idx = new
+        attention(model, blk).layer_idx = new
         if hasattr(blk, "layer_idx"):
             blk.layer_idx = new
     cfg = model.config
