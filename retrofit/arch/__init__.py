@@ -28,6 +28,7 @@ from .reference import (
     linear_macs,
     macs_per_token,
     reference_of,
+    search_shape,
     weight_params,
 )
 from .shape import SHAPE_KEYS, attention_kinds, head_dim, kv_heads, shape, windows
@@ -52,4 +53,5 @@ __all__ = ["FINAL_NORMS", "LAYOUTS", "Layout", "SHAPE_KEYS", "attention", "atten
            "decoder", "decoder_layers", "dense_reference", "expert_macs", "final_norm", "find", "head_dim",
            "hidden_states", "is_experts", "is_router", "kv_heads", "layout", "linear_macs", "logits",
            "macs_per_token", "mlp", "model_type", "new_cache", "norms", "reference_of", "refuse", "role_names", "roles",
-           "set_decoder_layers", "shape", "softcap", "text_config", "unknown", "weight_params", "windows"]
+           "search_shape", "set_decoder_layers", "shape", "softcap", "text_config", "unknown",
+           "weight_params", "windows"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from adaflex.search.cost import Shape
+
 from ..state import state_of
 from .base import text_config
 from .moe import expert_macs, is_experts, is_router
@@ -70,6 +72,20 @@ def dense_reference(model) -> dict:
     if any(win):
         ref["windows"] = win  # a sliding layer's dense cache holds window − 1 tokens
     return ref
+
+
+def search_shape(model, bytes_per_value: float = 4.0) -> Shape:
+    """The dense `Shape` the search's cost model counts with (search/cost.py), its block MACs measured from the
+    modules (so MoE, fused, two-matrix and Conv1D blocks cost what they run); pinned reference first."""
+    ref = reference_of(model)
+    c = text_config(model.config)
+    head = model.get_output_embeddings().weight.numel()
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None)
+    return Shape(num_layers=ref["num_layers"], hidden_size=ref["hidden_size"],
+                 intermediate_size=int(ffn or 4 * ref["hidden_size"]), num_heads=c.num_attention_heads,
+                 num_kv_heads=ref["num_kv_heads"], head_dim=ref["head_dim"], vocab_size=ref["vocab_size"],
+                 bytes_per_value=bytes_per_value,
+                 measured_block_macs=(ref["linear_macs_per_token"] - head) // ref["num_layers"])
 
 
 def check(model) -> None:
