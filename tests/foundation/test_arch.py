@@ -139,3 +139,32 @@ def test_eval_of_an_unknown_architecture_exits_2_in_one_line(tmp_path, text_file
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("adaflex: error: model type 'bloom': adaflex does not know its "
                                                    "block layout"), res.stderr
+
+
+@pytest.mark.parametrize("family, kinds", [
+    ("mistral", [16, 16]),  # a sliding_window and no layer_types: every layer slides
+    ("qwen2", [None, None]),  # use_sliding_window: false
+    ("gemma2", [16, None]),  # layer_types alternate
+    ("llama", [None, None]),
+])
+def test_attention_kinds_follow_transformers_config_keys(family, kinds):
+    import transformers
+
+    from tiny import FAMILIES
+
+    cls, settings = FAMILIES[family]
+    assert arch.windows(getattr(transformers, cls)(**settings)) == kinds
+
+
+def test_moe_dense_macs_count_top_k_experts_router_and_shared_expert():
+    from tiny import tiny_family
+
+    model, _ = tiny_family("qwen2_moe")
+    c = model.config
+    d, hd = c.hidden_size, arch.head_dim(c)
+    attn = d * c.num_attention_heads * hd * 2 + 2 * d * c.num_key_value_heads * hd
+    experts = c.num_experts_per_tok * 3 * d * c.moe_intermediate_size  # gate, up, down of the k chosen
+    shared = 3 * d * c.shared_expert_intermediate_size + d  # its MLP and its 1-wide gate
+    router = c.num_experts * d
+    want = c.num_hidden_layers * (attn + experts + shared + router) + d * c.vocab_size
+    assert arch.reference_of(model)["linear_macs_per_token"] == want
