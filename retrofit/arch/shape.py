@@ -42,8 +42,8 @@ def windows(config) -> list[int | None]:
 
 
 def shape(config, bytes_per_value: float = 4.0) -> Shape:
-    """The dense dimensions the search's cost model counts (search/cost.py); refuses a config without a key it
-    needs."""
+    """The Llama-formula `Shape` of a config (search/cost.py); refuses a config without a key it needs. The search
+    itself takes `search_shape(model)` (reference.py), whose block MACs are measured from the modules."""
     c = text_config(config)
     for key in SHAPE_KEYS:
         if not isinstance(getattr(c, key, None), int):
