@@ -1,8 +1,9 @@
 """The architecture matrix (issue 26): every family of tests/tiny.py (FAMILIES) through every registered method,
-with each method's own tiny-model settings (`Method.contract_config()`). A cell either runs, exports, reloads
-(`AutoModelForCausalLM` generates; `adaflex.retrofit.load` gives the run's logits and the run's evaluation) or
-is refused in one line naming the model type and the missing piece (REFUSED below: README.md, Supported
-families, is this table). An untouched model of every family reports flops_ratio 1.0, sparsity 0 and KV 1.0."""
+with each method's own tiny-model settings (`Method.contract_config()`). A cell either runs, exports and reloads
+(`AutoModelForCausalLM` generates, peft loads exported adapters; `adaflex.retrofit.load` gives the run's logits
+and evaluation) or is refused in one line naming the model type and the missing piece (REFUSED below; README.md,
+Supported families, is this table). An untouched model of every family reports flops_ratio 1.0, sparsity 0, KV
+1.0."""
 
 from __future__ import annotations
 
@@ -99,6 +100,14 @@ def test_family_through_method(family, name, saved, text_path, tmp_path, one_thr
 
     reloaded, rtok = af.load(str(tmp_path / "export"))
     torch.testing.assert_close(generated_logits(reloaded, rtok, PROMPT), fitted, rtol=0, atol=1e-5)
+    if (tmp_path / "export" / "lora" / "adapter_config.json").is_file():  # adapters exported as plain peft LoRA
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "export" / "lora")).eval()
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(input_ids=ids).logits, reloaded(input_ids=ids).logits,
+                                       rtol=0, atol=1e-5)
     again = run_eval(reloaded, rtok, "perplexity", str(text_path), seq_len=64, limit=2)
     ran = report["evals"][0]["retrofitted"]
     assert again["value"] == pytest.approx(ran["value"], rel=1e-5)
