@@ -4,8 +4,8 @@ Every stage and the evaluator ask here for the decoder blocks, a block's attenti
 roles, the final norm, the head, each layer's attention kind and the dense cost reference, instead of reading
 `model.model.layers`, `self_attn` or config keys themselves. One module per family where they differ:
 
-- llama.py: Llama, Mistral, Qwen2/3, Gemma 2/3 (separate q/k/v, gated MLP) and Phi-3 (fused `qkv_proj`,
-  `gate_up_proj`);
+- llama.py: Llama, Mistral, Qwen2/3 (separate q/k/v, gated MLP) and Phi-3 (fused `qkv_proj`, `gate_up_proj`);
+- gemma.py: Gemma 2/3 (Llama's projections, four norms per block);
 - moe.py: Mixtral and Qwen2-MoE (router, experts as 3-D parameters, shared expert);
 - neox.py: GPT-NeoX (`query_key_value`, `dense`); opt.py: OPT (`out_proj`, `fc1`/`fc2` on the block);
 - gpt2.py: GPT-2 (`transformer.h`, `Conv1D` projections, a transposed linear).

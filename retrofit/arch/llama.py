@@ -1,4 +1,4 @@
-"""Llama-style decoders: Llama, Mistral, Qwen2/3, Gemma 2/3 (gated MLP, separate q/k/v), and Phi-3, whose
+"""Llama-style decoders: Llama, Mistral, Qwen2/3 (gated MLP, separate q/k/v), and Phi-3, whose
 attention fuses q/k/v into `qkv_proj` and whose MLP fuses gate and up into `gate_up_proj`."""
 
 from __future__ import annotations

@@ -8,14 +8,15 @@ from __future__ import annotations
 import torch
 
 from .base import Layout, find, unknown
+from .gemma import GEMMA
 from .gpt2 import GPT2
 from .llama import LLAMA, PHI3
 from .moe import MIXTRAL, SHARED
 from .neox import NEOX
 from .opt import OPT
 
-# most specific first: a shared-expert MoE block also matches the plain MoE layout
-LAYOUTS: tuple[Layout, ...] = (LLAMA, SHARED, MIXTRAL, PHI3, NEOX, OPT, GPT2)
+# most specific first: a Gemma block also matches Llama's parts, a shared-expert MoE block the plain MoE layout
+LAYOUTS: tuple[Layout, ...] = (GEMMA, LLAMA, SHARED, MIXTRAL, PHI3, NEOX, OPT, GPT2)
 BLOCK_LISTS = tuple(dict.fromkeys(lay.blocks for lay in LAYOUTS))  # "layers", "h"
 
 

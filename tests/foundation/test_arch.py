@@ -168,3 +168,12 @@ def test_moe_dense_macs_count_top_k_experts_router_and_shared_expert():
     router = c.num_experts * d
     want = c.num_hidden_layers * (attn + experts + shared + router) + d * c.vocab_size
     assert arch.reference_of(model)["linear_macs_per_token"] == want
+
+
+def test_gemma_norm_before_the_mlp_is_pre_feedforward():
+    from tiny import tiny_family
+
+    model, _ = tiny_family("gemma3")
+    block = arch.decoder_layers(model)[0]
+    assert arch.norms(model, block) == (block.input_layernorm, block.pre_feedforward_layernorm)
+    assert arch.role_names(model)["gate"] == "mlp.gate_proj"
