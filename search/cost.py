@@ -41,6 +41,9 @@ class Shape:
     head_dim: int
     vocab_size: int
     bytes_per_value: float = 4.0  # element size of the dense cache
+    # MACs per token of a block's linears measured from the modules (retrofit/arch: MoE top-k, fused or two-matrix
+    # projections, Conv1D); 0: the Llama formula below
+    measured_block_macs: int = 0
 
     @classmethod
     def from_config(cls, cfg, bytes_per_value: float = 4.0) -> Shape:
@@ -60,6 +63,8 @@ class Shape:
 
     @property
     def block_macs(self) -> int:
+        if self.measured_block_macs:
+            return self.measured_block_macs
         d, hd = self.hidden_size, self.head_dim
         return d * self.num_heads * hd * 2 + 2 * d * self.num_kv_heads * hd + 3 * d * self.intermediate_size
 

@@ -26,7 +26,7 @@ from adaflex.retrofit.errors import AdaflexError, UsageError
 from adaflex.retrofit.recipe import Recipe, validate
 from adaflex.retrofit.search_space import SearchSection, build
 from adaflex.retrofit.stage import StageContext
-from adaflex.search.cost import Shape, cost, feasible, format_budget, violations
+from adaflex.search.cost import cost, feasible, format_budget, violations
 from adaflex.search.space import corner_points
 
 from .cost import setting_of
@@ -56,7 +56,7 @@ class Session:
         log,
         data=None,
     ):
-        from adaflex.retrofit.arch import reference_of
+        from adaflex.retrofit.arch import reference_of, search_shape
         from adaflex.retrofit.evaluate import probe_ids
         from adaflex.retrofit.sources import run_data
 
@@ -66,7 +66,7 @@ class Session:
         self.sec = recipe.search or SearchSection()
         reference_of(model)
         self.pristine, self.tok = model, tok
-        self.shape = Shape.from_config(model.config, float(next(model.parameters()).element_size()))
+        self.shape = search_shape(model, float(next(model.parameters()).element_size()))
         self.spaces = build(recipe, self.shape.num_layers)
         if not self.spaces:
             raise UsageError("recipe: stages: nothing to search (no stage, and no search.stages)")

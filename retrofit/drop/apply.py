@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import decoder_layers, reference_of
+from ..arch import attention, decoder_layers, reference_of, set_decoder_layers
 from ..errors import UsageError
 from ..progress import progress
 from ..stage import StageContext, StageResult
@@ -87,9 +87,9 @@ def remove_blocks(model, keep: list[int]) -> None:
     reference_of(model)  # pin the dense reference before the shape changes
     layers = decoder_layers(model)
     kept = [layers[i] for i in keep]
-    model.get_decoder().layers = torch.nn.ModuleList(kept)
+    set_decoder_layers(model, torch.nn.ModuleList(kept))
     for new, blk in enumerate(kept):
-        blk.self_attn.layer_idx = new
+        attention(model, blk).layer_idx = new
         if hasattr(blk, "layer_idx"):
             blk.layer_idx = new
     cfg = model.config

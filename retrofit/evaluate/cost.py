@@ -20,11 +20,25 @@ def cost_figures(model, probe_ids: torch.Tensor) -> dict:
         h = args[0] if args else kwargs["hidden_states"]
         executed[0] += h.shape[0]
 
-    def count_linear(mod, args, _out):
-        macs[0] += mod.in_features * mod.out_features * args[0].numel() // args[0].shape[-1]
+    def count_linear(per_token):
+        def fn(_mod, args, _out):
+            macs[0] += per_token * (args[0].numel() // args[0].shape[-1])
+
+        return fn
+
+    def count_experts(per_pair):
+        def fn(_mod, args, kwargs, _out):
+            chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]  # [tokens, k]: one pass per pair
+            macs[0] += per_pair * chosen.numel()
+
+        return fn
 
     hooks = [blk.register_forward_pre_hook(count_block, with_kwargs=True) for blk in arch.decoder_layers(model)]
-    hooks += [m.register_forward_hook(count_linear) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in model.modules():  # the linears a token passes (arch/reference.py counts the dense model the same)
+        if (per_token := arch.linear_macs(m)) is not None:
+            hooks.append(m.register_forward_hook(count_linear(per_token)))
+        elif arch.is_experts(m):
+            hooks.append(m.register_forward_hook(count_experts(arch.expert_macs(m)), with_kwargs=True))
     try:
         cache = arch.new_cache(model)
         model(input_ids=probe_ids, cache=cache, use_cache=True)
@@ -38,9 +52,11 @@ def cost_figures(model, probe_ids: torch.Tensor) -> dict:
         if isinstance(t, torch.Tensor)
     )
     elem = next(model.parameters()).element_size()
-    dense_kv = ref["num_layers"] * 2 * rows * ref["num_kv_heads"] * probe_ids.shape[1] * ref["head_dim"] * elem
-    block_linears = [m for blk in arch.decoder_layers(model) for m in blk.modules() if isinstance(m, torch.nn.Linear)]
-    nonzero = sum(int(torch.count_nonzero(m.weight)) for m in block_linears)
+    # a sliding layer of the dense model holds window − 1 tokens (transformers' DynamicSlidingWindowLayer)
+    held = [probe_ids.shape[1] if not w else min(w - 1, probe_ids.shape[1])
+            for w in ref.get("windows") or [None] * ref["num_layers"]]
+    dense_kv = sum(held) * 2 * rows * ref["num_kv_heads"] * ref["head_dim"] * elem
+    nonzero = sum(int(torch.count_nonzero(w)) for blk in arch.decoder_layers(model) for w in arch.weight_params(blk))
     trainable = sum(p.numel() for n, p in model.named_parameters() if "adaflex" in n)
     return {
         "num_layers": ref["num_layers"],

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from adaflex.search import kv_alloc
 
+from .. import arch
 from ..arch import decoder_layers, head_dim, kv_heads, reference_of
 from ..errors import UsageError
 from ..progress import progress
@@ -103,8 +104,15 @@ def _undo(model, _saved) -> None:
 
 
 def check(model, cfg: KVConfig, where: str) -> None:
-    """Settings that depend on the model: the layer count of an explicit plan."""
+    """Settings that depend on the model: the layer count of an explicit plan, and attention that the budgeted
+    attention function (attention.py) does not reproduce yet: sliding windows and attention-logit softcapping."""
     n = len(decoder_layers(model))
+    sliding = [(i, w) for i, w in enumerate(arch.windows(model.config)) if w]
+    if sliding:
+        raise arch.refuse(model, where, f"kv's attention does not honour sliding windows yet (layer {sliding[0][0]} "
+                                        f"attends to the last {sliding[0][1]} tokens)")
+    if getattr(arch.text_config(model.config), "attn_logit_softcapping", None):
+        raise arch.refuse(model, where, "kv's attention does not apply attention-logit softcapping yet")
     if cfg.plan is not None and len(cfg.plan) != n:
         raise UsageError(f"{where}.plan: has {len(cfg.plan)} per-layer fractions, the model has {n} layers")
 

@@ -17,6 +17,7 @@ import torch
 from adaflex.search.knapsack import additivity_report, allocate
 from adaflex.search.owl import outlier_ratio, owl_sparsities
 
+from .. import arch
 from ..arch import decoder_layers, reference_of
 from ..drop.apply import remove_blocks
 from ..errors import BudgetInfeasible, UsageError
@@ -39,6 +40,11 @@ def check(model, cfg: PruneConfig, where: str) -> None:
         raise UsageError(f"{where}: cannot find the decoder blocks of {type(model).__name__}") from None
     if len(layers) == 0:
         raise UsageError(f"{where}: the model has no decoder blocks")
+    parts = [m for block in layers for m in block.modules()]
+    if any(arch.is_experts(m) for m in parts):  # scoring them needs per-expert statistics (issue 26)
+        raise arch.refuse(model, where, "prune does not score experts stored as 3-D parameters (mlp.experts) yet")
+    if any(type(m).__name__ == "Conv1D" for m in parts):
+        raise arch.refuse(model, where, "prune does not mask Conv1D projections (a transposed linear) yet")
     for b, block in enumerate(layers):
         lin = block_linears(block)
         if not lin:

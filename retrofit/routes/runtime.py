@@ -29,6 +29,7 @@ from torch import nn
 
 from adaflex.kernels.routes import gather_rows, scatter_add_rows
 
+from .. import arch
 from ..errors import UsageError
 from ..state import state_of
 from .router import EXECUTE, Routers, window_weights
@@ -175,7 +176,12 @@ def _attach(cache, L: int) -> None:
         return max((lay.get_seq_length() for lay in self.layers if hasattr(lay, "get_seq_length")), default=0)
 
     def mask_sizes(self, query_length: int, layer_idx: int = 0):
-        return self.get_seq_length() + query_length, 0
+        # a sliding layer holds window − 1 past tokens, as transformers' DynamicSlidingWindowLayer says
+        past = self.get_seq_length()
+        window = getattr(self.layers[layer_idx], "sliding_window", None) if layer_idx < len(self.layers) else None
+        if window and past >= window:
+            return window - 1 + query_length, past - window + 1
+        return past + query_length, 0
 
     base_repeat = cache.batch_repeat_interleave
     base_select = cache.batch_select_indices
@@ -300,7 +306,7 @@ class _Step(nn.Module):
             rows = P.rows(b + rep * P.L)
             if rows is None:
                 continue
-            attn = block.self_attn
+            attn = arch.attention(rt.model, block)
             old = attn.layer_idx
             attn.layer_idx = b + rep * P.L  # the repeat keeps its own cache slot
             try:
@@ -329,7 +335,8 @@ class RoutedRuntime:
     def __init__(self, model, policy, routers: Routers | None = None):
         self.model = model
         self.decoder = model.get_decoder()
-        self.blocks = self.decoder.layers
+        self.blocks = arch.decoder_layers(model)
+        self.blocks_name = arch.blocks_name(model)
         self.L = len(self.blocks)
         self.policy = policy
         self.current: _Pass | None = None
@@ -380,11 +387,11 @@ class RoutedRuntime:
             if routes is not None:
                 cache.adaflex_rowplan = (routes, self.current)
         self.current.owned = False  # the input of this call is not ours to write in place
-        dec.layers = self.current.layers(self)
+        setattr(dec, self.blocks_name, self.current.layers(self))
         try:
             out = self._orig_forward(*args, **kwargs)
         finally:
-            dec.layers = self.blocks
+            setattr(dec, self.blocks_name, self.blocks)
         self.last_routes = self.current.routes
         if routes is None:  # a prefill (or a cache-free call) decided: count its executed blocks
             self.decided_rows += B
@@ -431,7 +438,7 @@ def runtime_of(model) -> RoutedRuntime | None:
 @contextmanager
 def forced_paths(model, paths):
     """Run with one given path per row (tests, oracles), whatever the installed policy."""
-    rt = runtime_of(model) or install(model, FixedPolicy(counts=(1,) * len(model.get_decoder().layers)))
+    rt = runtime_of(model) or install(model, FixedPolicy(counts=(1,) * len(arch.decoder_layers(model))))
     L = rt.L
     rt._forced = FixedPolicy(rows=[path_counts(p, L) for p in paths])
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import models
+from .. import arch, models
 from ..arch import decoder_layers
 from ..errors import UsageError
 from ..stage import StageContext, StageResult
@@ -55,7 +55,10 @@ def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[i
     out = {}
     for t, mods in targets_of(model, cfg.targets).items():
         if any(m is None for m in mods):
-            raise UsageError(f"{where}.targets: '{t}' is not a linear of every decoder block")
+            have = sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(model)[0].named_modules()
+                           if isinstance(m, nn.Linear)})  # a Conv1D (GPT-2) is not adaptable yet
+            raise arch.refuse(model, f"{where}.targets", f"'{t}' is not an nn.Linear of every decoder block "
+                              f"(its blocks' linears: {', '.join(have) or 'none'})")
         dims = {(m.in_features, m.out_features) for m in mods}
         if len(dims) != 1:
             raise UsageError(f"{where}.targets: '{t}' has different shapes across blocks {sorted(dims)}")

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .. import arch
 from ..arch import decoder_layers, reference_of
 from ..errors import UsageError
 from ..stage import StageContext, StageResult
@@ -23,6 +24,10 @@ _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate
 
 def dims_of(model, where: str) -> Dims:
     """The dense block shape, after checking that every block is a Llama-style one of that shape."""
+    roles = arch.role_names(model)
+    if set(roles) != {"q", "k", "v", "o", "gate", "up", "down"}:
+        raise arch.refuse(model, where, "width narrows separate q/k/v/o and gated gate/up/down linears; its blocks "
+                                        f"have the roles {', '.join(roles)}")
     try:
         layers = decoder_layers(model)
         dims = Dims.of(model.config)

@@ -1,0 +1,51 @@
+"""Shape facts read from transformers' own config keys: KV heads (defaulting to heads), head size, each layer's
+attention kind (`config.layer_types`, `config.sliding_window`), and the dense `Shape` the search's cost model
+counts with (search/cost.py: a Llama-style formula, so it needs `intermediate_size`)."""
+
+from __future__ import annotations
+
+from adaflex.search.cost import Shape
+
+from .base import text_config, unknown
+
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+SLIDING = "sliding_attention"
+
+
+def kv_heads(config) -> int:
+    """Key/value heads (grouped-query attention); multi-head models have as many as query heads."""
+    c = text_config(config)
+    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
+def head_dim(config) -> int:
+    c = text_config(config)
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def attention_kinds(config) -> list[tuple[str, int | None]]:
+    """Per layer: ("full_attention", None) or ("sliding_attention", window), as transformers' DynamicCache builds
+    its layers: `config.layer_types` where the config has them, else every layer sliding when the config sets a
+    `sliding_window` (Mistral) and does not switch it off (`use_sliding_window: false`, Qwen2)."""
+    c = text_config(config)
+    n = c.num_hidden_layers
+    window = getattr(c, "sliding_window", None) or None
+    if getattr(c, "use_sliding_window", True) is False:
+        window = None
+    types = list(getattr(c, "layer_types", None) or [SLIDING if window else "full_attention"] * n)
+    return [(t, window if t == SLIDING and window else None) for t in types[:n]]
+
+
+def windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: full attention)."""
+    return [w for _, w in attention_kinds(config)]
+
+
+def shape(config, bytes_per_value: float = 4.0) -> Shape:
+    """The Llama-formula `Shape` of a config (search/cost.py); refuses a config without a key it needs. The search
+    itself takes `search_shape(model)` (reference.py), whose block MACs are measured from the modules."""
+    c = text_config(config)
+    for key in SHAPE_KEYS:
+        if not isinstance(getattr(c, key, None), int):
+            raise unknown(config, f"its {key.replace('_', ' ')} (the config has no '{key}')")
+    return Shape.from_config(c, bytes_per_value)
