@@ -57,6 +57,8 @@ class Shards(Method):
         per_rank = sum(a + b for a, b in dims.values())
         rank_params = config.equivalent_rank if config.method == "mos" else config.rank
         state.adapter_params = plan.trainable_params if plan else rank_params * state.layers * per_rank
+        if plan and plan.block_shapes:  # per-block shapes: the mean block's adapter MACs
+            per_rank = round(sum(a + b for dims in plan.block_shapes.values() for a, b in dims) / plan.num_layers)
         state.adapter_macs = config.rank * per_rank
 
     def contract_config(self):

@@ -50,19 +50,29 @@ def targets_of(model, targets: list[str]) -> dict[str, list[nn.Linear]]:
     return {t: [_linear(blk, t) for blk in decoder_layers(model)] for t in targets}
 
 
-def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) per target type, the same in every block (else a UsageError)."""
+def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, list[tuple[int, int]]]:
+    """(d_in, d_out) of each target in every block (width pruning may give each block its own)."""
     out = {}
-    for t, mods in targets_of(model, cfg.targets).items():
+    for t, mods in targets_of(model, targets).items():
         if any(m is None for m in mods):
             have = sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(model)[0].named_modules()
                            if isinstance(m, nn.Linear)})  # a Conv1D (GPT-2) is not adaptable yet
             raise arch.refuse(model, f"{where}.targets", f"'{t}' is not an nn.Linear of every decoder block "
                               f"(its blocks' linears: {', '.join(have) or 'none'})")
-        dims = {(m.in_features, m.out_features) for m in mods}
-        if len(dims) != 1:
-            raise UsageError(f"{where}.targets: '{t}' has different shapes across blocks {sorted(dims)}")
-        out[t] = dims.pop()
+        out[t] = [(m.in_features, m.out_features) for m in mods]
+    return out
+
+
+def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) per target type. A MoS pool holds one shape per target, so MoS needs it the same in every
+    block (else a UsageError); LoRA keeps a pair of factors per block, so for LoRA it is the largest in each
+    dimension and `block_shapes` says each block's."""
+    out = {}
+    for t, dims in block_shapes(model, cfg.targets, where).items():
+        if len(set(dims)) != 1 and cfg.method == "mos":
+            raise UsageError(f"{where}.targets: '{t}' has different shapes across blocks {sorted(set(dims))} "
+                             "(width pruning): a MoS pool needs one shape per target; use method: lora")
+        out[t] = (max(d for d, _ in dims), max(d for _, d in dims))
     return out
 
 
@@ -90,6 +100,9 @@ def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> ShardsPlan:
     plan = {"method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "scaling": cfg.alpha / cfg.rank,
             "dropout": cfg.dropout, "dtype": cfg.dtype, "targets": list(cfg.targets), "num_layers": n,
             "shapes": {t: list(d) for t, d in dims.items()}}
+    per_block = block_shapes(model, cfg.targets, where)
+    if any(len(set(d)) > 1 for d in per_block.values()):  # only after per-block widths (LoRA: see shapes)
+        plan["block_shapes"] = {t: [list(x) for x in d] for t, d in per_block.items()}
     if cfg.method == "mos":
         pool = ix.pool_size(n, cfg.equivalent_rank, cfg.shards_per_vector)
         plan.update({"equivalent_rank": cfg.equivalent_rank, "shards_per_vector": cfg.shards_per_vector,
@@ -98,7 +111,7 @@ def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> ShardsPlan:
                      "subset_selection": cfg.subset_selection, "pair_dissociation": cfg.pair_dissociation,
                      "vector_sharding": cfg.vector_sharding})
     plan["trainable_params"] = trainable_params(plan["method"], plan["rank"], plan.get("equivalent_rank"), n,
-                                                plan["shapes"])
+                                                plan["shapes"], plan.get("block_shapes"))
     return ShardsPlan.model_validate(plan)
 
 
@@ -118,6 +131,11 @@ def init_tensors(plan: ShardsPlan, seed: int) -> dict[str, torch.Tensor]:
                            seed=seed * 7 + k)
             idt = index_dtype(pool)
             out[f"index.{t}.a"], out[f"index.{t}.b"] = a.to(idt), b.to(idt)
+        elif plan.block_shapes:  # per-block shapes, zero-padded to the largest (each block's own fan-in)
+            a = torch.zeros(n, r, d_in, dtype=dtype)
+            for i, (di, _) in enumerate(plan.block_shapes[t]):
+                a[i, :, :di] = torch.rand(r, di, generator=g) * 2 / math.sqrt(di) - 1 / math.sqrt(di)
+            out[f"lora.{t}.a"], out[f"lora.{t}.b"] = a, torch.zeros(n, d_out, r, dtype=dtype)
         else:
             out[f"lora.{t}.a"] = (torch.rand(n, r, d_in, generator=g) * 2 * bound - bound).to(dtype)
             out[f"lora.{t}.b"] = torch.zeros(n, d_out, r, dtype=dtype)
@@ -136,6 +154,11 @@ def install(model, plan: ShardsPlan, tensors: dict[str, torch.Tensor]) -> None:
     scale, drop = plan.scaling, plan.dropout
     for t, mods in targets_of(model, plan.targets).items():
         d_in, d_out = plan.shapes[t]
+        want = plan.block_shapes[t] if plan.block_shapes else [[d_in, d_out]] * len(mods)
+        for i, (m, w) in enumerate(zip(mods, want, strict=True)):
+            if m is None or [m.in_features, m.out_features] != list(w):
+                got = "no such linear" if m is None else f"{m.in_features}×{m.out_features}"
+                raise UsageError(f"shards: block {i}'s {t} is {got}, the plan's adapter is for {w[0]}×{w[1]}")
         if plan.method == "mos":
             pool = ShardPool(plan.pool_shards, d_in, d_out, plan.shards_per_vector, dtype).to(dev)
             with torch.no_grad():
@@ -147,8 +170,9 @@ def install(model, plan: ShardsPlan, tensors: dict[str, torch.Tensor]) -> None:
                 attach(m, MoSDelta(pool, ia[i], ib[i], scale, drop))
         else:
             a, b = tensors[f"lora.{t}.a"], tensors[f"lora.{t}.b"]
-            for i, m in enumerate(mods):
-                attach(m, LoraDelta(a[i].to(dev, dtype), b[i].to(dev, dtype), scale, drop))
+            for i, m in enumerate(mods):  # a narrowed block takes the leading slice of the padded factors
+                a_i, b_i = a[i, :, : m.in_features], b[i, : m.out_features]
+                attach(m, LoraDelta(a_i.to(dev, dtype), b_i.to(dev, dtype), scale, drop))
     if len(pools):
         model.adaflex_shards = pools
     record(model)
@@ -168,8 +192,13 @@ def collect(model, plan: ShardsPlan) -> dict[str, torch.Tensor]:
             out[f"index.{t}.a"] = torch.stack([d.idx_a for d in deltas]).cpu().to(idt)
             out[f"index.{t}.b"] = torch.stack([d.idx_b for d in deltas]).cpu().to(idt)
         else:
-            out[f"lora.{t}.a"] = torch.stack([d.adaflex_a.detach() for d in deltas]).cpu()
-            out[f"lora.{t}.b"] = torch.stack([d.adaflex_b.detach() for d in deltas]).cpu()
+            d_in, d_out = plan.shapes[t]
+            a = torch.zeros(len(deltas), plan.rank, d_in, dtype=deltas[0].adaflex_a.dtype)
+            b = torch.zeros(len(deltas), d_out, plan.rank, dtype=deltas[0].adaflex_b.dtype)
+            for i, d in enumerate(deltas):  # zero-padded back to the largest shape (per-block widths)
+                a[i, :, : d.adaflex_a.shape[1]] = d.adaflex_a.detach().cpu()
+                b[i, : d.adaflex_b.shape[0]] = d.adaflex_b.detach().cpu()
+            out[f"lora.{t}.a"], out[f"lora.{t}.b"] = a, b
     return out
 
 
@@ -282,6 +311,11 @@ def export_extra(model, plan: ShardsPlan, tensors: dict, out_dir: Path, merge: b
     if merge:
         merge_all(model)
         return {"baked": True}
+    if plan.block_shapes:
+        # the export holds per-block widths zero-padded to the dense shapes (width/README.md): a peft adapter for it
+        # would need the same padding, which peft's loader does not know about
+        raise UsageError("export: the shards adapters have per-block shapes (after per-block widths); peft LoRA "
+                         "needs one shape per target: export with --merge-adapters")
     write_peft_lora(model, plan, Path(out_dir) / "lora")
     return {"baked": False, "peft_lora": "lora"}
 

@@ -17,8 +17,12 @@ MOS_KEYS = ("equivalent_rank", "shards_per_vector", "private_rank", "pool_shards
 
 
 def trainable_params(method: str, rank: int, equivalent_rank: int | None, num_layers: int,
-                     shapes: dict[str, tuple[int, int] | list[int]]) -> int:
-    """Adapter parameters: MoS holds the parameters of a rank-`equivalent_rank` LoRA, LoRA those of its rank."""
+                     shapes: dict[str, tuple[int, int] | list[int]],
+                     block_shapes: dict[str, list[list[int]]] | None = None) -> int:
+    """Adapter parameters: MoS holds the parameters of a rank-`equivalent_rank` LoRA, LoRA those of its rank
+    (with per-block shapes, each block's own; the zero padding of the stored tensors is not trained)."""
+    if block_shapes:
+        return rank * sum(d_in + d_out for dims in block_shapes.values() for d_in, d_out in dims)
     per_rank = sum(d_in + d_out for d_in, d_out in shapes.values())
     return (equivalent_rank if method == "mos" else rank) * num_layers * per_rank
 
@@ -33,6 +37,8 @@ class ShardsPlan(Plan):
     targets: list[Target] = Field(min_length=1)
     num_layers: int = Field(ge=1)
     shapes: dict[Target, list[int]]
+    # LoRA after per-block widths only: each block's [d_in, d_out] (`shapes` is then the largest of each)
+    block_shapes: dict[Target, list[list[int]]] | None = None
     # MoS only (absent from a LoRA plan)
     equivalent_rank: int | None = Field(None, ge=1)
     shards_per_vector: int | None = Field(None, ge=1)
@@ -51,6 +57,16 @@ class ShardsPlan(Plan):
         for t, dims in self.shapes.items():
             if len(dims) != 2 or min(dims) < 1:
                 raise ValueError(f"shapes.{t}: {dims} is not [d_in, d_out]")
+        if self.block_shapes is not None:
+            if self.method == "mos":
+                raise ValueError("block_shapes: a MoS pool holds one shape per target")
+            if list(self.block_shapes) != list(self.targets):
+                raise ValueError(f"block_shapes: holds {list(self.block_shapes)}, targets are {self.targets}")
+            for t, dims in self.block_shapes.items():
+                big = self.shapes[t]
+                if len(dims) != self.num_layers or any(len(d) != 2 or not 1 <= d[0] <= big[0] or not 1 <= d[1] <= big[1]
+                                                       for d in dims):
+                    raise ValueError(f"block_shapes.{t}: needs {self.num_layers} [d_in, d_out] pairs within {big}")
         given = [k for k in MOS_KEYS if getattr(self, k) is not None]
         if self.method == "mos" and len(given) != len(MOS_KEYS):
             raise ValueError(f"{next(k for k in MOS_KEYS if k not in given)}: missing (method mos)")
@@ -58,7 +74,8 @@ class ShardsPlan(Plan):
             raise ValueError(f"{given[0]}: a MoS key in a lora plan")
         if not math.isclose(self.scaling, self.alpha / self.rank):
             raise ValueError(f"scaling: {self.scaling} is not alpha / rank = {self.alpha / self.rank}")
-        want = trainable_params(self.method, self.rank, self.equivalent_rank, self.num_layers, self.shapes)
+        want = trainable_params(self.method, self.rank, self.equivalent_rank, self.num_layers, self.shapes,
+                                self.block_shapes)
         if self.trainable_params != want:
             raise ValueError(f"trainable_params: {self.trainable_params}, the shapes and ranks give {want}")
         return self
