@@ -46,6 +46,7 @@ class KVSpec:
     head_fractions: list[list[float]] | None = None  # or per (layer, KV head): heads keep different counts
     storage: str = "model"  # element type of the stored keys/values: model, float16, bfloat16, int8
     bytes_per_value: float = 1.0  # stored bytes per value relative to the model's dtype (int8: + scales)
+    windows: list[int | None] | None = None  # per layer: its sliding window (arch.windows), None: full attention
     extra: dict = field(default_factory=dict)
 
     @property
