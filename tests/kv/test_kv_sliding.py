@@ -128,3 +128,21 @@ def test_sliding_layer_positions_follow_eviction():
     assert sliding.pos[0, 0].tolist() == list(range(seen - WINDOW + 1, seen))
     assert full.pos[0, 0].tolist() == list(range(seen))
     uninstall(model)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_under_routes_and_kv_nothing_skipped_gives_transformers_logits(family):
+    """Issue 26's done-when: a sliding-window model under kv and routes, every block once, nothing evicted."""
+    from adaflex.retrofit.routes.runtime import FixedPolicy
+    from adaflex.retrofit.routes.runtime import install as routes_install
+    from adaflex.retrofit.routes.runtime import uninstall as routes_uninstall
+
+    model, tok = _model(family)
+    ref = generated_logits(model, tok, TEXT, new_tokens=6)
+    routes_install(model, FixedPolicy(counts=(1,) * model.config.num_hidden_layers))
+    try:
+        _kv(model, budget=1.0)
+        torch.testing.assert_close(generated_logits(model, tok, TEXT, new_tokens=6), ref, rtol=0, atol=1e-5)
+    finally:
+        uninstall(model)
+        routes_uninstall(model)
