@@ -85,7 +85,7 @@ class BudgetedCache(Cache):
         if spec.is_full or self.frozen:
             return 0
         if layer.capacity is None:
-            if spec.total(layer.seen) >= layer.seen * spec.num_layers:
+            if spec.total(layer.seen) >= spec.held(layer.seen).sum():
                 return 0
             need = spec.policy.needs_attention or spec.cascades
             return min(spec.window, q) if need else 0
@@ -128,7 +128,7 @@ class BudgetedCache(Cache):
         # counts follow the prompt length (`seen`; a sliding layer stores fewer: `slide`), scores the stored slots
         spec, k, length = self.spec, layer.stored, layer.seen
         total = spec.total(length)
-        if total >= length * spec.num_layers:
+        if total >= spec.held(length).sum():
             return  # nothing to evict yet: stays uncompressed, later forwards reconsider
         if spec.policy.needs_attention:
             mass = None if layer.mass is None else layer.mass / max(1, layer.mass_queries)
@@ -159,7 +159,8 @@ class BudgetedCache(Cache):
         h, v = layer_preference(probs, spec.window)
         self._prefs[i] = float(kv_alloc.cake_preference([h], [v], spec.tau1, spec.tau2)[0])
         seen = sorted(self._prefs, key=order)
-        lengths = np.array([self.layers[j].stored for j in seen])
+        # a sliding layer can hold at most window - 1: what CAKE would give it beyond goes to the others
+        lengths = np.array([self.layers[j].holdable for j in seen])
         floor = min(spec.floor, layer.stored)
         repeats = sum(j >= spec.num_layers for j in seen)  # each repeat slot adds one layer's share
         total = total * (spec.num_layers + repeats) // spec.num_layers

@@ -202,6 +202,11 @@ class BudgetedLayer(DynamicLayer):
         windows = self.owner.spec.windows
         return windows[self.budget_idx] if windows else None
 
+    @property
+    def holdable(self) -> int:
+        """Slots worth holding: all stored ones, a sliding layer's window - 1 at most."""
+        return self.stored if not self.window else min(self.stored, self.window - 1)
+
     def slide(self) -> None:
         """Sliding layer: mark the slots no later query can see invalid (a query at p sees p - window < pos <= p;
         every later query sits at `seen` or after), so that `shrink` drops them first."""
