@@ -245,15 +245,16 @@ def average_plans(plans: Sequence, weights=None) -> np.ndarray:
     return np.average(arr, axis=0, weights=weights)
 
 
-def plan_counts(fractions, length: int, total: int | None = None, min_keep=0) -> np.ndarray:
+def plan_counts(fractions, length: int, total: int | None = None, min_keep=0, lengths=None) -> np.ndarray:
     """Token counts of a static per-layer plan for a prompt of `length` tokens.
 
-    `total` defaults to round(sum(fractions) * length); counts keep the plan's proportions.
+    `total` defaults to round(sum(fractions) * length); counts keep the plan's proportions. `lengths`: per-layer
+    caps (a sliding layer holds at most its window - 1), `length` each by default.
     """
     f = np.asarray(fractions, dtype=np.float64)
     if total is None:
         total = round(float(f.sum()) * length)
-    return _allocate(f, total, np.full(f.size, length), min_keep)
+    return _allocate(f, total, np.full(f.size, length) if lengths is None else lengths, min_keep)
 
 
 def promote(gains, mean: float, floor: float, tiers) -> np.ndarray | None:

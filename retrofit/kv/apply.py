@@ -51,9 +51,10 @@ def spec_from(cfg: KVConfig, num_layers: int, fractions=None, model=None, head_f
     its per-layer means (a stored plan carries both)."""
     if fractions is not None and np.ndim(fractions) == 2:
         fractions, head_fractions = None, fractions
-    bpv = 1.0
+    bpv, windows = 1.0, None
     if model is not None:
         bpv = storage_bytes_per_value(cfg.storage, next(model.parameters()).dtype, head_dim(model.config))
+        windows = arch.windows(model.config) if any(arch.windows(model.config)) else None
     return KVSpec(storage=cfg.storage, bytes_per_value=bpv, num_layers=num_layers,
                   policy=make_policy(cfg.policy, cfg.kernel, cfg.gamma, cfg.stat, cfg.heads, cfg.value_norm),
                   budget=cfg.budget if cfg.tokens is None else None, tokens=cfg.tokens, allocation=cfg.allocation,
@@ -61,7 +62,7 @@ def spec_from(cfg: KVConfig, num_layers: int, fractions=None, model=None, head_f
                   tau1=cfg.tau1, tau2=cfg.tau2, decode=cfg.decode,
                   fractions=None if fractions is None else [float(f) for f in fractions],
                   head_fractions=None if head_fractions is None else np.asarray(head_fractions, float).tolist(),
-                  extra={"query_agnostic": cfg.query_agnostic})
+                  windows=windows, extra={"query_agnostic": cfg.query_agnostic})
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -104,15 +105,9 @@ def _undo(model, _saved) -> None:
 
 
 def check(model, cfg: KVConfig, where: str) -> None:
-    """Settings that depend on the model: the layer count of an explicit plan, and attention that the budgeted
-    attention function (attention.py) does not reproduce yet: sliding windows and attention-logit softcapping."""
+    """Settings that depend on the model: the layer count of an explicit plan. (Sliding windows and attention-logit
+    softcapping: the attention function applies what each module passes, attention.py.)"""
     n = len(decoder_layers(model))
-    sliding = [(i, w) for i, w in enumerate(arch.windows(model.config)) if w]
-    if sliding:
-        raise arch.refuse(model, where, f"kv's attention does not honour sliding windows yet (layer {sliding[0][0]} "
-                                        f"attends to the last {sliding[0][1]} tokens)")
-    if getattr(arch.text_config(model.config), "attn_logit_softcapping", None):
-        raise arch.refuse(model, where, "kv's attention does not apply attention-logit softcapping yet")
     if cfg.plan is not None and len(cfg.plan) != n:
         raise UsageError(f"{where}.plan: has {len(cfg.plan)} per-layer fractions, the model has {n} layers")
 
@@ -134,11 +129,11 @@ def attention_profiles(model, windows: torch.Tensor, window: int, tau1=1.0, tau2
     for row in progress(range(windows.shape[0]), desc="kv profile", total=windows.shape[0]):
         cur, pref = [None] * n, [0.0] * n
 
-        def watch(i, query, key, valid, scaling, groups, cur=cur, pref=pref):
+        def watch(i, query, key, valid, scaling, groups, cur=cur, pref=pref, reach=None, softcap=None):
             # attention received by each key from all queries, mean over heads
-            mass = received_mass(query, key, valid, scaling, groups).mean(dim=1).sum(0).double()
-            cur[i] = kv_alloc.cumulative_mass(mass.numpy())
-            probs = window_probs(query, key, valid, scaling, min(window, query.shape[2]), groups)
+            mass = received_mass(query, key, valid, scaling, groups, reach=reach, softcap=softcap)
+            cur[i] = kv_alloc.cumulative_mass(mass.mean(dim=1).sum(0).double().numpy())
+            probs = window_probs(query, key, valid, scaling, min(window, query.shape[2]), groups, reach, softcap)
             h, v = layer_preference(probs, window)
             pref[i] = float(kv_alloc.cake_preference([h], [v], tau1, tau2)[0])
 

@@ -85,7 +85,7 @@ class BudgetedCache(Cache):
         if spec.is_full or self.frozen:
             return 0
         if layer.capacity is None:
-            if spec.total(layer.stored) >= layer.stored * spec.num_layers:
+            if spec.total(layer.seen) >= spec.held(layer.seen).sum():
                 return 0
             need = spec.policy.needs_attention or spec.cascades
             return min(spec.window, q) if need else 0
@@ -102,8 +102,17 @@ class BudgetedCache(Cache):
         [B, 2·Hq, K] attention the keys received from this forward's new queries, per query head: sums of p,
         then of p² (`attention.received_attention`; only when `wants_mass`)."""
         spec = self.spec
-        if spec.is_full or self.frozen:
+        if self.frozen:
             return
+        layer.slide()  # a sliding layer's keys out of its window are never seen again: they leave first
+        if not spec.is_full:
+            self._budget(layer, probs, groups, mass)
+        if layer.window:  # what later queries can see: window - 1 tokens at most
+            cap = layer.window - 1
+            layer.shrink(min(cap, layer.capacity or cap), layer.head_caps and [min(cap, c) for c in layer.head_caps])
+
+    def _budget(self, layer: BudgetedLayer, probs, groups, mass) -> None:
+        spec = self.spec
         if mass is not None:  # a prompt may arrive in chunks: keep summing until it is compressed
             old = layer.mass
             if old is not None:
@@ -116,9 +125,10 @@ class BudgetedCache(Cache):
             self._decode(layer, probs, groups)
 
     def _prefill(self, layer: BudgetedLayer, probs, groups) -> None:
-        spec, k = self.spec, layer.stored
-        total = spec.total(k)
-        if total >= k * spec.num_layers:
+        # counts follow the prompt length (`seen`; a sliding layer stores fewer: `slide`), scores the stored slots
+        spec, k, length = self.spec, layer.stored, layer.seen
+        total = spec.total(length)
+        if total >= spec.held(length).sum():
             return  # nothing to evict yet: stays uncompressed, later forwards reconsider
         if spec.policy.needs_attention:
             mass = None if layer.mass is None else layer.mass / max(1, layer.mass_queries)
@@ -128,9 +138,9 @@ class BudgetedCache(Cache):
         if spec.cascades:
             self._cascade(layer, probs, total)
             return
-        if self._counts is None or self._counts[0] != k:  # per layer [L], or per KV head [L, H]
-            heads = spec.static_head_counts(k)
-            self._counts = (k, spec.static_counts(k) if heads is None else heads)
+        if self._counts is None or self._counts[0] != length:  # per layer [L], or per KV head [L, H]
+            heads = spec.static_head_counts(length)
+            self._counts = (length, spec.static_counts(length) if heads is None else heads)
         counts = self._counts[1][layer.budget_idx]
         layer.head_caps = [int(c) for c in counts] if np.ndim(counts) else None
         layer.capacity = int(np.max(counts))
@@ -149,7 +159,8 @@ class BudgetedCache(Cache):
         h, v = layer_preference(probs, spec.window)
         self._prefs[i] = float(kv_alloc.cake_preference([h], [v], spec.tau1, spec.tau2)[0])
         seen = sorted(self._prefs, key=order)
-        lengths = np.array([self.layers[j].stored for j in seen])
+        # a sliding layer can hold at most window - 1: what CAKE would give it beyond goes to the others
+        lengths = np.array([self.layers[j].holdable for j in seen])
         floor = min(spec.floor, layer.stored)
         repeats = sum(j >= spec.num_layers for j in seen)  # each repeat slot adds one layer's share
         total = total * (spec.num_layers + repeats) // spec.num_layers

@@ -55,6 +55,7 @@ class BudgetedLayer(DynamicLayer):
         self.owner = owner
         self.seen = 0
         self.valid: torch.Tensor | None = None  # [B, H, K] bool
+        self.pos: torch.Tensor | None = None  # [B, H, K] long: each slot's index in the sequence seen (sliding windows)
         self.scores: torch.Tensor | None = None  # [B, H, K] float32 (attention-scored policies)
         self.mass: torch.Tensor | None = None  # [B, 2·Hq, K] attention received (sums of p, p²) over prompt queries
         self.mass_queries = 0
@@ -72,6 +73,7 @@ class BudgetedLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         b, h = key_states.shape[:2]
         self.valid = torch.zeros(b, h, 0, dtype=torch.bool, device=self.device)
+        self.pos = torch.zeros(b, h, 0, dtype=torch.long, device=self.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -96,6 +98,8 @@ class BudgetedLayer(DynamicLayer):
                 setattr(self, name, t if old is None or not old.numel() else torch.cat([old.to(t.dtype), t], dim=-2))
         new = torch.ones(*key_states.shape[:2], q, dtype=torch.bool, device=self.device)
         self.valid = torch.cat([self.valid, new], dim=-1)
+        at = torch.arange(self.seen, self.seen + q, device=self.device)
+        self.pos = torch.cat([self.pos, at.expand(*key_states.shape[:2], q)], dim=-1)
         if self.scores is not None:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:2], q)], dim=-1)
         self.seen += q
@@ -142,6 +146,7 @@ class BudgetedLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen, self.valid, self.scores, self.capacity, self.heads_uniform = 0, None, None, None, True
+        self.pos = None
         self.head_caps = None
         self.mass, self.mass_queries = None, 0
         self.keys = self.values = self.k_scale = self.v_scale = None
@@ -156,7 +161,7 @@ class BudgetedLayer(DynamicLayer):
         self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
         if self.k_scale is not None:
             self.k_scale, self.v_scale = self.k_scale[..., :-n, :], self.v_scale[..., :-n, :]
-        self.valid = self.valid[..., :-n]
+        self.valid, self.pos = self.valid[..., :-n], self.pos[..., :-n]
         if self.scores is not None:
             self.scores = self.scores[..., :-n]
         if self.mass is not None:  # the removed queries' attention stays summed in: a small bias, no error
@@ -169,7 +174,7 @@ class BudgetedLayer(DynamicLayer):
         for name in self._storage_names():
             t = getattr(self, name)
             setattr(self, name, [fn(p) for p in t] if isinstance(t, list) else fn(t))
-        self.valid = fn(self.valid)
+        self.valid, self.pos = fn(self.valid), fn(self.pos)
         if self.scores is not None:
             self.scores = fn(self.scores)
         if self.mass is not None:
@@ -191,6 +196,23 @@ class BudgetedLayer(DynamicLayer):
             return 0
         return max(p.shape[-2] for p in self.keys) if self.ragged else self.keys.shape[-2]
 
+    @property
+    def window(self) -> int | None:
+        """This layer's sliding window (its block's, from the spec), None for full attention."""
+        windows = self.owner.spec.windows
+        return windows[self.budget_idx] if windows else None
+
+    @property
+    def holdable(self) -> int:
+        """Slots worth holding: all stored ones, a sliding layer's window - 1 at most."""
+        return self.stored if not self.window else min(self.stored, self.window - 1)
+
+    def slide(self) -> None:
+        """Sliding layer: mark the slots no later query can see invalid (a query at p sees p - window < pos <= p;
+        every later query sits at `seen` or after), so that `shrink` drops them first."""
+        if self.window and self.is_initialized:
+            self.valid &= self.pos > self.seen - self.window
+
     def kept_lengths(self) -> torch.Tensor:
         """Real tokens kept per (batch row, KV head): [B, H]."""
         return self.valid.sum(-1)
@@ -202,7 +224,7 @@ class BudgetedLayer(DynamicLayer):
         return sum(p.numel() * p.element_size() for p in parts)
 
     def bookkeeping_bytes(self) -> int:
-        n = 0 if self.valid is None else self.valid.numel()
+        n = 0 if self.valid is None else self.valid.numel() + self.pos.numel() * 8
         return n + (0 if self.scores is None else self.scores.numel() * 4)
 
     # -- eviction --
@@ -214,7 +236,7 @@ class BudgetedLayer(DynamicLayer):
         self.keys, self.values = compact_kv(self.keys, self.values, indices)
         if self.k_scale is not None:
             self.k_scale, self.v_scale = compact_kv(self.k_scale, self.v_scale, indices)
-        self.valid = torch.gather(self.valid, 2, indices)
+        self.valid, self.pos = torch.gather(self.valid, 2, indices), torch.gather(self.pos, 2, indices)
         if self.scores is not None:
             self.scores = torch.gather(self.scores, 2, indices)
         self.heads_uniform = self.keys.shape[1] == 1 or bool((indices == indices[:, :1]).all())
@@ -228,6 +250,7 @@ class BudgetedLayer(DynamicLayer):
         counts = [int(i.shape[-1]) for i in indices]
         new_k = max(counts)
         valid = self.valid.new_zeros(self.valid.shape[0], len(indices), new_k)
+        pos = self.pos.new_zeros(valid.shape)
         scores = None if self.scores is None else self.scores.new_zeros(valid.shape)
         stored = {name: _per_head(getattr(self, name)) for name in self._storage_names()}
         for name in stored:
@@ -240,9 +263,10 @@ class BudgetedLayer(DynamicLayer):
                     for name, t in zip((a, b), compact_kv(stored[a][j], stored[b][j], idx), strict=True):
                         getattr(self, name).append(t)
             valid[:, j, new_k - idx.shape[-1]:] = torch.gather(self.valid[:, j, part], 1, idx[:, 0])
+            pos[:, j, new_k - idx.shape[-1]:] = torch.gather(self.pos[:, j, part], 1, idx[:, 0])
             if scores is not None:
                 scores[:, j, new_k - idx.shape[-1]:] = torch.gather(self.scores[:, j, part], 1, idx[:, 0])
-        self.valid, self.scores = valid, scores
+        self.valid, self.scores, self.pos = valid, scores, pos
         if len(set(counts)) == 1:  # equal again: one tensor per kind
             for name in self._storage_names():
                 setattr(self, name, torch.cat(getattr(self, name), dim=1))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import profile, received_attention, register, window_probs
+from .attention import profile, reach_of, received_attention, register, window_probs
 from .cache import BudgetedCache
 from .layer import active_layer
 from .policies import StreamingLLM
@@ -32,6 +32,8 @@ class PrefillRecord:
     seen: int
     logits: torch.Tensor | None = None  # last position's logits
     mass: list | None = None  # per layer [B, 2·Hq, T]: attention received from all prompt queries (h2o, mix)
+    windows: list | None = None  # per layer: the sliding window its module passed (None: full attention)
+    softcap: float | None = None  # attention-logit softcapping (Gemma 2)
 
 
 @torch.no_grad()
@@ -51,19 +53,21 @@ def record_prefill(model, input_ids, attention_mask=None, window: int = 32, mass
     if prefix is not None and not 0 < prefix <= input_ids.shape[1]:
         raise ValueError(f"prefix {prefix} outside (0, {input_ids.shape[1]}]")
     cache = BudgetedCache(KVSpec(num_layers=n, policy=StreamingLLM(), budget=1.0))
-    queries, masses, meta = [None] * n, [None] * n, {}
+    queries, masses, meta, windows = [None] * n, [None] * n, {}, [None] * n
     pre_queries, pre_masses = [None] * n, [None] * n
 
-    def watch(i, query, key, valid, scaling, groups):
+    def watch(i, query, key, valid, scaling, groups, reach=None, softcap=None):
         queries[i] = query[:, :, -min(window, query.shape[2]):].clone()
+        windows[i] = None if reach is None else reach.window
+        kw = {"reach": reach, "softcap": softcap}
         if prefix is not None:
             pre_queries[i] = query[:, :, max(0, prefix - window):prefix].clone()
         if mass and prefix is not None:
-            head, masses[i] = received_attention(query, key, valid, scaling, groups, split=prefix)
+            head, masses[i] = received_attention(query, key, valid, scaling, groups, split=prefix, **kw)
             pre_masses[i] = head[..., :prefix].clone()
         elif mass:
-            masses[i] = received_attention(query, key, valid, scaling, groups)
-        meta.update(scaling=scaling, groups=groups)
+            masses[i] = received_attention(query, key, valid, scaling, groups, **kw)
+        meta.update(scaling=scaling, groups=groups, softcap=softcap)
 
     with profile(watch):
         out = model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
@@ -72,13 +76,13 @@ def record_prefill(model, input_ids, attention_mask=None, window: int = 32, mass
     valid = [None if bool(x.valid.all()) else x.valid for x in layers]
     rec = PrefillRecord([x.keys for x in layers], [x.values for x in layers], valid, queries,
                         meta["scaling"], meta["groups"], layers[0].seen, out.logits[:, -1].float(),
-                        masses if mass else None)
+                        masses if mass else None, windows, meta["softcap"])
     if prefix is None:
         return rec
     pre_valid = [None if v is None or bool(v[..., :prefix].all()) else v[..., :prefix] for v in valid]
     pre = PrefillRecord([x.keys[..., :prefix, :] for x in layers], [x.values[..., :prefix, :] for x in layers],
                         pre_valid, pre_queries, meta["scaling"], meta["groups"], prefix, None,
-                        pre_masses if mass else None)
+                        pre_masses if mass else None, windows, meta["softcap"])
     return rec, pre
 
 
@@ -93,7 +97,9 @@ def replay(spec: KVSpec, record: PrefillRecord) -> BudgetedCache:
         q = record.queries[i]
         w = cache.probe_queries(layer, record.seen)
         valid = None if record.valid[i] is None else record.valid[i][:, :1]
-        probs = window_probs(q, k, valid, record.scaling, min(w, q.shape[2]), record.groups) if w else None
+        reach = reach_of(record.windows and record.windows[i], layer, q.shape[2], k.shape[2], k.shape[0], k.device)
+        probs = (window_probs(q, k, valid, record.scaling, min(w, q.shape[2]), record.groups, reach, record.softcap)
+                 if w else None)
         mass = None
         if cache.wants_mass(layer):
             if record.mass is None:

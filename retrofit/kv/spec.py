@@ -46,6 +46,7 @@ class KVSpec:
     head_fractions: list[list[float]] | None = None  # or per (layer, KV head): heads keep different counts
     storage: str = "model"  # element type of the stored keys/values: model, float16, bfloat16, int8
     bytes_per_value: float = 1.0  # stored bytes per value relative to the model's dtype (int8: + scales)
+    windows: list[int | None] | None = None  # per layer: its sliding window (arch.windows), None: full attention
     extra: dict = field(default_factory=dict)
 
     @property
@@ -68,24 +69,40 @@ class KVSpec:
             return min(self.tokens, length)
         return min(length, int(round(self.token_fraction * length)))
 
+    def held(self, length: int) -> np.ndarray:
+        """Per layer, the tokens the full cache holds after `length`: a sliding layer at most window - 1 (what
+        later queries can still see), as the dense KV bytes count them (arch/reference.py)."""
+        windows = self.windows or [None] * self.num_layers
+        return np.array([min(length, w - 1) if w else length for w in windows], dtype=np.int64)
+
     def total(self, length: int) -> int:
-        lo = min(self.floor, length) * self.num_layers
-        return int(min(max(self.mean_count(length) * self.num_layers, lo), length * self.num_layers))
+        """Tokens all layers keep together: the budget's share of what the full cache holds (`held`)."""
+        if not self.windows:
+            lo = min(self.floor, length) * self.num_layers
+            return int(min(max(self.mean_count(length) * self.num_layers, lo), length * self.num_layers))
+        held = self.held(length)
+        lo = int(np.minimum(self.floor, held).sum())
+        want = (np.minimum(self.tokens, held).sum() if self.tokens is not None
+                else round(self.token_fraction * held.sum()))
+        return int(min(max(int(want), lo), held.sum()))
 
     def static_counts(self, length: int) -> np.ndarray:
-        """Per-layer token counts of a static plan for a prompt of `length` tokens (sum = total)."""
-        total, floor, n = self.total(length), min(self.floor, length), self.num_layers
+        """Per-layer token counts of a static plan for a prompt of `length` tokens (sum = total; a sliding layer
+        at most window - 1, what it would not hold goes to the others)."""
+        total, n, held = self.total(length), self.num_layers, self.held(length)
+        floor = np.minimum(self.floor, held)
         if self.fractions is not None:
-            return kv_alloc.plan_counts(self.fractions, length, total=total, min_keep=floor)
+            return kv_alloc.plan_counts(self.fractions, length, total=total, min_keep=floor, lengths=held)
         if self.allocation == "pyramid":
-            return kv_alloc.pyramid(n, total, beta=self.beta, lengths=length, min_keep=floor)
-        return kv_alloc.uniform(n, total, lengths=length, min_keep=floor)
+            return kv_alloc.pyramid(n, total, beta=self.beta, lengths=held, min_keep=floor)
+        return kv_alloc.uniform(n, total, lengths=held, min_keep=floor)
 
     def static_head_counts(self, length: int) -> np.ndarray | None:
         """Per (layer, KV head) token counts of a per-head plan [L, H] (sum = total · H), None without one."""
         if self.head_fractions is None:
             return None
         f = np.asarray(self.head_fractions, dtype=np.float64)
+        held = np.repeat(self.held(length), f.shape[1])
         counts = kv_alloc.plan_counts(f.ravel(), length, total=self.total(length) * f.shape[1],
-                                      min_keep=min(self.floor, length))
+                                      min_keep=np.minimum(self.floor, held), lengths=held)
         return counts.reshape(f.shape)

@@ -22,7 +22,6 @@ TEXT = " ".join(f"sentence {i} about tiny models and their blocks." for i in ran
 
 _LLAMA_TARGETS = "is not an nn.Linear of every decoder block"
 _MOE = "does not score experts stored as 3-D parameters"
-_SLIDING = "kv's attention does not honour sliding windows yet"
 _WIDTH = "width narrows separate q/k/v/o and gated gate/up/down linears"
 # (family, method) -> what the one-line refusal says is missing; every other cell must run
 REFUSED = {
@@ -34,7 +33,6 @@ REFUSED = {
     ("qwen2_moe", "prune"): _MOE, ("qwen2_moe", "width"): _WIDTH,
     ("mixtral", "prune"): _MOE, ("mixtral", "width"): _WIDTH, ("mixtral", "shards"): _LLAMA_TARGETS,
     ("mixtral", "heal"): _LLAMA_TARGETS,
-    ("mistral", "kv"): _SLIDING, ("gemma2", "kv"): _SLIDING, ("gemma3", "kv"): _SLIDING,
 }
 
 

@@ -79,7 +79,7 @@ def main(argv=None):
         tgt = x[0, C:]
         oracle = [None] * n
 
-        def watch(i, q, k, valid, scaling, g, oracle=oracle):  # what the continuation's queries attend to
+        def watch(i, q, k, valid, scaling, g, oracle=oracle, **_):  # (SmolLM2: no window, no softcap)  # what the continuation's queries attend to
             logits = torch.matmul(q[:, :, C:].float(), k.float().repeat_interleave(g, 1).transpose(2, 3)) * scaling
             future = torch.arange(span)[None, :] > torch.arange(C, span)[:, None]
             probs = torch.softmax(logits.masked_fill(future, float("-inf")), -1)
