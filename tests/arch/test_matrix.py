@@ -21,7 +21,6 @@ PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs back hom
 TEXT = " ".join(f"sentence {i} about tiny models and their blocks." for i in range(400))
 
 _LLAMA_TARGETS = "is not an nn.Linear of every decoder block"
-_MOE = "does not score experts stored as 3-D parameters"
 _SLIDING = "kv's attention does not honour sliding windows yet"
 _WIDTH = "width narrows separate q/k/v/o and gated gate/up/down linears"
 # (family, method) -> what the one-line refusal says is missing; every other cell must run
@@ -31,8 +30,8 @@ REFUSED = {
     ("gpt2", "prune"): "prune does not mask Conv1D projections", ("gpt2", "width"): _WIDTH,
     ("gpt2", "shards"): _LLAMA_TARGETS, ("gpt2", "heal"): _LLAMA_TARGETS,
     ("opt", "width"): _WIDTH, ("opt", "shards"): _LLAMA_TARGETS, ("opt", "heal"): _LLAMA_TARGETS,
-    ("qwen2_moe", "prune"): _MOE, ("qwen2_moe", "width"): _WIDTH,
-    ("mixtral", "prune"): _MOE, ("mixtral", "width"): _WIDTH, ("mixtral", "shards"): _LLAMA_TARGETS,
+    ("qwen2_moe", "width"): _WIDTH,
+    ("mixtral", "width"): _WIDTH, ("mixtral", "shards"): _LLAMA_TARGETS,
     ("mixtral", "heal"): _LLAMA_TARGETS,
     ("mistral", "kv"): _SLIDING, ("gemma2", "kv"): _SLIDING, ("gemma3", "kv"): _SLIDING,
 }
