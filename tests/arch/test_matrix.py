@@ -25,14 +25,12 @@ _SLIDING = "kv's attention does not honour sliding windows yet"
 _WIDTH = "width narrows separate q/k/v/o and gated gate/up/down linears"
 # (family, method) -> what the one-line refusal says is missing; every other cell must run
 REFUSED = {
-    ("phi3", "width"): _WIDTH, ("phi3", "shards"): _LLAMA_TARGETS, ("phi3", "heal"): _LLAMA_TARGETS,
-    ("gpt_neox", "width"): _WIDTH, ("gpt_neox", "shards"): _LLAMA_TARGETS, ("gpt_neox", "heal"): _LLAMA_TARGETS,
+    ("phi3", "width"): _WIDTH,
+    ("gpt_neox", "width"): _WIDTH,
     ("gpt2", "prune"): "prune does not mask Conv1D projections", ("gpt2", "width"): _WIDTH,
-    ("gpt2", "shards"): _LLAMA_TARGETS, ("gpt2", "heal"): _LLAMA_TARGETS,
-    ("opt", "width"): _WIDTH, ("opt", "shards"): _LLAMA_TARGETS, ("opt", "heal"): _LLAMA_TARGETS,
+    ("opt", "width"): _WIDTH,
     ("qwen2_moe", "width"): _WIDTH,
-    ("mixtral", "width"): _WIDTH, ("mixtral", "shards"): _LLAMA_TARGETS,
-    ("mixtral", "heal"): _LLAMA_TARGETS,
+    ("mixtral", "width"): _WIDTH,
     ("mistral", "kv"): _SLIDING, ("gemma2", "kv"): _SLIDING, ("gemma3", "kv"): _SLIDING,
 }
 
