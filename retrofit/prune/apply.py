@@ -24,8 +24,8 @@ from ..errors import BudgetInfeasible, UsageError
 from ..stage import StageContext, StageResult
 from .calibrate import capture, dense_statistics, prune_sequential
 from .config import PruneConfig, needs_calibration
-from .experts import ExpertSlice, unsupported
 from .curves import DROP, CurveCache, CurveMeasurer, Unit, fingerprint, make_units, measure_curves
+from .experts import ExpertSlice, unsupported
 from .plan import PrunePlan
 from .scores import block_linears, pack_mask, semi_structured_problems, unpack_mask, wanda_score
 

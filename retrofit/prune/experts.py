@@ -54,7 +54,7 @@ def stats_hook(module: torch.nn.Module, name: str, wanted: set[str], stats: dict
         x = args[0] if args else kwargs["hidden_states"]
         index = args[1] if len(args) > 1 else kwargs["top_k_index"]
         x = x.detach().reshape(-1, x.shape[-1])
-        w_gu, w_down = mod.gate_up_proj.data, mod.down_proj.data
+        w_gu = mod.gate_up_proj.data
         for e in range(w_gu.shape[0]):
             k_gu, k_down = f"{name}.gate_up_proj.{e}", f"{name}.down_proj.{e}"
             if k_gu not in wanted and k_down not in wanted:
@@ -63,11 +63,15 @@ def stats_hook(module: torch.nn.Module, name: str, wanted: set[str], stats: dict
             _add(stats, k_gu, (xe * xe).sum(0))
             if k_down in wanted:
                 gu = torch.nn.functional.linear(xe, w_gu[e].float())
-                gate, up = gu.chunk(2, dim=-1)
-                h = mod.act_fn(gate) * up
+                h = mod._apply_gate(gu) if hasattr(mod, "_apply_gate") else _gate(mod, gu)
                 _add(stats, k_down, (h * h).sum(0))
 
     return hook
+
+
+def _gate(mod, gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)  # transformers' default: [gate; up] concatenated
+    return mod.act_fn(gate) * up
 
 
 def _add(stats: dict, key: str, sq: torch.Tensor) -> None:
