@@ -44,6 +44,7 @@ from .structure import (
     norms,
     role_names,
     roles,
+    routers,
     set_decoder_layers,
 )
 
@@ -53,5 +54,5 @@ __all__ = ["FINAL_NORMS", "LAYOUTS", "Layout", "SHAPE_KEYS", "attention", "atten
            "decoder", "decoder_layers", "dense_reference", "expert_macs", "final_norm", "find", "head_dim",
            "hidden_states", "is_experts", "is_router", "kv_heads", "layout", "linear_macs", "logits",
            "macs_per_token", "mlp", "model_type", "new_cache", "norms", "reference_of", "refuse", "role_names", "roles",
-           "search_shape", "set_decoder_layers", "shape", "softcap", "text_config", "unknown",
+           "routers", "search_shape", "set_decoder_layers", "shape", "softcap", "text_config", "unknown",
            "weight_params", "windows"]

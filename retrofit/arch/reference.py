@@ -13,7 +13,7 @@ from ..state import state_of
 from .base import text_config
 from .moe import expert_macs, is_experts, is_router
 from .shape import head_dim, kv_heads, windows
-from .structure import decoder_layers, final_norm, layout
+from .structure import decoder_layers, final_norm, layout, routers
 
 
 def conv1d_class():
@@ -32,9 +32,9 @@ def linear_macs(module: torch.nn.Module) -> int | None:
 def weight_params(block: torch.nn.Module) -> list[torch.Tensor]:
     """The projection weights of a block that sparsity counts: linears, Conv1D and every expert's slices (not
     the routers: they choose experts, no pruner touches them)."""
-    out = []
+    out, skip = [], {id(r) for r in routers(block)}  # Qwen2-MoE's shared_expert_gate is an nn.Linear
     for m in block.modules():
-        if isinstance(m, (torch.nn.Linear, conv1d_class())):
+        if isinstance(m, (torch.nn.Linear, conv1d_class())) and id(m) not in skip:
             out.append(m.weight)
         elif is_experts(m):
             out += list(m.parameters(recurse=False))

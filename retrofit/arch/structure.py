@@ -99,6 +99,14 @@ def role_names(model, block=None) -> dict[str, str]:
     return dict(layout(model, block).roles)
 
 
+def routers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The block's MoE routers (`router`, `shared_router` roles of its layout; none for a dense block): they
+    choose experts, so sparsity does not count them and prune leaves them whole."""
+    lay = next((lay for lay in LAYOUTS if not lay.missing(block)), None)
+    names = ("router", "shared_router")
+    return [find(block, lay.roles[r]) for r in names if r in lay.roles] if lay is not None else []
+
+
 def final_norm(model) -> torch.nn.Module:
     dec = decoder(model)
     names = tuple(dict.fromkeys(lay.final_norm for lay in LAYOUTS))

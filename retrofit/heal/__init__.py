@@ -52,14 +52,15 @@ class Heal(Method):
         if plan is not None:
             a = plan.adapter
             per_rank = {t: sum(dims) for t, dims in a.shapes.items()} if a else {}
-            unmerged = sum(per_rank[n.rsplit(".", 1)[-1]] * a.rank for n in plan.unmerged) if a else 0
+            unmerged = sum(next(v for t, v in per_rank.items() if n.endswith(f".{t}")) * a.rank
+                           for n in plan.unmerged) if a else 0  # a target names a module by its path's end
             reps = len(plan.replacements)
             rank = plan.replacement_rank
         else:
-            from ..shards import target_dims
+            from ..shards import predicted_dims
 
             a_on = "adapters" in config.train and state.sparsity > 0
-            dims = target_dims(state.shape)
+            dims = predicted_dims(state.shape, config.adapter.targets, "heal.adapter") if a_on else {}
             unmerged = state.layers * config.adapter.rank * sum(sum(dims[t]) for t in config.adapter.targets) \
                 if a_on else 0
             reps = 1 if "replacements" in config.train and state.removed else 0

@@ -22,7 +22,7 @@ import torch
 from ..arch import decoder_layers
 from ..errors import UsageError
 from ..shards import apply as shards
-from ..shards.layer import adapted, detach, remove_all
+from ..shards.layer import adapted, detach, merge, remove_all
 from ..shards.train import windows_for
 from ..stage import StageContext, StageResult
 from . import replace as rp
@@ -91,7 +91,7 @@ def make_plan(ctx: StageContext, cfg: HealConfig, runs: list[dict] | None, where
             raise UsageError(f"{where}.train: adapters: the model already carries adapters of an earlier stage "
                              "(shards); heal norms, head, last_blocks or replacements instead")
         plan["adapter"] = shards.make_plan(model, cfg.adapter, f"{where}.adapter").dump()
-        targets = {id(m) for mods in shards.targets_of(model, cfg.adapter.targets).values() for m in mods}
+        targets = {id(m) for mods in shards.targets_of(model, plan["adapter"]["targets"]).values() for m in mods}
         plan["unmerged"] = sorted(n for n, m in model.named_modules() if id(m) in targets and pruned(m))
     if "replacements" in cfg.train:
         plan["replacements"] = runs or []
@@ -185,7 +185,7 @@ def apply(model, plan: HealPlan, tensors: dict | None = None) -> None:
             if name in keep:
                 continue
             if not baked:
-                m.weight.add_(m.adaflex_delta.delta_weight().to(m.weight.dtype))
+                merge(m)
             detach(m)
         if not keep:
             remove_all(model)

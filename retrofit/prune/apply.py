@@ -25,6 +25,7 @@ from ..stage import StageContext, StageResult
 from .calibrate import capture, dense_statistics, prune_sequential
 from .config import PruneConfig, needs_calibration
 from .curves import DROP, CurveCache, CurveMeasurer, Unit, fingerprint, make_units, measure_curves
+from .experts import ExpertSlice, unsupported
 from .plan import PrunePlan
 from .scores import block_linears, pack_mask, semi_structured_problems, unpack_mask, wanda_score
 
@@ -41,8 +42,9 @@ def check(model, cfg: PruneConfig, where: str) -> None:
     if len(layers) == 0:
         raise UsageError(f"{where}: the model has no decoder blocks")
     parts = [m for block in layers for m in block.modules()]
-    if any(arch.is_experts(m) for m in parts):  # scoring them needs per-expert statistics (issue 26)
-        raise arch.refuse(model, where, "prune does not score experts stored as 3-D parameters (mlp.experts) yet")
+    odd = next(filter(None, (unsupported(m) for m in parts if arch.is_experts(m))), None)
+    if odd:  # per-expert statistics re-trace the expert's forward (experts.py)
+        raise arch.refuse(model, where, f"prune does not score {odd} yet")
     if any(type(m).__name__ == "Conv1D" for m in parts):
         raise arch.refuse(model, where, "prune does not mask Conv1D projections (a transposed linear) yet")
     for b, block in enumerate(layers):
@@ -252,13 +254,16 @@ def _plan(model, cfg: PruneConfig, targets, masks, dropped: set[int], extra: dic
             n = w.numel()
             target = 1.0 if b in dropped else targets[b][name]
             entry = {"block": b, "name": name, "shape": list(w.shape), "target": target}
+            param = f"{name}.weight"
+            if isinstance(mod, ExpertSlice):  # `param` names the 3-D parameter, `expert` its slice
+                entry["expert"], param = mod.expert, name.rsplit(".", 1)[0]
             if b in dropped:
                 entry.update({"removed": True, "param": None, "pruned": n, "sparsity": 1.0})
                 z = n
             else:
                 z = n - int(torch.count_nonzero(w))
                 keep = masks.get((b, name))
-                entry.update({"param": f"{prefix}.{new_index[b]}.{name}.weight",
+                entry.update({"param": f"{prefix}.{new_index[b]}.{param}",
                               "pruned": 0 if keep is None else int((~keep).sum()), "sparsity": z / n})
                 if keep is not None:
                     tensors[f"mask.{b}.{name}"] = pack_mask(keep)

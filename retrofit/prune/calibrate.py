@@ -16,6 +16,7 @@ import torch
 
 from ..arch import decoder_layers
 from ..progress import progress
+from .experts import ExpertSlice, experts_modules, no_tokens, stats_hook
 from .scores import block_linears, keep_mask, score_of
 
 
@@ -124,7 +125,13 @@ def run_block(cap: Captured, b: int, block, xs: list[torch.Tensor], stats: dict 
     hooks = []
     if stats is not None:
         mods = dict(block_linears(block))
-        for name in names if names is not None else list(mods):
+        names = names if names is not None else list(mods)
+        experts = {n for n in names if isinstance(mods[n], ExpertSlice)}
+        for ename, emod in experts_modules(block):  # per-expert statistics: one hook sees the routing
+            mine = {n for n in experts if mods[n].module is emod}
+            if mine:
+                hooks.append(emod.register_forward_hook(stats_hook(emod, ename, mine, stats), with_kwargs=True))
+        for name in (n for n in names if n not in experts):
             def acc(mod, args, _out, name=name):
                 x = args[0].detach().reshape(-1, mod.in_features).float()
                 sq = (x * x).sum(0)
@@ -136,6 +143,8 @@ def run_block(cap: Captured, b: int, block, xs: list[torch.Tensor], stats: dict 
     finally:
         for h in hooks:
             h.remove()
+    if stats is not None:
+        no_tokens(stats, experts)
     return out if outputs else None
 
 

@@ -21,6 +21,7 @@ class Linear(BaseModel):
     name: str
     shape: list[int] = Field(min_length=2, max_length=2)
     target: float
+    expert: int | None = Field(default=None, ge=0)  # an expert's slice of the 3-D parameter `param` (MoE)
     removed: bool = False  # present (true) only for the linears of removed blocks
     param: str | None  # the weight's name after the removal of blocks (None: removed)
     pruned: int = Field(ge=0)

@@ -6,10 +6,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..arch import is_experts, routers
+from .experts import ExpertSlice, slices
 
-def block_linears(block: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The linears of a decoder block, by their name inside the block (no hard-coded projection names)."""
-    return [(n, m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+
+def block_linears(block: torch.nn.Module) -> list[tuple[str, torch.nn.Linear | ExpertSlice]]:
+    """The prunable matrices of a decoder block by their name inside the block (no hard-coded projection
+    names): its nn.Linear modules, except MoE routers, and one `ExpertSlice` per expert of each 3-D experts
+    parameter (`mlp.experts.gate_up_proj.3`), in module order."""
+    skip = {id(r) for r in routers(block)}
+    out: list = []
+    for n, m in block.named_modules():
+        if isinstance(m, torch.nn.Linear) and id(m) not in skip:
+            out.append((n, m))
+        elif is_experts(m):
+            out += slices(n, m)
+    return out
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:

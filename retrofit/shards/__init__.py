@@ -20,6 +20,19 @@ def target_dims(shape) -> dict[str, tuple[int, int]]:
             "gate_proj": (d, m), "up_proj": (d, m), "down_proj": (m, d)}
 
 
+def predicted_dims(shape, targets, where: str = "shards") -> dict[str, tuple[int, int]]:
+    """`target_dims` of the targets a prediction (no plan yet) names; the cost model's `Shape` is Llama's, so another
+    family's projection is refused in one line (a run's plan measures every target)."""
+    dims = target_dims(shape)
+    other = [t for t in targets if t not in dims]
+    if other:
+        from ..errors import UsageError
+
+        raise UsageError(f"{where}.targets: the predicted cost (search/cost.py Shape) knows Llama's projections, "
+                         f"not '{other[0]}'; run the recipe to measure it")
+    return {t: dims[t] for t in targets}
+
+
 class Shards(Method):
     name = "shards"
     config = ShardsConfig
@@ -53,7 +66,7 @@ class Shards(Method):
         return knobs(rank=[4, 8, 16])
 
     def cost(self, config, plan, metrics, state: CostState):
-        dims = plan.shapes if plan else {t: target_dims(state.shape)[t] for t in config.targets}
+        dims = plan.shapes if plan else predicted_dims(state.shape, config.targets)
         per_rank = sum(a + b for a, b in dims.values())
         rank_params = config.equivalent_rank if config.method == "mos" else config.rank
         state.adapter_params = plan.trainable_params if plan else rank_params * state.layers * per_rank

@@ -39,15 +39,43 @@ from .plan import ShardsPlan, trainable_params
 from .train import CachedTeacher, heal, windows_for
 
 
-def _linear(block: nn.Module, target: str) -> nn.Linear | None:
-    for name, mod in block.named_modules():
-        if name.rsplit(".", 1)[-1] == target and isinstance(mod, nn.Linear):
-            return mod
-    return None
+def _adaptable() -> tuple[type, ...]:
+    from ..arch.reference import conv1d_class
+
+    return (nn.Linear, conv1d_class())
 
 
-def targets_of(model, targets: list[str]) -> dict[str, list[nn.Linear]]:
+def dims(m: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or of GPT-2's Conv1D (a transposed linear: its weight is [in, out])."""
+    return (m.in_features, m.out_features) if isinstance(m, nn.Linear) else tuple(m.weight.shape)
+
+
+def _matches(block: nn.Module, target: str) -> list[str]:
+    """The block's linears a target names, as peft's `target_modules` does: the path or any dotted suffix of it."""
+    kinds = _adaptable()
+    return [n for n, m in block.named_modules() if (n == target or n.endswith(f".{target}")) and isinstance(m, kinds)]
+
+
+def _linear(block: nn.Module, target: str) -> nn.Module | None:
+    found = _matches(block, target)
+    return block.get_submodule(found[0]) if len(found) == 1 else None
+
+
+def targets_of(model, targets: list[str]) -> dict[str, list[nn.Module]]:
     return {t: [_linear(blk, t) for blk in decoder_layers(model)] for t in targets}
+
+
+NOT_ADAPTED = ("router", "experts", "shared_router")  # routers choose experts; 3-D experts are no linear
+
+
+def resolve_targets(model, cfg) -> list[str]:
+    """The targets as set, or, left unset on a block without Llama's names, every linear role the architecture
+    adapter maps for its family (by the role's leaf name, or its path where the leaf names two linears)."""
+    block = decoder_layers(model)[0]
+    if "targets" in cfg.model_fields_set or all(_linear(block, t) is not None for t in cfg.targets):
+        return list(cfg.targets)
+    paths = [p for r, p in arch.role_names(model).items() if r not in NOT_ADAPTED]
+    return [p.rsplit(".", 1)[-1] if len(_matches(block, p.rsplit(".", 1)[-1])) == 1 else p for p in paths]
 
 
 def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, list[tuple[int, int]]]:
@@ -55,11 +83,15 @@ def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, 
     out = {}
     for t, mods in targets_of(model, targets).items():
         if any(m is None for m in mods):
-            have = sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(model)[0].named_modules()
-                           if isinstance(m, nn.Linear)})  # a Conv1D (GPT-2) is not adaptable yet
+            block = decoder_layers(model)[0]
+            many = _matches(block, t)
+            if len(many) > 1:
+                raise UsageError(f"{where}.targets: '{t}' names {len(many)} linears of a block ({', '.join(many)}): "
+                                 "name one by its path")
+            have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, _adaptable())})
             raise arch.refuse(model, f"{where}.targets", f"'{t}' is not an nn.Linear of every decoder block "
                               f"(its blocks' linears: {', '.join(have) or 'none'})")
-        out[t] = [(m.in_features, m.out_features) for m in mods]
+        out[t] = [dims(m) for m in mods]
     return out
 
 
@@ -68,11 +100,11 @@ def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[i
     block (else a UsageError); LoRA keeps a pair of factors per block, so for LoRA it is the largest in each
     dimension and `block_shapes` says each block's."""
     out = {}
-    for t, dims in block_shapes(model, cfg.targets, where).items():
-        if len(set(dims)) != 1 and cfg.method == "mos":
-            raise UsageError(f"{where}.targets: '{t}' has different shapes across blocks {sorted(set(dims))} "
+    for t, dd in block_shapes(model, resolve_targets(model, cfg), where).items():
+        if len(set(dd)) != 1 and cfg.method == "mos":
+            raise UsageError(f"{where}.targets: '{t}' has different shapes across blocks {sorted(set(dd))} "
                              "(width pruning): a MoS pool needs one shape per target; use method: lora")
-        out[t] = (max(d for d, _ in dims), max(d for _, d in dims))
+        out[t] = (max(d for d, _ in dd), max(d for _, d in dd))
     return out
 
 
@@ -98,9 +130,9 @@ def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> ShardsPlan:
     dims = shapes(model, cfg, where)
     n = len(decoder_layers(model))
     plan = {"method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "scaling": cfg.alpha / cfg.rank,
-            "dropout": cfg.dropout, "dtype": cfg.dtype, "targets": list(cfg.targets), "num_layers": n,
+            "dropout": cfg.dropout, "dtype": cfg.dtype, "targets": list(dims), "num_layers": n,
             "shapes": {t: list(d) for t, d in dims.items()}}
-    per_block = block_shapes(model, cfg.targets, where)
+    per_block = block_shapes(model, list(dims), where)
     if any(len(set(d)) > 1 for d in per_block.values()):  # only after per-block widths (LoRA: see shapes)
         plan["block_shapes"] = {t: [list(x) for x in d] for t, d in per_block.items()}
     if cfg.method == "mos":
@@ -142,6 +174,10 @@ def init_tensors(plan: ShardsPlan, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def pool_key(target: str) -> str:
+    return target.replace(".", "__")  # a ModuleDict key has no dots (GPT-2's `attn.c_proj`)
+
+
 def install(model, plan: ShardsPlan, tensors: dict[str, torch.Tensor]) -> None:
     """Put the adapters of `plan` on the model, with their values from `tensors` (copied)."""
     plan.check_model(model)
@@ -156,22 +192,23 @@ def install(model, plan: ShardsPlan, tensors: dict[str, torch.Tensor]) -> None:
         d_in, d_out = plan.shapes[t]
         want = plan.block_shapes[t] if plan.block_shapes else [[d_in, d_out]] * len(mods)
         for i, (m, w) in enumerate(zip(mods, want, strict=True)):
-            if m is None or [m.in_features, m.out_features] != list(w):
-                got = "no such linear" if m is None else f"{m.in_features}×{m.out_features}"
+            if m is None or list(dims(m)) != list(w):
+                got = "no such linear" if m is None else "×".join(map(str, dims(m)))
                 raise UsageError(f"shards: block {i}'s {t} is {got}, the plan's adapter is for {w[0]}×{w[1]}")
         if plan.method == "mos":
             pool = ShardPool(plan.pool_shards, d_in, d_out, plan.shards_per_vector, dtype).to(dev)
             with torch.no_grad():
                 pool.pool_a.copy_(tensors[f"pool.{t}.a"])
                 pool.pool_b.copy_(tensors[f"pool.{t}.b"])
-            pools[t] = pool
+            pools[pool_key(t)] = pool
             ia, ib = tensors[f"index.{t}.a"].long().to(dev), tensors[f"index.{t}.b"].long().to(dev)
             for i, m in enumerate(mods):
                 attach(m, MoSDelta(pool, ia[i], ib[i], scale, drop))
         else:
             a, b = tensors[f"lora.{t}.a"], tensors[f"lora.{t}.b"]
             for i, m in enumerate(mods):  # a narrowed block takes the leading slice of the padded factors
-                a_i, b_i = a[i, :, : m.in_features], b[i, : m.out_features]
+                d_i, d_o = dims(m)
+                a_i, b_i = a[i, :, :d_i], b[i, :d_o]
                 attach(m, LoraDelta(a_i.to(dev, dtype), b_i.to(dev, dtype), scale, drop))
     if len(pools):
         model.adaflex_shards = pools
@@ -185,7 +222,7 @@ def collect(model, plan: ShardsPlan) -> dict[str, torch.Tensor]:
     for t, mods in targets_of(model, plan.targets).items():
         deltas = [m.adaflex_delta for m in mods]
         if plan.method == "mos":
-            pool = model.adaflex_shards[t]
+            pool = model.adaflex_shards[pool_key(t)]
             out[f"pool.{t}.a"] = pool.pool_a.detach().cpu().clone()
             out[f"pool.{t}.b"] = pool.pool_b.detach().cpu().clone()
             idt = getattr(torch, plan.index_dtype)
@@ -325,8 +362,9 @@ def write_peft_lora(model, plan: ShardsPlan, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    conv = {isinstance(m, nn.Linear) for _, m in adapted(model)} == {False}  # GPT-2's Conv1D stores [in, out]
     cfg = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.dropout, bias="none",
-                     target_modules=list(plan.targets), task_type="CAUSAL_LM")
+                     target_modules=list(plan.targets), task_type="CAUSAL_LM", fan_in_fan_out=conv)
     cfg.save_pretrained(str(out))
     weights = {}
     for name, (a, b) in lora_factors(model).items():

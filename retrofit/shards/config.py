@@ -9,7 +9,11 @@ from pydantic import Field, field_validator, model_validator
 from ..schema import BATCH, STEPS, TOKENS, WIDTH, WINDOWS, Strict, capped
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the projection roles of the other families the architecture adapter maps (retrofit/arch): Phi-3's fused
+# qkv_proj / gate_up_proj, GPT-NeoX, OPT, and GPT-2's Conv1D (`c_proj` is in both attn and mlp: named by its path)
+FAMILY_TARGETS = ("qkv_proj", "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
+                  "out_proj", "fc1", "fc2", "c_attn", "c_fc", "attn.c_proj", "mlp.c_proj")
+Target = Literal[TARGETS + FAMILY_TARGETS]
 
 
 class AdapterConfig(Strict):
@@ -24,7 +28,8 @@ class AdapterConfig(Strict):
     pair_dissociation: bool = Field(True, description="mos: A and B indices drawn independently")
     vector_sharding: bool = Field(True, description="mos: each of a vector's l shards drawn on its own")
     targets: list[Target] = Field(default_factory=lambda: list(TARGETS), min_length=1,
-                                  description="projections adapted (short names q, k, ..., down accepted)")
+                                  description="projections adapted (short names q, k, ..., down accepted); "
+                                  "left unset on a block without Llama's names: its family's linear roles")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha: ΔW = B·A·alpha/r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input while training")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the adapter parameters")
@@ -35,7 +40,8 @@ class AdapterConfig(Strict):
         if isinstance(v, str):
             v = [v]
         if isinstance(v, list):
-            v = [f"{t}_proj" if isinstance(t, str) and f"{t}_proj" in TARGETS else t for t in v]
+            v = [f"{t}_proj" if isinstance(t, str) and f"{t}_proj" in TARGETS + FAMILY_TARGETS else t
+                 for t in v]
             if len(set(v)) != len(v):
                 raise ValueError("targets: duplicate projection")
         return v

@@ -105,6 +105,9 @@ class LoraDelta(_Delta):
 
 def _adapted_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     delta = linear.adaflex_delta
+    if not isinstance(linear, nn.Linear):  # GPT-2's Conv1D: its own forward (weight [in, out]), then ΔW
+        out = type(linear).forward(linear, x)
+        return out + delta(x) if delta.enabled else out
     if not delta.enabled:
         return F.linear(x, linear.weight, linear.bias)
     if isinstance(delta, MoSDelta) and not (delta.training and isinstance(delta.dropout, nn.Dropout)):
@@ -156,8 +159,15 @@ def _undo(model, _saved) -> None:
 def merge_all(model) -> None:
     """Add every ΔW into its base weight and remove the adapters."""
     for _, m in adapted(model):
-        m.weight.add_(m.adaflex_delta.delta_weight().to(m.weight.dtype))
+        merge(m)
     remove_all(model)
+
+
+@torch.no_grad()
+def merge(m: nn.Module) -> None:
+    """Add one adapter's ΔW into its base weight (kept attached)."""
+    dw = m.adaflex_delta.delta_weight().to(m.weight.dtype)
+    m.weight.add_(dw if isinstance(m, nn.Linear) else dw.T)  # GPT-2's Conv1D stores [in, out]
 
 
 @contextmanager

@@ -20,19 +20,15 @@ pytestmark = pytest.mark.arch
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs back home across the field. " * 2
 TEXT = " ".join(f"sentence {i} about tiny models and their blocks." for i in range(400))
 
-_LLAMA_TARGETS = "is not an nn.Linear of every decoder block"
-_MOE = "does not score experts stored as 3-D parameters"
 _WIDTH = "width narrows separate q/k/v/o and gated gate/up/down linears"
 # (family, method) -> what the one-line refusal says is missing; every other cell must run
 REFUSED = {
-    ("phi3", "width"): _WIDTH, ("phi3", "shards"): _LLAMA_TARGETS, ("phi3", "heal"): _LLAMA_TARGETS,
-    ("gpt_neox", "width"): _WIDTH, ("gpt_neox", "shards"): _LLAMA_TARGETS, ("gpt_neox", "heal"): _LLAMA_TARGETS,
+    ("phi3", "width"): _WIDTH,
+    ("gpt_neox", "width"): _WIDTH,
     ("gpt2", "prune"): "prune does not mask Conv1D projections", ("gpt2", "width"): _WIDTH,
-    ("gpt2", "shards"): _LLAMA_TARGETS, ("gpt2", "heal"): _LLAMA_TARGETS,
-    ("opt", "width"): _WIDTH, ("opt", "shards"): _LLAMA_TARGETS, ("opt", "heal"): _LLAMA_TARGETS,
-    ("qwen2_moe", "prune"): _MOE, ("qwen2_moe", "width"): _WIDTH,
-    ("mixtral", "prune"): _MOE, ("mixtral", "width"): _WIDTH, ("mixtral", "shards"): _LLAMA_TARGETS,
-    ("mixtral", "heal"): _LLAMA_TARGETS,
+    ("opt", "width"): _WIDTH,
+    ("qwen2_moe", "width"): _WIDTH,
+    ("mixtral", "width"): _WIDTH,
 }
 
 
