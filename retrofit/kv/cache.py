@@ -112,7 +112,6 @@ class BudgetedCache(Cache):
             layer.shrink(min(cap, layer.capacity or cap), layer.head_caps and [min(cap, c) for c in layer.head_caps])
 
     def _budget(self, layer: BudgetedLayer, probs, groups, mass) -> None:
-        spec = self.spec
         if mass is not None:  # a prompt may arrive in chunks: keep summing until it is compressed
             old = layer.mass
             if old is not None:

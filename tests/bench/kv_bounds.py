@@ -79,7 +79,8 @@ def main(argv=None):
         tgt = x[0, C:]
         oracle = [None] * n
 
-        def watch(i, q, k, valid, scaling, g, oracle=oracle, **_):  # (SmolLM2: no window, no softcap)  # what the continuation's queries attend to
+        # what the continuation's queries attend to (SmolLM2: no window, no softcap)
+        def watch(i, q, k, valid, scaling, g, oracle=oracle, **_):
             logits = torch.matmul(q[:, :, C:].float(), k.float().repeat_interleave(g, 1).transpose(2, 3)) * scaling
             future = torch.arange(span)[None, :] > torch.arange(C, span)[:, None]
             probs = torch.softmax(logits.masked_fill(future, float("-inf")), -1)
