@@ -41,6 +41,12 @@ def windows(config) -> list[int | None]:
     return [w for _, w in attention_kinds(config)]
 
 
+def held_tokens(window: int | None, length: int) -> int:
+    """Tokens a layer's full cache holds after `length`: a sliding layer at most window − 1, what later queries can
+    still see (transformers' DynamicSlidingWindowLayer); the dense KV bytes and kv's budgets count it so."""
+    return min(length, window - 1) if window else length
+
+
 def shape(config, bytes_per_value: float = 4.0) -> Shape:
     """The Llama-formula `Shape` of a config (search/cost.py); refuses a config without a key it needs. The search
     itself takes `search_shape(model)` (reference.py), whose block MACs are measured from the modules."""

@@ -53,8 +53,7 @@ def cost_figures(model, probe_ids: torch.Tensor) -> dict:
     )
     elem = next(model.parameters()).element_size()
     # a sliding layer of the dense model holds window − 1 tokens (transformers' DynamicSlidingWindowLayer)
-    held = [probe_ids.shape[1] if not w else min(w - 1, probe_ids.shape[1])
-            for w in ref.get("windows") or [None] * ref["num_layers"]]
+    held = [arch.held_tokens(w, probe_ids.shape[1]) for w in ref.get("windows") or [None] * ref["num_layers"]]
     dense_kv = sum(held) * 2 * rows * ref["num_kv_heads"] * ref["head_dim"] * elem
     nonzero = sum(int(torch.count_nonzero(w)) for blk in arch.decoder_layers(model) for w in arch.weight_params(blk))
     trainable = sum(p.numel() for n, p in model.named_parameters() if "adaflex" in n)

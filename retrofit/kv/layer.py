@@ -10,6 +10,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from adaflex.kernels.kv_compact import compact_kv
 
+from ..arch.shape import held_tokens
 from .spec import STORAGE_DTYPES
 
 _ACTIVE = threading.local()  # the layer whose update() just ran: the attention function picks it up
@@ -205,7 +206,7 @@ class BudgetedLayer(DynamicLayer):
     @property
     def holdable(self) -> int:
         """Slots worth holding: all stored ones, a sliding layer's window - 1 at most."""
-        return self.stored if not self.window else min(self.stored, self.window - 1)
+        return held_tokens(self.window, self.stored)
 
     def slide(self) -> None:
         """Sliding layer: mark the slots no later query can see invalid (a query at p sees p - window < pos <= p;

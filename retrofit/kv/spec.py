@@ -10,6 +10,7 @@ import torch
 
 from adaflex.search import kv_alloc
 
+from ..arch.shape import held_tokens
 from .policies import Policy
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # storage types other than model / int8
@@ -73,7 +74,7 @@ class KVSpec:
         """Per layer, the tokens the full cache holds after `length`: a sliding layer at most window - 1 (what
         later queries can still see), as the dense KV bytes count them (arch/reference.py)."""
         windows = self.windows or [None] * self.num_layers
-        return np.array([min(length, w - 1) if w else length for w in windows], dtype=np.int64)
+        return np.array([held_tokens(w, length) for w in windows], dtype=np.int64)
 
     def total(self, length: int) -> int:
         """Tokens all layers keep together: the budget's share of what the full cache holds (`held`)."""

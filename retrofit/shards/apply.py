@@ -95,12 +95,13 @@ def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, 
     return out
 
 
-def shapes(model, cfg: ShardsConfig, where: str = "shards") -> dict[str, tuple[int, int]]:
+def shapes(model, cfg: ShardsConfig, where: str = "shards",
+           per_block: dict[str, list[tuple[int, int]]] | None = None) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) per target type. A MoS pool holds one shape per target, so MoS needs it the same in every
     block (else a UsageError); LoRA keeps a pair of factors per block, so for LoRA it is the largest in each
-    dimension and `block_shapes` says each block's."""
+    dimension and `block_shapes` says each block's (`per_block`: those, when the caller has them)."""
     out = {}
-    for t, dd in block_shapes(model, resolve_targets(model, cfg), where).items():
+    for t, dd in (per_block or block_shapes(model, resolve_targets(model, cfg), where)).items():
         if len(set(dd)) != 1 and cfg.method == "mos":
             raise UsageError(f"{where}.targets: '{t}' has different shapes across blocks {sorted(set(dd))} "
                              "(width pruning): a MoS pool needs one shape per target; use method: lora")
@@ -127,12 +128,12 @@ def check(model, cfg: ShardsConfig, where: str) -> None:
 
 def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> ShardsPlan:
     check(model, cfg, where)
-    dims = shapes(model, cfg, where)
+    per_block = block_shapes(model, resolve_targets(model, cfg), where)
+    dims = shapes(model, cfg, where, per_block)
     n = len(decoder_layers(model))
     plan = {"method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "scaling": cfg.alpha / cfg.rank,
             "dropout": cfg.dropout, "dtype": cfg.dtype, "targets": list(dims), "num_layers": n,
             "shapes": {t: list(d) for t, d in dims.items()}}
-    per_block = block_shapes(model, list(dims), where)
     if any(len(set(d)) > 1 for d in per_block.values()):  # only after per-block widths (LoRA: see shapes)
         plan["block_shapes"] = {t: [list(x) for x in d] for t, d in per_block.items()}
     if cfg.method == "mos":
