@@ -25,7 +25,9 @@ from .moe import expert_macs, is_experts, is_router
 from .reference import (
     check,
     dense_reference,
+    is_conv1d,
     linear_macs,
+    linear_weight,
     macs_per_token,
     reference_of,
     search_shape,
@@ -52,7 +54,7 @@ FINAL_NORMS = tuple(dict.fromkeys(lay.final_norm for lay in LAYOUTS))
 
 __all__ = ["FINAL_NORMS", "LAYOUTS", "Layout", "SHAPE_KEYS", "attention", "attention_kinds", "blocks_name", "check",
            "decoder", "decoder_layers", "dense_reference", "expert_macs", "final_norm", "find", "head_dim",
-           "held_tokens", "hidden_states", "is_experts", "is_router", "kv_heads", "layout", "linear_macs", "logits",
-           "macs_per_token", "mlp", "model_type", "new_cache", "norms", "reference_of", "refuse", "role_names", "roles",
-           "routers", "search_shape", "set_decoder_layers", "shape", "softcap", "text_config", "unknown",
-           "weight_params", "windows"]
+           "held_tokens", "hidden_states", "is_conv1d", "is_experts", "is_router", "kv_heads", "layout", "linear_macs",
+           "linear_weight", "logits", "macs_per_token", "mlp", "model_type", "new_cache", "norms", "reference_of",
+           "refuse", "role_names", "roles", "routers", "search_shape", "set_decoder_layers", "shape", "softcap",
+           "text_config", "unknown", "weight_params", "windows"]

@@ -22,9 +22,21 @@ def conv1d_class():
     return Conv1D
 
 
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """GPT-2's `Conv1D`: a linear whose weight is stored [in, out] (its forward is x @ W + b)."""
+    return isinstance(module, conv1d_class())
+
+
+def linear_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A linear-like module's weight as nn.Linear holds it, [out, in]: a Conv1D's is the transpose of its stored
+    parameter, a view (writing it writes the module), so per-output-row rules read the same for both."""
+    w = module.weight.data
+    return w.T if is_conv1d(module) else w
+
+
 def linear_macs(module: torch.nn.Module) -> int | None:
     """MACs per token of a dense linear-like module (None: not one). Experts are counted per routed token."""
-    if isinstance(module, (torch.nn.Linear, conv1d_class())) or is_router(module):
+    if isinstance(module, torch.nn.Linear) or is_conv1d(module) or is_router(module):
         return module.weight.numel()
     return None
 
@@ -34,7 +46,7 @@ def weight_params(block: torch.nn.Module) -> list[torch.Tensor]:
     the routers: they choose experts, no pruner touches them)."""
     out, skip = [], {id(r) for r in routers(block)}  # Qwen2-MoE's shared_expert_gate is an nn.Linear
     for m in block.modules():
-        if isinstance(m, (torch.nn.Linear, conv1d_class())) and id(m) not in skip:
+        if (isinstance(m, torch.nn.Linear) or is_conv1d(m)) and id(m) not in skip:
             out.append(m.weight)
         elif is_experts(m):
             out += list(m.parameters(recurse=False))

@@ -27,7 +27,7 @@ from .config import PruneConfig, needs_calibration
 from .curves import DROP, CurveCache, CurveMeasurer, Unit, fingerprint, make_units, measure_curves
 from .experts import ExpertSlice, unsupported
 from .plan import PrunePlan
-from .scores import block_linears, pack_mask, semi_structured_problems, unpack_mask, wanda_score
+from .scores import Transposed, block_linears, pack_mask, semi_structured_problems, unpack_mask, wanda_score
 
 # ---- checks before anything is written ----
 
@@ -45,12 +45,10 @@ def check(model, cfg: PruneConfig, where: str) -> None:
     odd = next(filter(None, (unsupported(m) for m in parts if arch.is_experts(m))), None)
     if odd:  # per-expert statistics re-trace the expert's forward (experts.py)
         raise arch.refuse(model, where, f"prune does not score {odd} yet")
-    if any(type(m).__name__ == "Conv1D" for m in parts):
-        raise arch.refuse(model, where, "prune does not mask Conv1D projections (a transposed linear) yet")
     for b, block in enumerate(layers):
         lin = block_linears(block)
         if not lin:
-            raise UsageError(f"{where}: block {b} holds no nn.Linear to prune")
+            raise UsageError(f"{where}: block {b} holds no linear (nn.Linear, Conv1D, experts) to prune")
         if cfg.nm is not None:
             m = cfg.nm[1]
             for name, mod in lin:
@@ -257,6 +255,8 @@ def _plan(model, cfg: PruneConfig, targets, masks, dropped: set[int], extra: dic
             param = f"{name}.weight"
             if isinstance(mod, ExpertSlice):  # `param` names the 3-D parameter, `expert` its slice
                 entry["expert"], param = mod.expert, name.rsplit(".", 1)[0]
+            elif isinstance(mod, Transposed):  # shape and mask are those of `param` transposed (Conv1D)
+                entry["transposed"] = True
             if b in dropped:
                 entry.update({"removed": True, "param": None, "pruned": n, "sparsity": 1.0})
                 z = n
@@ -268,6 +268,8 @@ def _plan(model, cfg: PruneConfig, targets, masks, dropped: set[int], extra: dic
                 if keep is not None:
                     tensors[f"mask.{b}.{name}"] = pack_mask(keep)
                     if cfg.pattern == "2:4":
+                        # a Conv1D would be served by a sparse kernel as the [out, in] linear it computes
+                        w = w.contiguous() if isinstance(mod, Transposed) else w
                         p = semi_structured_problems(w)
                         if p:
                             problems[entry["param"]] = p

@@ -17,7 +17,7 @@ import torch
 from ..arch import decoder_layers
 from ..progress import progress
 from .experts import ExpertSlice, experts_modules, no_tokens, stats_hook
-from .scores import block_linears, keep_mask, score_of
+from .scores import Transposed, block_linears, keep_mask, score_of
 
 
 class _Stop(Exception):
@@ -132,12 +132,14 @@ def run_block(cap: Captured, b: int, block, xs: list[torch.Tensor], stats: dict 
             if mine:
                 hooks.append(emod.register_forward_hook(stats_hook(emod, ename, mine, stats), with_kwargs=True))
         for name in (n for n in names if n not in experts):
-            def acc(mod, args, _out, name=name):
-                x = args[0].detach().reshape(-1, mod.in_features).float()
+            def acc(_mod, args, _out, name=name):
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1]).float()  # the last dimension is the input, for Conv1D too
                 sq = (x * x).sum(0)
                 stats[name] = stats[name] + sq if name in stats else sq
 
-            hooks.append(mods[name].register_forward_hook(acc))
+            mod = mods[name]
+            hooks.append((mod.module if isinstance(mod, Transposed) else mod).register_forward_hook(acc))
     try:
         out = [cap.call(b, block, i, x) for i, x in enumerate(xs)]
     finally:

@@ -22,6 +22,7 @@ class Linear(BaseModel):
     shape: list[int] = Field(min_length=2, max_length=2)
     target: float
     expert: int | None = Field(default=None, ge=0)  # an expert's slice of the 3-D parameter `param` (MoE)
+    transposed: bool = False  # present (true) only for GPT-2's Conv1D: shape and mask are `param`'s transpose
     removed: bool = False  # present (true) only for the linears of removed blocks
     param: str | None  # the weight's name after the removal of blocks (None: removed)
     pruned: int = Field(ge=0)
@@ -75,7 +76,7 @@ class PrunePlan(Plan):
         return self
 
     def check_model(self, model) -> None:
-        from .scores import block_linears
+        from .scores import Transposed, block_linears
 
         super().check_model(model)
         from ..arch import decoder_layers
@@ -85,6 +86,9 @@ class PrunePlan(Plan):
             w = mods[e.block].get(e.name)
             if w is None:
                 raise UsageError(f"prune plan: block {e.block} has no linear {e.name}")
+            if isinstance(w, Transposed) != e.transposed:  # a mask of the transpose must not land on [in, out]
+                raise UsageError(f"prune plan: {e.name} of block {e.block} is planned {'' if e.transposed else 'un'}"
+                                 f"transposed, the model's is {'not ' if e.transposed else ''}a Conv1D")
             if list(w.weight.shape) != e.shape:
                 raise UsageError(f"prune plan: {e.name} of block {e.block} has shape {list(w.weight.shape)}, "
                                  f"planned {e.shape}")

@@ -6,19 +6,39 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..arch import is_experts, routers
+from ..arch import is_conv1d, is_experts, linear_weight, routers
 from .experts import ExpertSlice, slices
 
 
-def block_linears(block: torch.nn.Module) -> list[tuple[str, torch.nn.Linear | ExpertSlice]]:
+class Transposed:
+    """GPT-2's `Conv1D` (weight stored [in, out]) seen by the pruner as the nn.Linear it computes: `weight` is the
+    [out, in] transpose, a view of the parameter (masking it masks the module), so scores, per-output-row
+    comparisons, masks and the plan's shape read exactly as for nn.Linear. `module` is where the statistics
+    hook goes: the Conv1D's inputs are the linear's inputs."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return linear_weight(self.module)
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[0]
+
+
+def block_linears(block: torch.nn.Module) -> list[tuple[str, torch.nn.Linear | Transposed | ExpertSlice]]:
     """The prunable matrices of a decoder block by their name inside the block (no hard-coded projection
-    names): its nn.Linear modules, except MoE routers, and one `ExpertSlice` per expert of each 3-D experts
-    parameter (`mlp.experts.gate_up_proj.3`), in module order."""
+    names): its nn.Linear modules, except MoE routers, GPT-2's Conv1D as a `Transposed` view, and one
+    `ExpertSlice` per expert of each 3-D experts parameter (`mlp.experts.gate_up_proj.3`), in module order."""
     skip = {id(r) for r in routers(block)}
     out: list = []
     for n, m in block.named_modules():
         if isinstance(m, torch.nn.Linear) and id(m) not in skip:
             out.append((n, m))
+        elif is_conv1d(m):
+            out.append((n, Transposed(m)))
         elif is_experts(m):
             out += slices(n, m)
     return out

@@ -25,7 +25,7 @@ _WIDTH = "width narrows separate q/k/v/o and gated gate/up/down linears"
 REFUSED = {
     ("phi3", "width"): _WIDTH,
     ("gpt_neox", "width"): _WIDTH,
-    ("gpt2", "prune"): "prune does not mask Conv1D projections", ("gpt2", "width"): _WIDTH,
+    ("gpt2", "width"): _WIDTH,
     ("opt", "width"): _WIDTH,
     ("qwen2_moe", "width"): _WIDTH,
     ("mixtral", "width"): _WIDTH,
