@@ -84,7 +84,7 @@ def kv_at_context(model, ids: torch.Tensor) -> dict:
     model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     rows, length = ids.shape
     held = held_bytes(cache)
-    return {"kv_context": length, "kv_bytes_at_context": held / rows,
+    return {"kv_context": length, "kv_bytes_at_context": held // rows if held % rows == 0 else held / rows,
             "kv_bytes_ratio_at_context": held / dense_kv_bytes(model, rows, length)}
 
 
