@@ -14,7 +14,7 @@ from adaflex.retrofit.shards.apply import init_tensors, install, make_plan, remo
 from adaflex.retrofit.shards.config import ShardsConfig
 from adaflex.search.cost import Shape
 from adaflex.study.cost import setting_of
-from tiny import tiny_family
+from tiny import FAMILIES, tiny_family
 
 LORA = {"method": "lora", "rank": 4}
 MOS = {"method": "mos", "rank": 4, "equivalent_rank": 2, "shards_per_vector": 4}
@@ -29,7 +29,7 @@ def _installed_params(model, plan) -> int:
 
 
 @pytest.mark.parametrize("family, settings", [
-    ("opt", LORA), ("gpt2", LORA), ("gpt_neox", LORA),  # targets unset: the family's roles
+    *[(f, LORA) for f in FAMILIES],  # targets unset: Llama's seven, else the family's roles
     ("opt", {**LORA, "targets": ["out_proj", "fc1"]}), ("gpt2", {**LORA, "targets": ["c_attn", "mlp.c_proj"]}),
     ("gpt_neox", {**MOS, "targets": ["query_key_value", "dense_4h_to_h"]}),
 ])
