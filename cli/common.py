@@ -49,7 +49,9 @@ def fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
-COST_KEYS = ("layers_executed_mean", "kv_bytes_ratio", "sparsity", "trainable_params", "flops_ratio", "tokens_per_s")
+# kv_bytes_ratio: on the 2 × 128-token probe; *_at_context: at the evaluation's own length (`kv_context` tokens)
+COST_KEYS = ("layers_executed_mean", "kv_bytes_ratio", "kv_context", "kv_bytes_at_context",
+             "kv_bytes_ratio_at_context", "sparsity", "trainable_params", "flops_ratio", "tokens_per_s")
 
 
 def result_table(title: str, columns: list[str], rows: list[list]) -> Table:

@@ -50,6 +50,9 @@ def retrofit(
                 for key in ("kl", "top1_agreement"):  # fidelity to the dense model
                     if key in d:
                         ev_rows.append([e["name"], key, d[key], r[key], None])
+                if "kv_bytes_ratio_at_context" in d:  # the cache at the evaluation's own length, not the probe's
+                    ev_rows.append([e["name"], f"kv_bytes_ratio at {d['kv_context']} tokens",
+                                    d["kv_bytes_ratio_at_context"], r.get("kv_bytes_ratio_at_context"), None])
                 if "acc_norm" in d:
                     ratio = r["acc_norm"] / d["acc_norm"] if d["acc_norm"] else None
                     ev_rows.append([e["name"], "acc_norm", d["acc_norm"], r["acc_norm"], ratio])

@@ -185,6 +185,8 @@ def _report(recipe: dict, plan: dict, dense_cost: dict, retro_cost: dict, dense:
     head = retro[0] if retro else {"task": None, "metric": None, "value": None, "n": 0}
     report = {"task": head["task"], "metric": head["metric"], "value": head["value"], "n": head["n"],
               **{k: retro_cost[k] for k in retro_cost}, "tokens_per_s": head.get("tokens_per_s"),
+              # the first evaluation's cache at its own length (each eval in `evals` carries its own)
+              **{k: head[k] for k in ("kv_context", "kv_bytes_at_context", "kv_bytes_ratio_at_context") if k in head},
               "model": recipe.get("model"), "recipe_sha256": plan["recipe_sha256"],
               "stages": [{"method": s["method"], **s["metrics"]} for s in plan["stages"]],
               "dense": {**dense_cost, **({"value": dense[0]["value"]} if dense else {})},

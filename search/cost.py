@@ -31,7 +31,8 @@ AXES = {"flops": "flops_ratio", "kv": "kv_ratio", "params": "params_ratio"}
 
 @dataclass(frozen=True)
 class Shape:
-    """The dense model's dimensions (a Llama-style decoder: GQA attention, gated MLP)."""
+    """The dense model's dimensions. From a config (`from_config`) it is a Llama-style decoder (GQA attention, gated
+    MLP); measured from a model's modules (retrofit/arch/reference.py `search_shape`) it is any family's."""
 
     num_layers: int
     hidden_size: int
@@ -44,6 +45,11 @@ class Shape:
     # MACs per token of a block's linears measured from the modules (retrofit/arch: MoE top-k, fused or two-matrix
     # projections, Conv1D); 0: the Llama formula below
     measured_block_macs: int = 0
+    # (path in the block, d_in, d_out) of each adaptable linear (nn.Linear, Conv1D) of a block, measured from the
+    # modules, and the family's projection roles (role, path): what an adapter's predicted cost counts (shards,
+    # heal); () for a Shape from a config, whose adapters are Llama's projections
+    linears: tuple[tuple[str, int, int], ...] = ()
+    roles: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_config(cls, cfg, bytes_per_value: float = 4.0) -> Shape:

@@ -26,6 +26,7 @@ from .reference import (
     check,
     dense_reference,
     is_conv1d,
+    linear_dims,
     linear_macs,
     linear_weight,
     macs_per_token,
@@ -33,7 +34,7 @@ from .reference import (
     search_shape,
     weight_params,
 )
-from .shape import SHAPE_KEYS, attention_kinds, head_dim, held_tokens, kv_heads, shape, windows
+from .shape import attention_kinds, head_dim, held_tokens, kv_heads, windows
 from .structure import (
     LAYOUTS,
     attention,
@@ -52,9 +53,9 @@ from .structure import (
 
 FINAL_NORMS = tuple(dict.fromkeys(lay.final_norm for lay in LAYOUTS))
 
-__all__ = ["FINAL_NORMS", "LAYOUTS", "Layout", "SHAPE_KEYS", "attention", "attention_kinds", "blocks_name", "check",
-           "decoder", "decoder_layers", "dense_reference", "expert_macs", "final_norm", "find", "head_dim",
-           "held_tokens", "hidden_states", "is_conv1d", "is_experts", "is_router", "kv_heads", "layout", "linear_macs",
-           "linear_weight", "logits", "macs_per_token", "mlp", "model_type", "new_cache", "norms", "reference_of",
-           "refuse", "role_names", "roles", "routers", "search_shape", "set_decoder_layers", "shape", "softcap",
-           "text_config", "unknown", "weight_params", "windows"]
+__all__ = ["FINAL_NORMS", "LAYOUTS", "Layout", "attention", "attention_kinds", "blocks_name", "check", "decoder",
+           "decoder_layers", "dense_reference", "expert_macs", "final_norm", "find", "head_dim", "held_tokens",
+           "hidden_states", "is_conv1d", "is_experts", "is_router", "kv_heads", "layout", "linear_dims",
+           "linear_macs", "linear_weight", "logits", "macs_per_token", "mlp", "model_type", "new_cache", "norms",
+           "reference_of", "refuse", "role_names", "roles", "routers", "search_shape", "set_decoder_layers",
+           "softcap", "text_config", "unknown", "weight_params", "windows"]

@@ -86,18 +86,32 @@ def dense_reference(model) -> dict:
     return ref
 
 
+def linear_dims(module: torch.nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or of GPT-2's Conv1D (a transposed linear: its weight is [in, out])."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
+
+
 def search_shape(model, bytes_per_value: float = 4.0) -> Shape:
-    """The dense `Shape` the search's cost model counts with (search/cost.py), its block MACs measured from the
-    modules (so MoE, fused, two-matrix and Conv1D blocks cost what they run); pinned reference first."""
+    """The dense `Shape` the search's cost model counts with (search/cost.py), measured from the modules: its block
+    MACs (so MoE, fused, two-matrix and Conv1D blocks cost what they run) and the first block's linears with the
+    family's roles (what an adapter's predicted cost counts, any family); pinned reference first.
+    `intermediate_size` only serves width's Llama-style cost rule (the config's key, else OPT's `ffn_dim`, GPT-2's
+    `n_inner`, else 4 × hidden)."""
     ref = reference_of(model)
     c = text_config(model.config)
     head = model.get_output_embeddings().weight.numel()
     ffn = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None)
+    block = decoder_layers(model)[0]
+    kinds = (torch.nn.Linear, conv1d_class())
+    linears = tuple((n, *linear_dims(m)) for n, m in block.named_modules() if isinstance(m, kinds))
     return Shape(num_layers=ref["num_layers"], hidden_size=ref["hidden_size"],
                  intermediate_size=int(ffn or 4 * ref["hidden_size"]), num_heads=c.num_attention_heads,
                  num_kv_heads=ref["num_kv_heads"], head_dim=ref["head_dim"], vocab_size=ref["vocab_size"],
                  bytes_per_value=bytes_per_value,
-                 measured_block_macs=(ref["linear_macs_per_token"] - head) // ref["num_layers"])
+                 measured_block_macs=(ref["linear_macs_per_token"] - head) // ref["num_layers"],
+                 linears=linears, roles=tuple(layout(model, block).roles.items()))
 
 
 def check(model) -> None:

@@ -1,14 +1,11 @@
-"""Shape facts read from transformers' own config keys: KV heads (defaulting to heads), head size, each layer's
-attention kind (`config.layer_types`, `config.sliding_window`), and the dense `Shape` the search's cost model
-counts with (search/cost.py: a Llama-style formula, so it needs `intermediate_size`)."""
+"""Shape facts read from transformers' own config keys: KV heads (defaulting to heads), head size and each layer's
+attention kind (`config.layer_types`, `config.sliding_window`). The dense `Shape` the search's cost model counts
+with is measured from the modules (reference.py `search_shape`), not read from config keys."""
 
 from __future__ import annotations
 
-from adaflex.search.cost import Shape
+from .base import text_config
 
-from .base import text_config, unknown
-
-SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 SLIDING = "sliding_attention"
 
 
@@ -46,12 +43,3 @@ def held_tokens(window: int | None, length: int) -> int:
     still see (transformers' DynamicSlidingWindowLayer); the dense KV bytes and kv's budgets count it so."""
     return min(length, window - 1) if window else length
 
-
-def shape(config, bytes_per_value: float = 4.0) -> Shape:
-    """The Llama-formula `Shape` of a config (search/cost.py); refuses a config without a key it needs. The search
-    itself takes `search_shape(model)` (reference.py), whose block MACs are measured from the modules."""
-    c = text_config(config)
-    for key in SHAPE_KEYS:
-        if not isinstance(getattr(c, key, None), int):
-            raise unknown(config, f"its {key.replace('_', ' ')} (the config has no '{key}')")
-    return Shape.from_config(c, bytes_per_value)

@@ -5,7 +5,8 @@ carries (README.md, Commands). One module per task:
 - mc.py: multiple choice by log-likelihood;
 - retrieval.py: passkey retrieval through the cache;
 - fidelity.py: KL, top-1 agreement and own-continuation perplexity against the dense model's top-k;
-- cost.py: the cost figures of one probe forward (blocks executed, KV bytes, MACs, sparsity);
+- cost.py: the cost figures of one probe forward (blocks executed, KV bytes, MACs, sparsity), and the KV bytes
+  held at the evaluation's own context;
 - result.py: the Result every task returns.
 
 Where the model's parts are and how its logits are computed is retrofit/arch.py's business.
@@ -14,15 +15,15 @@ Where the model's parts are and how its logits are computed is retrofit/arch.py'
 from __future__ import annotations
 
 from ..errors import UsageError, naming
-from .cost import cost_figures, probe_ids
+from .cost import cost_figures, kv_at_context, probe_ids
 from .fidelity import fidelity
 from .mc import choice_logliks, mc_scores, multiple_choice
 from .ppl import continuation_perplexity, perplexity
 from .result import Result
 from .retrieval import passkey
 
-__all__ = ["Result", "choice_logliks", "continuation_perplexity", "cost_figures", "mc_scores", "multiple_choice",
-           "passkey", "perplexity", "probe_ids", "run_eval", "warn_positions"]
+__all__ = ["Result", "choice_logliks", "continuation_perplexity", "cost_figures", "kv_at_context", "mc_scores",
+           "multiple_choice", "passkey", "perplexity", "probe_ids", "run_eval", "warn_positions"]
 
 
 # ---- one evaluation spec, as the CLI and the recipes name it ----
@@ -68,25 +69,29 @@ def _run_eval(model, tokenizer, task: str, data: str, *, layout: str = "auto", l
         else:
             res = perplexity(model, tokenizer, text, seq_len, stride, batch_size=max(1, batch_size // 2),
                              limit=limit, label=label)
-        probe_text = text
+        probe_text, own = text, context if context is not None else seq_len
     elif task == "mc":
         items = source.mc(limit)
         res = multiple_choice(model, tokenizer, items, batch_size=batch_size, label=label)
         probe_text = "\n".join(it.context + it.choices[it.label] for it in items[:64])
+        own = max(len(tokenizer(it.context + it.choices[it.label], add_special_tokens=False).input_ids)
+                  for it in items[:64])  # the longest prompt it scores
     elif task == "passkey":
         if context is None:
             raise UsageError("--context: required by --task passkey (prompt length in tokens)")
         text = source.text()
         res = passkey(model, tokenizer, text, context, depths=depths, limit=limit, query_agnostic=query_agnostic,
                       batch_size=max(1, batch_size // 4), label=label)
-        probe_text = text
+        probe_text, own = text, context
     elif task == "fidelity":
         res = fidelity(model, tokenizer, source, seq_len=seq_len, limit=limit, batch_size=max(1, batch_size // 2),
                        reference=reference, label=label)
-        probe_text = source.text()
+        probe_text, own = source.text(), seq_len
     else:
         raise UsageError(f"unknown task '{task}' (perplexity, mc, passkey, fidelity)")
     out = res.to_dict()
     out["data"] = str(data)
     out.update(cost_figures(model, probe_ids(tokenizer, probe_text)))
+    # the probe's 128 tokens can misstate the KV bytes at the evaluation's own length (kv's floor of sinks + window)
+    out.update(kv_at_context(model, probe_ids(tokenizer, probe_text, rows=1, length=own)))
     return out

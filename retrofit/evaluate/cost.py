@@ -45,16 +45,7 @@ def cost_figures(model, probe_ids: torch.Tensor) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    kv_bytes = cache.stored_bytes() if hasattr(cache, "stored_bytes") else sum(
-        t.numel() * t.element_size()
-        for layer in getattr(cache, "layers", [])
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-        if isinstance(t, torch.Tensor)
-    )
-    elem = next(model.parameters()).element_size()
-    # a sliding layer of the dense model holds window − 1 tokens (transformers' DynamicSlidingWindowLayer)
-    held = [arch.held_tokens(w, probe_ids.shape[1]) for w in ref.get("windows") or [None] * ref["num_layers"]]
-    dense_kv = sum(held) * 2 * rows * ref["num_kv_heads"] * ref["head_dim"] * elem
+    kv_bytes, dense_kv = held_bytes(cache), dense_kv_bytes(model, rows, probe_ids.shape[1])
     nonzero = sum(int(torch.count_nonzero(w)) for blk in arch.decoder_layers(model) for w in arch.weight_params(blk))
     trainable = sum(p.numel() for n, p in model.named_parameters() if "adaflex" in n)
     return {
@@ -65,6 +56,36 @@ def cost_figures(model, probe_ids: torch.Tensor) -> dict:
         "trainable_params": trainable,
         "flops_ratio": macs[0] / (rows * probe_ids.shape[1]) / ref["linear_macs_per_token"],
     }
+
+
+def held_bytes(cache) -> int:
+    """Bytes of the keys and values a cache holds now (kv's budgeted cache counts its own, int8 scales included)."""
+    if hasattr(cache, "stored_bytes"):
+        return cache.stored_bytes()
+    return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+
+
+def dense_kv_bytes(model, rows: int, length: int) -> int:
+    """Bytes a full dense cache holds after `rows` × `length` tokens: a sliding layer of the dense model holds
+    window − 1 tokens (transformers' DynamicSlidingWindowLayer)."""
+    ref = arch.reference_of(model)
+    elem = next(model.parameters()).element_size()
+    held = [arch.held_tokens(w, length) for w in ref.get("windows") or [None] * ref["num_layers"]]
+    return sum(held) * 2 * rows * ref["num_kv_heads"] * ref["head_dim"] * elem
+
+
+@torch.no_grad()
+def kv_at_context(model, ids: torch.Tensor) -> dict:
+    """The KV bytes the model holds after prefilling `ids` [rows, length] through its own cache, per sequence
+    and relative to the dense cache: an evaluation's own context, where the probe's 128 tokens can mislead (a
+    per-layer floor of sinks + window is a larger share of a short prompt)."""
+    cache = arch.new_cache(model)
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    rows, length = ids.shape
+    held = held_bytes(cache)
+    return {"kv_context": length, "kv_bytes_at_context": held // rows if held % rows == 0 else held / rows,
+            "kv_bytes_ratio_at_context": held / dense_kv_bytes(model, rows, length)}
 
 
 def probe_ids(tokenizer, text: str, rows: int = 2, length: int = 128) -> torch.Tensor:

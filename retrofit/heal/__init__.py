@@ -60,9 +60,8 @@ class Heal(Method):
             from ..shards import predicted_dims
 
             a_on = "adapters" in config.train and state.sparsity > 0
-            dims = predicted_dims(state.shape, config.adapter.targets, "heal.adapter") if a_on else {}
-            unmerged = state.layers * config.adapter.rank * sum(sum(dims[t]) for t in config.adapter.targets) \
-                if a_on else 0
+            dims = predicted_dims(state.shape, config.adapter, "heal.adapter") if a_on else {}
+            unmerged = state.layers * config.adapter.rank * sum(sum(d) for d in dims.values())
             reps = 1 if "replacements" in config.train and state.removed else 0
             rank = config.replacement_rank
         rep = reps * 2 * d * rank

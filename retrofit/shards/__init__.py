@@ -10,27 +10,9 @@ from __future__ import annotations
 from ..method import CostState, Method, knobs
 from .config import ShardsConfig
 from .plan import ShardsPlan
+from .targets import predicted_dims, target_dims
 
-
-def target_dims(shape) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each adaptable linear of a Llama-style block of the cost model's `shape`."""
-    d, m = shape.hidden_size, shape.intermediate_size
-    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, m), "up_proj": (d, m), "down_proj": (m, d)}
-
-
-def predicted_dims(shape, targets, where: str = "shards") -> dict[str, tuple[int, int]]:
-    """`target_dims` of the targets a prediction (no plan yet) names; the cost model's `Shape` is Llama's, so another
-    family's projection is refused in one line (a run's plan measures every target)."""
-    dims = target_dims(shape)
-    other = [t for t in targets if t not in dims]
-    if other:
-        from ..errors import UsageError
-
-        raise UsageError(f"{where}.targets: the predicted cost (search/cost.py Shape) knows Llama's projections, "
-                         f"not '{other[0]}'; run the recipe to measure it")
-    return {t: dims[t] for t in targets}
+__all__ = ["Shards", "predicted_dims", "target_dims"]
 
 
 class Shards(Method):
@@ -66,7 +48,7 @@ class Shards(Method):
         return knobs(rank=[4, 8, 16])
 
     def cost(self, config, plan, metrics, state: CostState):
-        dims = plan.shapes if plan else predicted_dims(state.shape, config.targets)
+        dims = plan.shapes if plan else predicted_dims(state.shape, config)
         per_rank = sum(a + b for a, b in dims.values())
         rank_params = config.equivalent_rank if config.method == "mos" else config.rank
         state.adapter_params = plan.trainable_params if plan else rank_params * state.layers * per_rank

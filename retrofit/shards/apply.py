@@ -36,6 +36,7 @@ from .layer import (
     remove_all,
 )
 from .plan import ShardsPlan, trainable_params
+from .targets import matches, resolve
 from .train import CachedTeacher, heal, windows_for
 
 
@@ -45,15 +46,18 @@ def _adaptable() -> tuple[type, ...]:
     return (nn.Linear, conv1d_class())
 
 
-def dims(m: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear or of GPT-2's Conv1D (a transposed linear: its weight is [in, out])."""
-    return (m.in_features, m.out_features) if isinstance(m, nn.Linear) else tuple(m.weight.shape)
+dims = arch.linear_dims  # (d_in, d_out) of an nn.Linear or of GPT-2's Conv1D
+
+
+def _paths(block: nn.Module) -> list[str]:
+    """The paths of a block's adaptable linears (nn.Linear, GPT-2's Conv1D)."""
+    kinds = _adaptable()
+    return [n for n, m in block.named_modules() if isinstance(m, kinds)]
 
 
 def _matches(block: nn.Module, target: str) -> list[str]:
-    """The block's linears a target names, as peft's `target_modules` does: the path or any dotted suffix of it."""
-    kinds = _adaptable()
-    return [n for n, m in block.named_modules() if (n == target or n.endswith(f".{target}")) and isinstance(m, kinds)]
+    """The block's linears a target names, as peft's `target_modules` does (targets.py)."""
+    return matches(_paths(block), target)
 
 
 def _linear(block: nn.Module, target: str) -> nn.Module | None:
@@ -65,17 +69,11 @@ def targets_of(model, targets: list[str]) -> dict[str, list[nn.Module]]:
     return {t: [_linear(blk, t) for blk in decoder_layers(model)] for t in targets}
 
 
-NOT_ADAPTED = ("router", "experts", "shared_router")  # routers choose experts; 3-D experts are no linear
-
-
 def resolve_targets(model, cfg) -> list[str]:
     """The targets as set, or, left unset on a block without Llama's names, every linear role the architecture
-    adapter maps for its family (by the role's leaf name, or its path where the leaf names two linears)."""
-    block = decoder_layers(model)[0]
-    if "targets" in cfg.model_fields_set or all(_linear(block, t) is not None for t in cfg.targets):
-        return list(cfg.targets)
-    paths = [p for r, p in arch.role_names(model).items() if r not in NOT_ADAPTED]
-    return [p.rsplit(".", 1)[-1] if len(_matches(block, p.rsplit(".", 1)[-1])) == 1 else p for p in paths]
+    adapter maps for its family (targets.py `resolve`: the search's prediction resolves them the same way)."""
+    return resolve(_paths(decoder_layers(model)[0]), arch.role_names(model), cfg.targets,
+                   "targets" in cfg.model_fields_set)
 
 
 def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, list[tuple[int, int]]]:

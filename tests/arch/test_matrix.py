@@ -106,15 +106,18 @@ def test_family_through_method(family, name, saved, text_path, tmp_path, one_thr
     ran = report["evals"][0]["retrofitted"]
     assert again["value"] == pytest.approx(ran["value"], rel=1e-5)
     assert again["flops_ratio"] == pytest.approx(ran["flops_ratio"], rel=1e-9)
+    assert again["kv_bytes_ratio_at_context"] == pytest.approx(ran["kv_bytes_ratio_at_context"], rel=1e-9)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_untouched_model_costs_its_dense_reference(family, one_thread):
-    from adaflex.retrofit.evaluate import cost_figures, probe_ids
+    from adaflex.retrofit.evaluate import cost_figures, kv_at_context, probe_ids
 
     model, tok = tiny_family(family)
     cost = cost_figures(model, probe_ids(tok, PROMPT * 4))
     assert (cost["flops_ratio"], cost["sparsity"], cost["kv_bytes_ratio"]) == (1.0, 0.0, 1.0), cost
+    # at another length too (a sliding layer's window − 1 binds at both)
+    assert kv_at_context(model, probe_ids(tok, PROMPT * 4, rows=1, length=40))["kv_bytes_ratio_at_context"] == 1.0
 
 
 def test_a_refused_cell_exits_2_in_one_line_from_the_cli(saved, tmp_path):

@@ -30,9 +30,10 @@ def test_eval_json_is_one_object(tiny_dir):
     assert res.exit_code == 0, res.stderr
     obj = json.loads(res.stdout)
     for key in ("task", "metric", "value", "n", "acc_norm", "layers_executed_mean", "kv_bytes_ratio", "sparsity",
-                "trainable_params", "flops_ratio", "tokens_per_s"):
+                "trainable_params", "flops_ratio", "tokens_per_s", "kv_context", "kv_bytes_ratio_at_context"):
         assert key in obj
     assert obj["n"] == 6 and 0 <= obj["value"] <= 1
+    assert obj["kv_context"] > 0 and obj["kv_bytes_ratio_at_context"] == pytest.approx(1.0)  # the longest prompt
 
 
 def test_eval_perplexity_context_protocol(tiny_dir):

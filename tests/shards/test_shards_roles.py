@@ -96,12 +96,15 @@ def test_conv1d_peft_export_uses_fan_in_fan_out(tmp_path, one_thread):
     assert json.loads((tmp_path / "llama" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
 
 
-def test_a_prediction_without_a_plan_knows_llamas_projections_only():
+def test_a_prediction_from_a_config_shape_knows_llamas_projections_only():
+    """A Shape built from a config (pure search tests) has no measured linears: Llama's names, by formula
+    (a model's measured Shape predicts any family: tests/search/test_search_predicted_families.py)."""
     from adaflex.retrofit.shards import predicted_dims
     from adaflex.search.cost import Shape
 
     shape = Shape(num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16,
                   vocab_size=259)
-    assert predicted_dims(shape, ["q_proj", "down_proj"]) == {"q_proj": (64, 64), "down_proj": (96, 64)}
+    got = predicted_dims(shape, ShardsConfig(targets=["q_proj", "down_proj"], **LORA))
+    assert got == {"q_proj": (64, 64), "down_proj": (96, 64)}
     with pytest.raises(UsageError, match=r"^shards.targets: .* not 'fc1'; run the recipe to measure it$"):
-        predicted_dims(shape, ["q_proj", "fc1"])
+        predicted_dims(shape, ShardsConfig(targets=["q_proj", "fc1"], **LORA))
