@@ -96,8 +96,7 @@ def parts_of(model, where: str) -> Parts:
     lay = arch.layout(model)
     roles = dict(lay.roles)
     if lay.moe:
-        raise arch.refuse(model, where, "width does not narrow MoE experts (role 'experts', "
-                                        f"`{roles['experts']}`)")
+        raise arch.refuse(model, where, f"width does not narrow MoE experts (role 'experts': {roles['experts']})")
     mlp = "gated" if {"gate", "up"} <= set(roles) else "gate_up" if "gate_up" in roles else "plain"
     qkv = "separate" if {"q", "k", "v"} <= set(roles) else "per_head" if lay.qkv_per_head else "blocks"
     need = {"o", "down", *({"q", "k", "v"} if qkv == "separate" else {"qkv"})}

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.arch
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs back home across the field. " * 2
 TEXT = " ".join(f"sentence {i} about tiny models and their blocks." for i in range(400))
 
-_WIDTH = "width does not narrow MoE experts (role 'experts'"
+_WIDTH = "width does not narrow MoE experts (role 'experts': mlp.experts)"
 # (family, method) -> what the one-line refusal says is missing; every other cell must run
 REFUSED = {
     ("gpt2", "prune"): "prune does not mask Conv1D projections",

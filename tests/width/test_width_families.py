@@ -153,3 +153,25 @@ def test_uniform_heads_plain_only_where_the_config_has_head_dim(family, tmp_path
     else:
         assert cfg["adaflex"]["stages"][0]["export"] == "padded"
         assert cfg.get("num_attention_heads", cfg.get("n_head")) == 4  # the dense config: load narrows it
+
+
+def test_lora_after_per_block_widths_on_conv1d(tmp_path, one_thread):
+    """GPT-2's narrowed Conv1D take per-block LoRA factors (peft fan_in_fan_out); the merged export reloads."""
+    from adaflex.retrofit.shards.layer import adapted
+
+    lora = {"shards": {"method": "lora", "rank": 4, "dropout": 0.0, "steps": 2, "lr": 0.01, "batch_size": 4,
+                       "holdout": 2}}
+    model, tok = tiny_family("gpt2")
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    recipe = {"seed": 0, "data": {"calibration": {"path": "generated", "samples": 8, "seq_len": 32},
+                                  "generated": GENERATED},
+              "stages": [{"width": {"fraction": 0.3, "allocation": "dp", "channel_multiple": 16, "levels": 4,
+                                    "curve_samples": 2, "kv_groups": True}}, lora]}
+    af.run(recipe, str(tmp_path / "dense"), out=tmp_path / "run", log=lambda m: None)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())["stages"]
+    assert not plan[0]["plan"]["uniform"] and "block_shapes" in plan[1]["plan"]
+    model, _ = af.load(str(tmp_path / "run"))
+    assert any(float(m.adaflex_delta.factors()[1].abs().sum()) > 0 for _, m in adapted(model))
+    ours, _ = af.load(str(af.export(tmp_path / "run", tmp_path / "exp", merge_adapters=True)))
+    torch.testing.assert_close(_logits(ours), _logits(model), rtol=0, atol=1e-4)
