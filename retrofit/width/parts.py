@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import arch
+from ..arch.reference import conv1d_class
 from ..errors import UsageError
 from .shapes import Dims
 
 
 def is_conv1d(mod: torch.nn.Module) -> bool:
-    return not isinstance(mod, torch.nn.Linear) and type(mod).__name__ == "Conv1D"
+    return isinstance(mod, conv1d_class())
 
 
 def out_in(mod: torch.nn.Module) -> torch.Tensor:
