@@ -51,7 +51,11 @@ class Layout:
     - MoE: `router` (a [experts, hidden] weight), `experts` (3-D parameters, one slice per expert), and the
       shared expert's `shared_gate`, `shared_up`, `shared_down`, `shared_router`.
 
-    `conv1d`: the projections are GPT-2's `Conv1D` (a linear whose weight is stored [in, out])."""
+    `conv1d`: the projections are GPT-2's `Conv1D` (a linear whose weight is stored [in, out]).
+    `qkv_per_head`: a fused `qkv` holds [q, k, v] of one head after another (GPT-NeoX), not all q rows, then k,
+    then v (Phi-3, GPT-2). `ffn_key`: the config key that sets the MLP's width (`ffn_dim` for OPT, `n_inner` for
+    GPT-2). `head_dim_key`: the attention takes its head size from `config.head_dim` (not hidden / heads), so a
+    config can describe fewer heads of the same size."""
 
     family: str
     blocks: str
@@ -61,6 +65,9 @@ class Layout:
     final_norm: str
     roles: dict[str, str] = field(default_factory=dict)
     conv1d: bool = False
+    qkv_per_head: bool = False
+    ffn_key: str = "intermediate_size"
+    head_dim_key: bool = True
 
     @property
     def moe(self) -> bool:

@@ -7,4 +7,4 @@ from .base import Layout
 
 GPT2 = Layout("gpt2", blocks="h", attention="attn", mlp="mlp", norms=("ln_1", "ln_2"), final_norm="ln_f",
               roles={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
-              conv1d=True)
+              conv1d=True, ffn_key="n_inner", head_dim_key=False)

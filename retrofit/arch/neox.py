@@ -8,4 +8,5 @@ from .base import Layout
 NEOX = Layout("gpt_neox", blocks="layers", attention="attention", mlp="mlp",
               norms=("input_layernorm", "post_attention_layernorm"), final_norm="final_layer_norm",
               roles={"qkv": "attention.query_key_value", "o": "attention.dense", "up": "mlp.dense_h_to_4h",
-                     "down": "mlp.dense_4h_to_h"})
+                     "down": "mlp.dense_4h_to_h"},
+              qkv_per_head=True, head_dim_key=False)

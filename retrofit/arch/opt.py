@@ -9,4 +9,5 @@ from .base import Layout
 OPT = Layout("opt", blocks="layers", attention="self_attn", mlp=None,
              norms=("self_attn_layer_norm", "final_layer_norm"), final_norm="final_layer_norm",
              roles={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                    "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"})
+                    "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"},
+             ffn_key="ffn_dim", head_dim_key=False)

@@ -3,6 +3,8 @@ blocks' linears become physically smaller (retrofit/width/README.md)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..method import CostState, Method, knobs
 from .config import WidthConfig
 from .plan import WidthPlan
@@ -51,6 +53,9 @@ class Width(Method):
 
             s = state.shape
             dims = Dims(s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim)
+            if s.measured_block_macs:  # a two-matrix MLP (OPT, GPT-NeoX, GPT-2) shows in the measured MACs
+                mlp = s.measured_block_macs - dims.attn_macs(dims.kv_heads, dims.per_group)
+                dims = replace(dims, mlp_matrices=2 if round(mlp / (s.hidden_size * s.intermediate_size)) == 2 else 3)
             w, _ = explicit_width(dims, config.intermediate_size, config.num_heads, config.num_kv_heads)
             kept = dims.macs(w) / dims.block_macs
         state.block_macs_fraction *= kept

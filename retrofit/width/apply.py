@@ -1,6 +1,7 @@
 """Stage `width`: check, fit (importance, per-block widths, kept indices), apply (physically narrower
-linears), export (a plain Llama config where every block has the same width; else zero-padded weights that
-`adaflex.retrofit.load` narrows again). retrofit/width/README.md explains the method and its figures.
+linears), export (a plain smaller config where every block has the same width and the family's config can say
+so; else zero-padded weights that `adaflex.retrofit.load` narrows again). retrofit/width/README.md explains the
+method and its figures; parts.py what each family's channels and heads own.
 """
 
 from __future__ import annotations
@@ -9,50 +10,21 @@ import time
 
 import torch
 
-from .. import arch
-from ..arch import decoder_layers, reference_of
+from ..arch import decoder_layers, reference_of, text_config
 from ..errors import UsageError
 from ..stage import StageContext, StageResult
 from .config import WidthConfig
-from .importance import collect, head_columns, keep_indices, refit, scores, sublayers
+from .importance import collect, head_columns, keep_indices, refit, scores
+from .parts import Parts, dims_of, out_in, parts_of
 from .plan import WidthPlan
 from .shapes import BlockWidth, Dims, explicit_width, uniform_width
 from .shrink import pad_state_hook, shrink_block
-
-_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-
-
-def dims_of(model, where: str) -> Dims:
-    """The dense block shape, after checking that every block is a Llama-style one of that shape."""
-    roles = arch.role_names(model)
-    if set(roles) != {"q", "k", "v", "o", "gate", "up", "down"}:
-        raise arch.refuse(model, where, "width narrows separate q/k/v/o and gated gate/up/down linears; its blocks "
-                                        f"have the roles {', '.join(roles)}")
-    try:
-        layers = decoder_layers(model)
-        dims = Dims.of(model.config)
-    except AttributeError as e:
-        raise UsageError(f"{where}: not a Llama-style decoder ({e})") from None
-    if dims.heads % dims.kv_heads:
-        raise UsageError(f"{where}: {dims.heads} heads do not split over {dims.kv_heads} KV heads")
-    want = {"q_proj": dims.heads * dims.head_dim, "k_proj": dims.kv_heads * dims.head_dim,
-            "v_proj": dims.kv_heads * dims.head_dim, "gate_proj": dims.intermediate, "up_proj": dims.intermediate}
-    for b, blk in enumerate(layers):
-        for part, names in _LINEARS.items():
-            for n in names:
-                lin = getattr(getattr(blk, part, None), n, None)
-                if not isinstance(lin, torch.nn.Linear):
-                    raise UsageError(f"{where}: block {b} has no {part}.{n} linear (width needs Llama-style blocks)")
-                if n in want and lin.out_features != want[n]:
-                    raise UsageError(f"{where}: block {b} {part}.{n} has {lin.out_features} outputs, the config "
-                                     f"says {want[n]} (already narrowed?)")
-    return dims
 
 
 def check(model, cfg: WidthConfig, where: str) -> BlockWidth | None:
     """Model-dependent settings: explicit widths valid for the model and its GQA grouping, a fraction that
     every block can reach without losing all its heads or channels. Returns the uniform width (if any)."""
-    dims = dims_of(model, where)
+    dims, _ = dims_of(model, where)
     if cfg.fraction is None:
         w, why = explicit_width(dims, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads)
         if why:
@@ -81,7 +53,8 @@ def needs_calibration(cfg: WidthConfig) -> bool:
     return True  # importance is measured on calibration text
 
 
-def _search(ctx: StageContext, cfg: WidthConfig, dims: Dims, uni: BlockWidth | None, mlp_s, head_s, st):
+def _search(ctx: StageContext, cfg: WidthConfig, dims: Dims, parts: Parts, uni: BlockWidth | None, mlp_s, head_s,
+            st):
     from .search import Measurer, dp_picks, evolve, kept_macs, make_units, measure_curves, picks_of, widths_of
 
     L = len(decoder_layers(ctx.model))
@@ -89,7 +62,7 @@ def _search(ctx: StageContext, cfg: WidthConfig, dims: Dims, uni: BlockWidth | N
                        [uni] if uni is not None else [])
     windows = ctx.calibration[: cfg.curve_samples]
     grams = (st.gram_mlp, st.gram_attn) if cfg.refit else None
-    m = Measurer(ctx.model, windows, dims, mlp_s, head_s, cfg.distortion, grams, cfg.refit_damp)
+    m = Measurer(ctx.model, windows, dims, parts, mlp_s, head_s, cfg.distortion, grams, cfg.refit_damp)
     total = dims.block_macs * L
     curve_evals = sum(len(u.options) - 1 for u in units)
     info: dict = {"units": len(units), "curve_evaluations": curve_evals}
@@ -125,19 +98,19 @@ def fit(ctx: StageContext, cfg: WidthConfig) -> StageResult:
     model = ctx.model
     where = f"recipe: stages.{ctx.index}.width"
     uni = check(model, cfg, where)
-    dims = dims_of(model, where)
+    dims, parts = dims_of(model, where)
     L = len(decoder_layers(model))
     t0 = time.perf_counter()
-    st = collect(model, fit_windows(ctx.calibration, cfg), dims, cfg.batch_size, gram=cfg.refit)
-    mlp_s, head_s = scores(model, st, cfg.importance, dims)
+    st = collect(model, fit_windows(ctx.calibration, cfg), dims, parts, cfg.batch_size, gram=cfg.refit)
+    mlp_s, head_s = scores(model, st, cfg.importance, dims, parts)
     t_imp = time.perf_counter() - t0
     search: dict = {}
     if cfg.allocation == "uniform":
         widths = [uni] * L
     else:
-        widths, search = _search(ctx, cfg, dims, uni, mlp_s, head_s, st)
+        widths, search = _search(ctx, cfg, dims, parts, uni, mlp_s, head_s, st)
     t_search = time.perf_counter() - t0 - t_imp
-    plan, tensors = narrow_plan(model, dims, widths, mlp_s, head_s, st if cfg.refit else None, cfg.refit_damp)
+    plan, tensors = narrow_plan(model, dims, widths, mlp_s, head_s, st if cfg.refit else None, cfg.refit_damp, parts)
     plan.update({"allocation": cfg.allocation, "importance": cfg.importance, "refit": cfg.refit,
                  "target": cfg.fraction, "search": search})
     metrics = {"allocation": cfg.allocation, "importance": cfg.importance, "target": cfg.fraction,
@@ -147,23 +120,24 @@ def fit(ctx: StageContext, cfg: WidthConfig) -> StageResult:
     return StageResult(plan=plan, tensors=tensors, metrics=metrics)
 
 
-def narrow_plan(model, dims: Dims, widths: list[BlockWidth], mlp_s, head_s, st=None, damp: float = 0.01):
+def narrow_plan(model, dims: Dims, widths: list[BlockWidth], mlp_s, head_s, st=None, damp: float = 0.01,
+                parts: Parts | None = None):
     """The plan core (widths, MACs) and tensors (kept indices; refit weights when `st` holds Gram matrices)
     that `apply` narrows a dense model with."""
+    parts = parts or dims_of(model, "width")[1]
     tensors = {}
     for b, (blk, w) in enumerate(zip(decoder_layers(model), widths, strict=True)):
         channels, heads, groups = keep_indices(mlp_s[b], head_s[b], dims, w)
         tensors.update({f"keep.{b}.channels": channels, f"keep.{b}.heads": heads, f"keep.{b}.groups": groups})
         if st is not None:
-            attn, mlp = sublayers(blk)
-            tensors[f"refit.{b}.down"] = refit(mlp.down_proj.weight.detach(), st.gram_mlp[b], channels, damp)
-            tensors[f"refit.{b}.o"] = refit(attn.o_proj.weight.detach(), st.gram_attn[b],
+            tensors[f"refit.{b}.down"] = refit(out_in(parts.down(blk)), st.gram_mlp[b], channels, damp)
+            tensors[f"refit.{b}.o"] = refit(out_in(parts.o(blk)), st.gram_attn[b],
                                             head_columns(heads, dims.head_dim), damp)
     kept = sum(dims.macs(w) for w in widths)
     dense = dims.block_macs * len(widths)
     plan = {"num_layers": len(widths), "dense": {"hidden": dims.hidden, "intermediate": dims.intermediate,
                                                  "heads": dims.heads, "kv_heads": dims.kv_heads,
-                                                 "head_dim": dims.head_dim},
+                                                 "head_dim": dims.head_dim, "mlp_matrices": dims.mlp_matrices},
             "widths": [w.to_dict() for w in widths], "uniform": all(w == widths[0] for w in widths),
             "block_macs_kept": kept, "block_macs_dense": dense, "removed": 1 - kept / dense}
     return plan, tensors
@@ -177,26 +151,37 @@ def apply(model, plan: WidthPlan, tensors: dict | None = None) -> None:
     layers = decoder_layers(model)
     plan.check_model(model)
     dims = plan.dims
-    dims_of(model, "width plan")
+    _, parts = dims_of(model, "width plan")
     plan.check_tensors(tensors)
     for b, blk in enumerate(layers):
         channels, heads, groups = (tensors[f"keep.{b}.{k}"].long() for k in ("channels", "heads", "groups"))
-        shrink_block(blk, dims, channels, heads, groups, tensors.get(f"refit.{b}.down"), tensors.get(f"refit.{b}.o"))
-    if plan.uniform:  # the config describes every block: a plain Llama config
+        shrink_block(blk, parts, dims, channels, heads, groups, tensors.get(f"refit.{b}.down"),
+                     tensors.get(f"refit.{b}.o"))
+    if plain(plan, parts):  # the config describes every block: a plain, smaller model of the same family
         w = plan.width(0)
-        cfg = model.config
-        cfg.head_dim = dims.head_dim  # explicit: hidden_size // heads no longer gives it
-        cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = w.channels, w.heads, w.kv_groups
+        cfg = text_config(model.config)
+        setattr(cfg, parts.ffn_key, w.channels)
+        if parts.head_dim_key:
+            cfg.head_dim = dims.head_dim  # explicit: hidden_size // heads no longer gives it
+            cfg.num_attention_heads, cfg.num_key_value_heads = w.heads, w.kv_groups
+
+
+def plain(plan: WidthPlan, parts: Parts) -> bool:
+    """Every block has the same width and the family's config can say so: its FFN width key, and fewer heads
+    only where the attention reads `config.head_dim` (OPT, GPT-NeoX, GPT-2 take hidden / heads)."""
+    w, d = plan.width(0), plan.dims
+    return plan.uniform and (parts.head_dim_key or (w.heads, w.kv_groups) == (d.heads, d.kv_heads))
 
 
 def export_extra(model, plan: WidthPlan, tensors: dict, out_dir, merge: bool) -> dict:
-    """Uniform widths: the weights and config.json are a plain, smaller Llama (`baked`). Per-block widths:
-    the weights are written zero-padded to the dense shapes (transformers loads them as the dense model,
-    same function) and `adaflex.retrofit.load` narrows them again from the plan."""
-    if plan.uniform:
+    """Uniform widths the config can describe: the weights and config.json are a plain, smaller model
+    (`baked`). Otherwise the weights are written zero-padded to the dense shapes (transformers loads them as
+    the dense model, same function) and `adaflex.retrofit.load` narrows them again from the plan."""
+    parts = parts_of(model, "width export")
+    if plain(plan, parts):
         return {"baked": True, "export": "plain"}
     dims = plan.dims
     for b, blk in enumerate(decoder_layers(model)):
         idx = [tensors[f"keep.{b}.{k}"].long() for k in ("channels", "heads", "groups")]
-        blk.register_state_dict_post_hook(pad_state_hook(dims, *idx))
+        blk.register_state_dict_post_hook(pad_state_hook(parts, dims, *idx))
     return {"baked": False, "export": "padded"}

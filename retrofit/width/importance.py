@@ -1,8 +1,8 @@
 """Importance of FFN channels and attention heads on calibration windows, which of them a width keeps, and
 the optional least-squares refit of down_proj / o_proj on the kept channels.
 
-Both scores read the inputs of down_proj (the FFN channels' activations) and of o_proj (the heads'
-attention outputs), captured once on the dense model:
+Both scores read the inputs of the down projection (the FFN channels' activations) and of the attention output
+projection `o` (the heads' attention outputs), captured once on the dense model (any family: arch roles):
 
 - `activation` (Minitron): per channel, the L2 norm over the sequence of its activation, averaged over
   the batch; a head's is the same over its head_dim values together.
@@ -18,7 +18,10 @@ import torch
 
 from ..arch import decoder_layers
 from ..progress import progress
+from .parts import Parts, head_columns, out_in
 from .shapes import BlockWidth, Dims
+
+__all__ = ["Stats", "collect", "head_columns", "keep_indices", "refit", "scores"]
 
 
 @dataclass
@@ -34,12 +37,8 @@ class Stats:
     windows: int = 0
 
 
-def sublayers(block):
-    return block.self_attn, block.mlp
-
-
 @torch.no_grad()
-def collect(model, windows: torch.Tensor, dims: Dims, batch_size: int = 8, gram: bool = False) -> Stats:
+def collect(model, windows: torch.Tensor, dims: Dims, parts: Parts, batch_size: int = 8, gram: bool = False) -> Stats:
     layers = decoder_layers(model)
     n = len(layers)
     inter, H, hd = dims.intermediate, dims.heads, dims.head_dim
@@ -68,9 +67,8 @@ def collect(model, windows: torch.Tensor, dims: Dims, batch_size: int = 8, gram:
 
     hooks = []
     for b, blk in enumerate(layers):
-        attn, mlp = sublayers(blk)
-        hooks.append(mlp.down_proj.register_forward_pre_hook(hook(b, "mlp")))
-        hooks.append(attn.o_proj.register_forward_pre_hook(hook(b, "attn")))
+        hooks.append(parts.down(blk).register_forward_pre_hook(hook(b, "mlp")))
+        hooks.append(parts.o(blk).register_forward_pre_hook(hook(b, "attn")))
     try:
         for s in progress(range(0, windows.shape[0], batch_size), desc="width: importance",
                           total=-(-windows.shape[0] // batch_size)):
@@ -82,17 +80,16 @@ def collect(model, windows: torch.Tensor, dims: Dims, batch_size: int = 8, gram:
     return st
 
 
-def scores(model, st: Stats, kind: str, dims: Dims) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def scores(model, st: Stats, kind: str, dims: Dims, parts: Parts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(FFN channel scores [I], head scores [H]) of every block; higher is kept first."""
     mlp, heads = [], []
     for b, blk in enumerate(decoder_layers(model)):
-        attn, ffn = sublayers(blk)
         if kind == "activation":
             mlp.append(st.act_mlp[b] / st.windows)
             heads.append(st.act_head[b] / st.windows)
         else:
-            wd = ffn.down_proj.weight.detach().double()
-            wo = attn.o_proj.weight.detach().double().reshape(wd.shape[0], dims.heads, dims.head_dim)
+            wd = out_in(parts.down(blk)).double()
+            wo = out_in(parts.o(blk)).double().reshape(wd.shape[0], dims.heads, dims.head_dim)
             mlp.append(st.sq_mlp[b].sqrt() * wd.norm(dim=0))
             heads.append(st.sq_head[b].sqrt() * wo.pow(2).sum((0, 2)).sqrt())
     return mlp, heads
@@ -115,11 +112,6 @@ def keep_indices(mlp_score: torch.Tensor, head_score: torch.Tensor, dims: Dims, 
     groups = _top(best, w.kv_groups)
     heads = torch.cat([g * dims.per_group + _top(per[g], w.per_group) for g in groups.tolist()])
     return channels, heads, groups
-
-
-def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Columns of o_proj (rows of q_proj) of the given heads."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
 def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float) -> torch.Tensor:

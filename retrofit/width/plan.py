@@ -22,9 +22,10 @@ class DenseShape(_Strict):
     heads: int = Field(ge=1)
     kv_heads: int = Field(ge=1)
     head_dim: int = Field(ge=1)
+    mlp_matrices: int = Field(3, ge=2, le=3)  # 2: a two-matrix MLP (up, down)
 
     def dims(self) -> Dims:
-        return Dims(self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim)
+        return Dims(self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.mlp_matrices)
 
 
 class Width(_Strict):
@@ -73,8 +74,10 @@ class WidthPlan(Plan):
         return self.widths[b].block()
 
     def check_model(self, model) -> None:
+        from .parts import dims_of  # torch: only when a model is there
+
         super().check_model(model)
-        if Dims.of(model.config) != self.dims:
+        if dims_of(model, "width plan")[0] != self.dims:
             raise UsageError(f"width plan is for blocks of shape {self.dense.model_dump()}, the model's config "
                              "differs")
 

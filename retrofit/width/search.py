@@ -2,8 +2,8 @@
 (search/knapsack.py, MACs as the cost) and an EvoPress-style (1+λ) evolutionary search with the measured
 distortion of whole configurations as its fitness, on the same number of evaluations.
 
-A narrower sublayer is measured on the dense-shaped model: zeroing down_proj's columns of the removed FFN
-channels (o_proj's of the removed heads) computes exactly what the narrow block computes, so one weight
+A narrower sublayer is measured on the dense-shaped model: zeroing the down projection's columns of the
+removed FFN channels (o's of the removed heads) computes exactly what the narrow block computes, so one weight
 swap per sublayer is all a point costs (the refit replaces the kept columns too).
 """
 
@@ -20,7 +20,8 @@ from ..arch import decoder_layers
 from ..progress import progress
 from ..prune.calibrate import capture
 from ..prune.curves import Distortion, dense_trace
-from .importance import head_columns, keep_indices, refit, sublayers
+from .importance import head_columns, keep_indices, refit
+from .parts import Parts, out_in, to_module
 from .shapes import BlockWidth, Dims, attn_options, mlp_options
 
 
@@ -65,9 +66,10 @@ class Measurer:
     """Distortion (KL or logit MSE, prune.curves.Distortion) of narrower sublayers on the curve windows.
     Counts the evaluations and the block forwards they cost, so DP and evolution compare on equal terms."""
 
-    def __init__(self, model, windows: torch.Tensor, dims: Dims, mlp_scores, head_scores, kind: str = "kl",
-                 grams: tuple[list, list] | None = None, damp: float = 0.01):
+    def __init__(self, model, windows: torch.Tensor, dims: Dims, parts: Parts, mlp_scores, head_scores,
+                 kind: str = "kl", grams: tuple[list, list] | None = None, damp: float = 0.01):
         self.layers = decoder_layers(model)
+        self.parts = parts
         self.dims, self.mlp_scores, self.head_scores = dims, mlp_scores, head_scores
         self.grams, self.damp = grams, damp
         self.cap = capture(model, windows, batch_size=windows.shape[0])
@@ -85,22 +87,21 @@ class Measurer:
         return self._swaps[key]
 
     def _make_swap(self, b: int, kind: str, option) -> tuple[torch.nn.Linear, torch.Tensor]:
-        attn, mlp = sublayers(self.layers[b])
         d = self.dims
         if kind == "mlp":
-            lin = mlp.down_proj
+            lin = self.parts.down(self.layers[b])
             w = BlockWidth(option, d.kv_heads, d.per_group)
             cols = keep_indices(self.mlp_scores[b], self.head_scores[b], d, w)[0]
             gram = self.grams[0][b] if self.grams else None
         else:
-            lin = attn.o_proj
+            lin = self.parts.o(self.layers[b])
             heads = keep_indices(self.mlp_scores[b], self.head_scores[b], d, BlockWidth(d.intermediate, *option))[1]
             cols = head_columns(heads, d.head_dim)
             gram = self.grams[1][b] if self.grams else None
-        w = lin.weight.detach()
+        w = out_in(lin)
         new = torch.zeros_like(w)
         new[:, cols] = refit(w, gram, cols, self.damp) if gram is not None else w[:, cols]
-        return lin, new
+        return lin, to_module(lin, new)
 
     @torch.no_grad()
     def _run(self, start: int, x: torch.Tensor, swaps: dict[int, list]) -> float:

@@ -4,7 +4,7 @@ A block's width is (FFN channels, KV groups kept, query heads per kept group). E
 same number of query heads, so GQA's repeat_kv (query head i reads KV head i // r) stays valid.
 MACs per token of a block's linears (q, k, v, o, gate, up, down), as arch.dense_reference counts them:
 
-    attention(g, r) = d · hd · (2·g·r + 2·g)        mlp(c) = 3 · d · c
+    attention(g, r) = d · hd · (2·g·r + 2·g)        mlp(c) = 3 · d · c   (2 · d · c for a two-matrix MLP)
 """
 
 from __future__ import annotations
@@ -21,13 +21,7 @@ class Dims:
     heads: int
     kv_heads: int
     head_dim: int
-
-    @classmethod
-    def of(cls, config) -> Dims:
-        heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        hd = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.hidden_size, config.intermediate_size, heads, kv, hd)
+    mlp_matrices: int = 3  # gate, up, down (a fused gate_up counts as two); 2: up, down (OPT, GPT-NeoX, GPT-2)
 
     @property
     def per_group(self) -> int:
@@ -37,7 +31,7 @@ class Dims:
         return self.hidden * self.head_dim * (2 * groups * per_group + 2 * groups)
 
     def mlp_macs(self, channels: int) -> int:
-        return 3 * self.hidden * channels
+        return self.mlp_matrices * self.hidden * channels
 
     def dense(self) -> BlockWidth:
         return BlockWidth(self.intermediate, self.kv_heads, self.per_group)
@@ -105,7 +99,7 @@ def uniform_width(dims: Dims, fraction: float, prune: str, kv_groups: bool, mult
         g, r = ok[-1]
     left = budget - dims.attn_macs(g, r)
     step = min(multiple, dims.intermediate)
-    c = int(left / (3 * dims.hidden) + 1e-9) // step * step
+    c = int(left / dims.mlp_macs(1) + 1e-9) // step * step
     c = min(c, dims.intermediate)
     if c < step:
         raise ValueError(f"removing {fraction:g} of the block MACs leaves the FFN under {step} channels")

@@ -1,60 +1,83 @@
-"""Make a block physically narrower (smaller nn.Linear modules), and the inverse for exports whose widths
-differ per block: the state dict padded back to the dense shapes with zeros.
+"""Make a block physically narrower (smaller linears, or GPT-2's Conv1D), and the inverse for exports whose
+widths differ per block: the state dict padded back to the dense shapes with zeros. Which rows each channel and
+head owns comes from the family's parts (parts.py).
 
-transformers' LlamaAttention takes its head count from the q/k/v outputs (`view(..., -1, head_dim)`) and
-only `num_key_value_groups` (query heads per KV head, for repeat_kv) from the module, so a narrower
-attention needs smaller q/k/v/o and that one attribute.
+transformers' attentions take their head count from the q/k/v outputs (`view(..., -1, head_dim)`) and read only
+a few attributes from the module, which a narrower one updates where it has them: `num_key_value_groups`
+(repeat_kv), `num_heads` (OPT's view), `num_key_value_heads`, `split_size` (GPT-2 splits c_attn's output by
+it). Phi-3 reads its query width from `config.num_attention_heads`: a narrowed attention with a fused q|k|v
+gets its own copy of the config.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from .importance import head_columns, sublayers
+from .. import arch
+from .parts import Parts, head_columns, out_dim, out_in, to_module
 from .shapes import Dims
 
 
-def _linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-            weight: torch.Tensor | None = None) -> nn.Linear:
-    w = old.weight.detach()
+def narrow(old: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+           weight: torch.Tensor | None = None) -> nn.Module:
+    """A copy of `old` (nn.Linear or Conv1D) keeping output `rows` (and their bias) and input `cols`; `weight`
+    ([out, in]) replaces the kept weight (the refit)."""
+    w = out_in(old)
     if rows is not None:
         w = w[rows]
     if cols is not None:
         w = w[:, cols]
     if weight is not None:
         w = weight.to(w.dtype)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
-    new.weight.data.copy_(w)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    else:  # Conv1D(nf = outputs, nx = inputs), weight [in, out]
+        new = type(old)(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(to_module(old, w))
     if old.bias is not None:
         new.bias.data.copy_(old.bias.detach()[rows] if rows is not None else old.bias.detach())
     new.train(old.training)
     return new
 
 
+def _replace(block: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(arch.find(block, parent), name, new)
+
+
+def _set_heads(attn: nn.Module, heads: int, kv: int, head_dim: int, own_config: bool) -> None:
+    attn.num_key_value_groups = heads // kv
+    for name, value in (("num_heads", heads), ("num_key_value_heads", kv), ("split_size", heads * head_dim)):
+        if hasattr(attn, name):
+            setattr(attn, name, int(value))
+    cfg = getattr(attn, "config", None)
+    if own_config and getattr(cfg, "num_attention_heads", heads) != heads:
+        attn.config = copy.copy(cfg)  # Phi-3 slices its fused qkv by config.num_attention_heads
+        attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv
+
+
 @torch.no_grad()
-def shrink_block(block, dims: Dims, channels: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor,
-                 down: torch.Tensor | None = None, o: torch.Tensor | None = None) -> None:
-    """Keep the given FFN channels, query heads and KV groups (ascending indices); `down` / `o` replace
-    the kept columns of down_proj / o_proj (the least-squares refit)."""
-    attn, mlp = sublayers(block)
+def shrink_block(block, parts: Parts, dims: Dims, channels: torch.Tensor, heads: torch.Tensor,
+                 groups: torch.Tensor, down: torch.Tensor | None = None, o: torch.Tensor | None = None) -> None:
+    """Keep the given FFN channels, query heads and KV groups (ascending indices); `down` / `o` ([out, in])
+    replace the kept columns of the down / o projection (the least-squares refit)."""
     if channels.numel() < dims.intermediate or down is not None:
-        mlp.gate_proj = _linear(mlp.gate_proj, rows=channels)
-        mlp.up_proj = _linear(mlp.up_proj, rows=channels)
-        mlp.down_proj = _linear(mlp.down_proj, cols=channels, weight=down)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = int(channels.numel())
+        for role, rows in parts.ffn_rows(channels, dims).items():
+            _replace(block, parts.roles[role], narrow(parts.module(block, role), rows=rows))
+        _replace(block, parts.roles["down"], narrow(parts.down(block), cols=channels, weight=down))
+        owner = arch.find(block, parts.roles["down"].rpartition(".")[0])
+        if owner is not block and hasattr(owner, "intermediate_size"):
+            owner.intermediate_size = int(channels.numel())
     if heads.numel() < dims.heads or o is not None:
-        qcols = head_columns(heads, dims.head_dim)
-        kvrows = head_columns(groups, dims.head_dim)
-        attn.q_proj = _linear(attn.q_proj, rows=qcols)
-        attn.k_proj = _linear(attn.k_proj, rows=kvrows)
-        attn.v_proj = _linear(attn.v_proj, rows=kvrows)
-        attn.o_proj = _linear(attn.o_proj, cols=qcols, weight=o)
-        attn.num_key_value_groups = heads.numel() // groups.numel()
-        for name, value in (("num_heads", heads.numel()), ("num_key_value_heads", groups.numel())):
-            if hasattr(attn, name):
-                setattr(attn, name, int(value))
+        for role, rows in parts.attn_rows(heads, groups, dims).items():
+            _replace(block, parts.roles[role], narrow(parts.module(block, role), rows=rows))
+        _replace(block, parts.roles["o"], narrow(parts.o(block), cols=head_columns(heads, dims.head_dim),
+                                                 weight=o))
+        attn = arch.find(block, parts.roles["o"].rpartition(".")[0])
+        _set_heads(attn, heads.numel(), groups.numel(), dims.head_dim, parts.qkv == "blocks")
 
 
 def _scatter(t: torch.Tensor, idx: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -65,21 +88,20 @@ def _scatter(t: torch.Tensor, idx: torch.Tensor, size: int, dim: int) -> torch.T
     return out
 
 
-def pad_state_hook(dims: Dims, channels: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor):
+def pad_state_hook(parts: Parts, dims: Dims, channels: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor):
     """A state-dict post hook for one block: its narrow linears written back at their dense shapes, with
-    zeros in the removed rows / columns (the same function: a zero FFN channel or a head whose o_proj
-    columns are zero adds nothing)."""
-    qcols = head_columns(heads, dims.head_dim)
-    kvrows = head_columns(groups, dims.head_dim)
-    ffn, Q, KV = dims.intermediate, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    zeros in the removed rows / columns (the same function: a zero FFN channel or a head whose o columns
+    are zero adds nothing)."""
+    full = parts.all_rows(dims)
+    od = out_dim(parts.conv1d)
+    rows = {**parts.ffn_rows(channels, dims), **parts.attn_rows(heads, groups, dims)}
     # (state-dict suffix, kept indices, dense size, dimension)
-    rules = [("mlp.gate_proj.weight", channels, ffn, 0), ("mlp.up_proj.weight", channels, ffn, 0),
-             ("mlp.down_proj.weight", channels, ffn, 1), ("mlp.gate_proj.bias", channels, ffn, 0),
-             ("mlp.up_proj.bias", channels, ffn, 0),
-             ("self_attn.q_proj.weight", qcols, Q, 0), ("self_attn.q_proj.bias", qcols, Q, 0),
-             ("self_attn.k_proj.weight", kvrows, KV, 0), ("self_attn.k_proj.bias", kvrows, KV, 0),
-             ("self_attn.v_proj.weight", kvrows, KV, 0), ("self_attn.v_proj.bias", kvrows, KV, 0),
-             ("self_attn.o_proj.weight", qcols, Q, 1)]
+    rules = []
+    for role, idx in rows.items():
+        rules += [(parts.roles[role] + ".weight", idx, len(full[role]), od), (parts.roles[role] + ".bias", idx,
+                                                                            len(full[role]), 0)]
+    rules += [(parts.roles["down"] + ".weight", channels, dims.intermediate, 1 - od),
+              (parts.roles["o"] + ".weight", head_columns(heads, dims.head_dim), dims.heads * dims.head_dim, 1 - od)]
 
     def hook(_module, state_dict, prefix, _meta):
         for suffix, idx, size, dim in rules:

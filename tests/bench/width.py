@@ -37,6 +37,7 @@ from adaflex.retrofit.heal.train import TopKTeacher, heal, steps_for
 from adaflex.retrofit.width.apply import apply as width_apply
 from adaflex.retrofit.width.apply import narrow_plan
 from adaflex.retrofit.width.importance import collect, scores
+from adaflex.retrofit.width.parts import dims_of
 from adaflex.retrofit.width.plan import WidthPlan
 from adaflex.retrofit.width.search import (
     Measurer,
@@ -47,7 +48,7 @@ from adaflex.retrofit.width.search import (
     picks_of,
     widths_of,
 )
-from adaflex.retrofit.width.shapes import Dims, uniform_width
+from adaflex.retrofit.width.shapes import uniform_width
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -134,7 +135,7 @@ def main() -> None:
     dense, tok = restore.load(args.model)
     reference_of(dense)
     L = len(decoder_layers(dense))
-    dims = Dims.of(dense.config)
+    dims, parts = dims_of(dense, "bench")
     windows = calibration_windows(tok, read_text(DATA / "arc_easy_train.jsonl", "arc"), args.samples, args.seq_len,
                                   seed=0)
     eval_text = (DATA / "wikitext2_dev.txt").read_text()
@@ -157,10 +158,10 @@ def main() -> None:
     need_refit = any("refit" in m for m in args.methods)
     t0 = time.perf_counter()
     # importance and refit learn on the windows the DP / evolution distortions are not measured on
-    st = collect(dense, windows[args.curve_samples:], dims, 8, gram=need_refit)
-    imp = {"activation": scores(dense, st, "activation", dims)}
+    st = collect(dense, windows[args.curve_samples:], dims, parts, 8, gram=need_refit)
+    imp = {"activation": scores(dense, st, "activation", dims, parts)}
     if any("wanda" in m for m in args.methods):
-        imp["wanda"] = scores(dense, st, "wanda", dims)
+        imp["wanda"] = scores(dense, st, "wanda", dims, parts)
     t_imp = time.perf_counter() - t0
 
     blocks = {f: int(math.floor(f * L + 0.5)) for f in args.targets}
@@ -177,8 +178,8 @@ def main() -> None:
         if key not in searchers:
             mlp_s, head_s = imp[kind]
             grams = (st.gram_mlp, st.gram_attn) if refit else None
-            searchers[key] = Measurer(dense, windows[: args.curve_samples, : args.curve_len], dims, mlp_s, head_s,
-                                      "kl", grams)
+            searchers[key] = Measurer(dense, windows[: args.curve_samples, : args.curve_len], dims, parts, mlp_s,
+                                      head_s, "kl", grams)
         return searchers[key]
 
     def dp_curves(kind: str, refit: bool):

@@ -79,3 +79,25 @@ def test_cost_rule_multiplies_the_kept_share_of_block_macs():
     method.cost(WidthConfig(allocation="uniform", intermediate_size=768, num_heads=6), None, {}, st)
     assert st.block_macs_fraction == SMOL.macs(BlockWidth(768, 3, 2)) / SMOL.block_macs
     assert set(method.search_knobs(30)) == {"fraction", "allocation"}
+
+
+def test_two_matrix_mlp_counts_two_matrices_per_channel():
+    """OPT / GPT-NeoX / GPT-2: a channel costs up row + down column (2·d), so a uniform fraction keeps more of
+    them than on a gated MLP, and the predicted cost of explicit widths reads the family from the measured MACs."""
+    from dataclasses import replace
+
+    from adaflex.retrofit.method import CostState
+    from adaflex.retrofit.width import Width
+    from adaflex.retrofit.width.config import WidthConfig
+    from adaflex.search.cost import Shape
+
+    two = replace(SMOL, mlp_matrices=2)
+    assert two.mlp_macs(100) == 2 * 576 * 100 and two.block_macs < SMOL.block_macs
+    w = uniform_width(two, 0.2, "mlp", False, 32)
+    assert two.macs(w) <= 0.8 * two.block_macs < two.macs(BlockWidth(w.channels + 32, 3, 3))
+    attn = SMOL.attn_macs(3, 3)
+    shape = Shape(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
+                  vocab_size=49152, measured_block_macs=attn + 2 * 576 * 1536)
+    st = CostState(shape, context=256)
+    Width().cost(WidthConfig(allocation="uniform", intermediate_size=768), None, {}, st)
+    assert st.block_macs_fraction == two.macs(BlockWidth(768, 3, 3)) / two.block_macs
