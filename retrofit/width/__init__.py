@@ -53,9 +53,9 @@ class Width(Method):
 
             s = state.shape
             dims = Dims(s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim)
-            if s.measured_block_macs:  # a two-matrix MLP (OPT, GPT-NeoX, GPT-2) shows in the measured MACs
-                mlp = s.measured_block_macs - dims.attn_macs(dims.kv_heads, dims.per_group)
-                dims = replace(dims, mlp_matrices=2 if round(mlp / (s.hidden_size * s.intermediate_size)) == 2 else 3)
+            roles = dict(s.roles)  # measured from the modules; () from a config: Llama's gated MLP
+            if roles and not {"gate", "gate_up"} & roles.keys():  # a two-matrix MLP (OPT, GPT-NeoX, GPT-2)
+                dims = replace(dims, mlp_matrices=2)
             w, _ = explicit_width(dims, config.intermediate_size, config.num_heads, config.num_kv_heads)
             kept = dims.macs(w) / dims.block_macs
         state.block_macs_fraction *= kept
