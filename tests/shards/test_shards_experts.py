@@ -133,8 +133,13 @@ def test_peft_export_loads_with_target_parameters(trained, tmp_path):
     torch.testing.assert_close(_logits(peft_model, _ids()), _logits(ours, _ids()), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_heal_adapters_on_experts(family, tmp_path, one_thread):
+PRUNE = {"prune": {"sparsity": 0.5, "allocation": "owl", "score": "wanda"}}
+
+
+@pytest.mark.parametrize("family, pruned", [("mixtral", True), ("qwen2_moe", False)])
+def test_heal_adapters_on_experts(family, pruned, tmp_path, one_thread):
+    """heal's adapters on the experts: merged where the experts are dense, left unmerged (and re-installed on
+    load) where prune zeroed expert weights."""
     from transformers import AutoModelForCausalLM
 
     model, tok = tiny_family(family)
@@ -142,16 +147,25 @@ def test_heal_adapters_on_experts(family, tmp_path, one_thread):
     tok.save_pretrained(tmp_path / "model")
     (tmp_path / "text.txt").write_text(TEXT)
     model, tok = af.load(str(tmp_path / "model"))
-    report = af.run(_recipe(HEAL, tmp_path / "text.txt"), model, tok, model_name=str(tmp_path / "model"),
-                    out=tmp_path / "run", log=lambda m: None)
+    recipe = _recipe(HEAL, tmp_path / "text.txt")
+    recipe["stages"] = [PRUNE, HEAL] if pruned else [HEAL]
+    report = af.run(recipe, model, tok, model_name=str(tmp_path / "model"), out=tmp_path / "run",
+                    log=lambda m: None)
     e, inter = model.model.layers[0].mlp.experts.down_proj.shape[::2]
-    assert report["stages"][0]["trainable_params"] == RANK * 2 * e * (inter + model.config.hidden_size)
+    assert report["stages"][-1]["trainable_params"] == RANK * 2 * e * (inter + model.config.hidden_size)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())["stages"][-1]["plan"]
+    assert plan["unmerged"] == ([f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)] if pruned else [])
     want = _logits(af.load(str(tmp_path / "run"))[0], _ids())
+    exp = af.export(tmp_path / "run", tmp_path / "exp")
+    if pruned:  # the pruned experts keep their adapter beside the weights: adaflex's load re-installs it
+        ours, _ = af.load(str(exp))
+        assert [n for n, _ in adapted(ours)] == plan["unmerged"]
+        torch.testing.assert_close(_logits(ours, _ids()), want, atol=1e-5, rtol=0)
+        return
     dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")).eval()
     assert (_logits(dense, _ids()) - want).abs().max() > 1e-4  # healed experts changed the model
-    exp = af.export(tmp_path / "run", tmp_path / "exp")  # heal merges its (unpruned) adapters
-    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(exp)).eval(), _ids()), want,
-                               atol=1e-5, rtol=0)
+    merged = AutoModelForCausalLM.from_pretrained(str(exp)).eval()  # heal merged its adapters
+    torch.testing.assert_close(_logits(merged, _ids()), want, atol=1e-5, rtol=0)
 
 
 def test_refusals(one_thread):
