@@ -111,8 +111,10 @@ def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, 
                 raise UsageError(f"{where}.targets: '{t}' names {len(many)} linears of a block ({', '.join(many)}): "
                                  "name one by its path")
             have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, _adaptable())})
+            params = [f"experts.{n.rsplit('.', 1)[-1]}" for x in EXPERT_TARGETS for n, _ in ex.find(block, x)]
+            also = f"; its 3-D experts parameters: {', '.join(params)} (method: lora)" if params else ""
             raise arch.refuse(model, f"{where}.targets", f"'{t}' is not an nn.Linear of every decoder block "
-                              f"(its blocks' linears: {', '.join(have) or 'none'})")
+                              f"(its blocks' linears: {', '.join(have) or 'none'}{also})")
         out[t] = [dims(m) for m in mods]
     return out
 

@@ -26,6 +26,8 @@ from torch.nn.utils import parametrize
 class ExpertsDelta(nn.Module):
     """Per-expert LoRA factors of one 3-D parameter: A [E, r, in], B [E, out, r]."""
 
+    adaflex_adapter = True  # 3-D factors, yet no experts module (arch.is_experts: not counted as weights or MACs)
+
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool):
         super().__init__()
         self.rank, self.scale, self.transposed = a.shape[1], scale, transposed

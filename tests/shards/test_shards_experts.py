@@ -73,7 +73,10 @@ def test_params_and_macs_counted(trained):
     want = RANK * layers * (2 * d + e * per_expert)  # q_proj [d, d] once, each expert's pair
     stage = report["stages"][0]
     assert stage["trainable_params"] == want == report["trainable_params"]
-    assert report["evals"][0]["retrofitted"]["trainable_params"] == want  # evaluate/cost.py counts them too
+    ran = report["evals"][0]["retrofitted"]
+    assert ran["trainable_params"] == want  # evaluate/cost.py counts them too
+    # the 3-D factors are no experts module: neither block weights (sparsity) nor expert MACs
+    assert ran["sparsity"] == 0.0 and ran["flops_ratio"] == 1.0, ran
     plan = json.loads((root / "run" / "plan.json").read_text())["stages"][0]["plan"]
     assert plan["experts"] == {"experts.gate_up_proj": [e, top_k], "experts.down_proj": [e, top_k]}
     state = CostState(shape=search_shape(model), context=64)
@@ -174,6 +177,9 @@ def test_refusals(one_thread):
         make_plan(llama, ShardsConfig(method="lora", targets=["experts"]))
     msg = str(err.value)
     assert "\n" not in msg and "model type 'llama'" in msg and "experts.gate_up_proj" in msg, msg
+    mixtral, _ = tiny_family("mixtral")
+    with pytest.raises(UsageError, match=r"3-D experts parameters: experts\.gate_up_proj, experts\.down_proj"):
+        make_plan(mixtral, ShardsConfig(method="lora", targets=["gate_up_proj"]))  # Phi-3's fused linear's name
     with pytest.raises(ValidationError, match="use method: lora"):
         ShardsConfig(method="mos", targets=["q", "experts"])
     # unset targets leave the experts out (opt-in): Qwen2-MoE keeps Llama's seven (attention + shared expert)
