@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..arch import is_experts, is_router
+
 
 class ExpertsDelta(nn.Module):
     """Per-expert LoRA factors of one 3-D parameter: A [E, r, in], B [E, out, r]."""
@@ -84,16 +86,10 @@ class Site:
     def adaflex_delta(self) -> ExpertsDelta:
         return self.experts.adaflex_experts[self.name]
 
-    @property
-    def training(self) -> bool:
-        return self.experts.training
-
 
 def find(block: nn.Module, target: str) -> list[tuple[str, Site]]:
     """The 3-D parameters of the block's experts modules that `target` (`experts.gate_up_proj`) names, as peft's
     `target_parameters` matches them: the module path + parameter name, or a dotted suffix of it."""
-    from ..arch import is_experts
-
     out = []
     for n, m in block.named_modules():
         if not is_experts(m):
@@ -158,8 +154,6 @@ def merge(site: Site) -> None:
 
 def top_k(block: nn.Module) -> int:
     """Experts a token passes through in this block (its router's `top_k`)."""
-    from ..arch import is_router
-
     ks = [m.top_k for m in block.modules() if is_router(m)]
     return int(ks[0]) if ks else 1
 

@@ -187,3 +187,25 @@ def test_refusals(one_thread):
     plan = make_plan(qwen, ShardsConfig(method="lora"))
     assert plan.experts is None and "down_proj" in plan.targets
     assert ShardsConfig(method="lora", targets="experts").targets == ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def test_peft_export_of_one_expert_parameter_alone(tmp_path, one_thread):
+    """Only `experts.down_proj` adapted: no target_modules at all (peft adds no default linears), keys without
+    `base_layer.` nesting, peft's logits."""
+    import copy
+
+    from peft import PeftModel
+
+    from adaflex.retrofit.shards.apply import write_peft_lora
+    from shards.helpers import adapt
+
+    model, _ = tiny_family("qwen2_moe")
+    base = copy.deepcopy(model)
+    _, plan, _ = adapt(model, method="lora", rank=RANK, targets=["experts.down_proj"], dropout=0.0)
+    write_peft_lora(model, plan, tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] is None and cfg["target_parameters"] == ["experts.down_proj"]
+    dense = _logits(base, _ids())
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()
+    assert (_logits(model, _ids()) - dense).abs().max() > 1e-4  # the adapter acts
+    torch.testing.assert_close(_logits(peft_model, _ids()), _logits(model, _ids()), atol=1e-5, rtol=0)
