@@ -21,7 +21,10 @@ SHARED = Layout("mixture-of-experts with a shared expert", blocks="layers", atte
 
 
 def is_experts(module: torch.nn.Module) -> bool:
-    """An experts module: its own parameters are 3-D, one [out, in] slice per expert."""
+    """An experts module: its own parameters are 3-D, one [out, in] slice per expert. An adapter's per-expert
+    factors (shards/experts.py, marked `adaflex_adapter`) are 3-D too, but neither weights nor MACs of the model."""
+    if getattr(module, "adaflex_adapter", False):
+        return False
     own = list(module.parameters(recurse=False))
     return bool(own) and all(p.dim() == 3 for p in own)
 

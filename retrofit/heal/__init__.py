@@ -49,11 +49,19 @@ class Heal(Method):
         # linears and the replacements do. Predicted (no plan): adapters stay unmerged when anything is
         # pruned, and one replacement stands for the removed blocks.
         d = state.shape.hidden_size
+        unmerged_macs = None
         if plan is not None:
+            from ..shards.plan import rank_macs
+
             a = plan.adapter
-            per_rank = {t: sum(dims) for t, dims in a.shapes.items()} if a else {}
-            unmerged = sum(next(v for t, v in per_rank.items() if n.endswith(f".{t}")) * a.rank
-                           for n in plan.unmerged) if a else 0  # a target names a module by its path's end
+            # a 3-D experts target holds one LoRA per expert; a token passes top_k of them (rank_macs)
+            per_rank = {t: sum(dims) * (a.experts or {}).get(t, [1])[0] for t, dims in a.shapes.items()} if a else {}
+            macs = rank_macs(a.shapes, a.experts) if a else {}
+
+            def of(table, n):  # a target names a module (or a 3-D parameter) by its path's end
+                return next(v for t, v in table.items() if n.endswith(f".{t}")) * a.rank
+            unmerged = sum(of(per_rank, n) for n in plan.unmerged) if a else 0
+            unmerged_macs = sum(of(macs, n) for n in plan.unmerged) if a else 0
             reps = len(plan.replacements)
             rank = plan.replacement_rank
         else:
@@ -66,7 +74,8 @@ class Heal(Method):
             rank = config.replacement_rank
         rep = reps * 2 * d * rank
         state.adapter_params += unmerged + rep
-        state.adapter_macs += math.ceil((unmerged + rep) / max(1, state.layers))
+        unmerged_macs = unmerged if unmerged_macs is None else unmerged_macs
+        state.adapter_macs += math.ceil((unmerged_macs + rep) / max(1, state.layers))
 
     def contract_config(self):
         # alone in a recipe the model is its own dense teacher (KL 0, no gradient): next-token loss moves it

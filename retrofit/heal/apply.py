@@ -91,8 +91,8 @@ def make_plan(ctx: StageContext, cfg: HealConfig, runs: list[dict] | None, where
             raise UsageError(f"{where}.train: adapters: the model already carries adapters of an earlier stage "
                              "(shards); heal norms, head, last_blocks or replacements instead")
         plan["adapter"] = shards.make_plan(model, cfg.adapter, f"{where}.adapter").dump()
-        targets = {id(m) for mods in shards.targets_of(model, plan["adapter"]["targets"]).values() for m in mods}
-        plan["unmerged"] = sorted(n for n, m in model.named_modules() if id(m) in targets and pruned(m))
+        sites = shards.named_targets(model, plan["adapter"]["targets"])  # linears and 3-D experts parameters
+        plan["unmerged"] = sorted(n for n, m in sites if pruned(m))
     if "replacements" in cfg.train:
         plan["replacements"] = runs or []
     return HealPlan.model_validate(plan)
@@ -137,7 +137,7 @@ def fit(ctx: StageContext, cfg: HealConfig) -> StageResult:
         if plan.adapter:
             shards.install(model, plan.adapter, shards.init_tensors(plan.adapter, ctx.seed))
             groups["fast"].update({n: p for n, p in model.named_parameters() if "adaflex" in n
-                                   and ("adaflex_shards" in n or "adaflex_delta" in n)})
+                                   and any(k in n for k in ("adaflex_shards", "adaflex_delta", "adaflex_experts"))})
         for j, rep in enumerate(rp.attach(model, plan.replacements, cfg.replacement_rank)):
             rep.reset(g)
             groups["fast"].update({f"replace.{j}.a": rep.adaflex_a, f"replace.{j}.b": rep.adaflex_b})

@@ -54,6 +54,10 @@ class Shards(Method):
         state.adapter_params = plan.trainable_params if plan else rank_params * state.layers * per_rank
         if plan and plan.block_shapes:  # per-block shapes: the mean block's adapter MACs
             per_rank = round(sum(a + b for dims in plan.block_shapes.values() for a, b in dims) / plan.num_layers)
+        elif plan:  # a 3-D experts target: the top_k experts a token passes (rank_macs), not all of them
+            from .plan import rank_macs
+
+            per_rank = sum(rank_macs(plan.shapes, plan.experts).values())
         state.adapter_macs = config.rank * per_rank
 
     def contract_config(self):

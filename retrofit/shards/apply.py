@@ -4,6 +4,7 @@ Tensors of the stage (stored under `stages.{i}.shards.` in adaflex.safetensors):
     mos:  pool.{type}.a [e·L·l, d_in/l], pool.{type}.b [e·L·l, d_out/l]   (each pool once)
           index.{type}.a / index.{type}.b [L, r, l] in the smallest integer dtype
     lora: lora.{type}.a [L, r, d_in], lora.{type}.b [L, d_out, r]
+          (a 3-D experts target: lora.{t}.a [L, E, r, d_in], lora.{t}.b [L, E, d_out, r], experts.py)
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from .. import arch, models
 from ..arch import decoder_layers
 from ..errors import UsageError
 from ..stage import StageContext, StageResult
+from . import experts as ex
 from . import indices as ix
-from .config import ShardsConfig, mos_feasibility
+from .config import EXPERT_TARGETS, ShardsConfig, mos_feasibility
 from .layer import (
     DTYPES,
     LoraDelta,
@@ -46,7 +48,10 @@ def _adaptable() -> tuple[type, ...]:
     return (nn.Linear, conv1d_class())
 
 
-dims = arch.linear_dims  # (d_in, d_out) of an nn.Linear or of GPT-2's Conv1D
+def dims(m: nn.Module | ex.Site) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear, of GPT-2's Conv1D (arch.linear_dims) or of one expert of a 3-D experts
+    parameter."""
+    return m.dims() if isinstance(m, ex.Site) else arch.linear_dims(m)
 
 
 def _paths(block: nn.Module) -> list[str]:
@@ -56,17 +61,31 @@ def _paths(block: nn.Module) -> list[str]:
 
 
 def _matches(block: nn.Module, target: str) -> list[str]:
-    """The block's linears a target names, as peft's `target_modules` does (targets.py)."""
+    """The block's linears a target names, as peft's `target_modules` does (targets.py); a 3-D experts target: the
+    parameters it names, as peft's `target_parameters` does."""
+    if target in EXPERT_TARGETS:
+        return [n for n, _ in ex.find(block, target)]
     return matches(_paths(block), target)
 
 
-def _linear(block: nn.Module, target: str) -> nn.Module | None:
+def _linear(block: nn.Module, target: str) -> nn.Module | ex.Site | None:
+    if target in EXPERT_TARGETS:
+        found = ex.find(block, target)
+        return found[0][1] if len(found) == 1 else None
     found = _matches(block, target)
     return block.get_submodule(found[0]) if len(found) == 1 else None
 
 
-def targets_of(model, targets: list[str]) -> dict[str, list[nn.Module]]:
+def targets_of(model, targets: list[str]) -> dict[str, list[nn.Module | ex.Site]]:
     return {t: [_linear(blk, t) for blk in decoder_layers(model)] for t in targets}
+
+
+def named_targets(model, targets: list[str]) -> list[tuple[str, nn.Module | ex.Site]]:
+    """(name in the model, linear or 3-D experts parameter) of every adapter site the targets name."""
+    prefix = {id(blk): n for n, blk in model.named_modules() if any(blk is b for b in decoder_layers(model))}
+    return [(f"{prefix[id(blk)]}.{n}", site) for blk in decoder_layers(model) for t in targets
+            for n, site in (ex.find(blk, t) if t in EXPERT_TARGETS
+                            else [(n, blk.get_submodule(n)) for n in _matches(blk, t)])]
 
 
 def resolve_targets(model, cfg) -> list[str]:
@@ -82,13 +101,18 @@ def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, 
     for t, mods in targets_of(model, targets).items():
         if any(m is None for m in mods):
             block = decoder_layers(model)[0]
+            if t in EXPERT_TARGETS and not arch.layout(model).moe:
+                raise arch.refuse(model, f"{where}.targets", f"'{t}' is a 3-D parameter of a mixture-of-experts "
+                                  "experts module; this model's blocks have no experts")
             many = _matches(block, t)
             if len(many) > 1:
                 raise UsageError(f"{where}.targets: '{t}' names {len(many)} linears of a block ({', '.join(many)}): "
                                  "name one by its path")
             have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, _adaptable())})
+            params = [f"experts.{n.rsplit('.', 1)[-1]}" for x in EXPERT_TARGETS for n, _ in ex.find(block, x)]
+            also = f"; its 3-D experts parameters: {', '.join(params)} (method: lora)" if params else ""
             raise arch.refuse(model, f"{where}.targets", f"'{t}' is not an nn.Linear of every decoder block "
-                              f"(its blocks' linears: {', '.join(have) or 'none'})")
+                              f"(its blocks' linears: {', '.join(have) or 'none'}{also})")
         out[t] = [dims(m) for m in mods]
     return out
 
@@ -112,6 +136,8 @@ def check(model, cfg: ShardsConfig, where: str) -> None:
     dims = shapes(model, cfg, where)
     if cfg.method != "mos":
         return
+    if any(t in EXPERT_TARGETS for t in dims):  # a config built with model_construct() skips the validator
+        raise UsageError(f"{where}.method: mos pools cannot hold 3-D experts targets; use method: lora")
     n_sh, n_layers = cfg.shards_per_vector, len(decoder_layers(model))
     for t, (d_in, d_out) in dims.items():
         if d_in % n_sh or d_out % n_sh:
@@ -134,6 +160,10 @@ def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> ShardsPlan:
             "shapes": {t: list(d) for t, d in dims.items()}}
     if any(len(set(d)) > 1 for d in per_block.values()):  # only after per-block widths (LoRA: see shapes)
         plan["block_shapes"] = {t: [list(x) for x in d] for t, d in per_block.items()}
+    sites = {t: mods[0] for t, mods in targets_of(model, list(dims)).items() if t in EXPERT_TARGETS}
+    if sites:  # [experts, top_k] of each 3-D experts target
+        blk = decoder_layers(model)[0]
+        plan["experts"] = {t: [site.num_experts, ex.top_k(blk)] for t, site in sites.items()}
     if cfg.method == "mos":
         pool = ix.pool_size(n, cfg.equivalent_rank, cfg.shards_per_vector)
         plan.update({"equivalent_rank": cfg.equivalent_rank, "shards_per_vector": cfg.shards_per_vector,
@@ -142,7 +172,7 @@ def make_plan(model, cfg: ShardsConfig, where: str = "shards") -> ShardsPlan:
                      "subset_selection": cfg.subset_selection, "pair_dissociation": cfg.pair_dissociation,
                      "vector_sharding": cfg.vector_sharding})
     plan["trainable_params"] = trainable_params(plan["method"], plan["rank"], plan.get("equivalent_rank"), n,
-                                                plan["shapes"], plan.get("block_shapes"))
+                                                plan["shapes"], plan.get("block_shapes"), plan.get("experts"))
     return ShardsPlan.model_validate(plan)
 
 
@@ -162,6 +192,10 @@ def init_tensors(plan: ShardsPlan, seed: int) -> dict[str, torch.Tensor]:
                            seed=seed * 7 + k)
             idt = index_dtype(pool)
             out[f"index.{t}.a"], out[f"index.{t}.b"] = a.to(idt), b.to(idt)
+        elif t in (plan.experts or {}):  # one LoRA per expert, each with LoRA's init
+            e = plan.experts[t][0]
+            out[f"lora.{t}.a"] = (torch.rand(n, e, r, d_in, generator=g) * 2 * bound - bound).to(dtype)
+            out[f"lora.{t}.b"] = torch.zeros(n, e, d_out, r, dtype=dtype)
         elif plan.block_shapes:  # per-block shapes, zero-padded to the largest (each block's own fan-in)
             a = torch.zeros(n, r, d_in, dtype=dtype)
             for i, (di, _) in enumerate(plan.block_shapes[t]):
@@ -203,6 +237,13 @@ def install(model, plan: ShardsPlan, tensors: dict[str, torch.Tensor]) -> None:
             ia, ib = tensors[f"index.{t}.a"].long().to(dev), tensors[f"index.{t}.b"].long().to(dev)
             for i, m in enumerate(mods):
                 attach(m, MoSDelta(pool, ia[i], ib[i], scale, drop))
+        elif t in (plan.experts or {}):
+            a, b = tensors[f"lora.{t}.a"], tensors[f"lora.{t}.b"]
+            for i, m in enumerate(mods):
+                if m.num_experts != a.shape[1]:
+                    raise UsageError(f"shards: block {i}'s {t} holds {m.num_experts} experts, the plan's adapter "
+                                     f"{a.shape[1]}")
+                attach(m, ex.ExpertsDelta(a[i].to(dev, dtype), b[i].to(dev, dtype), scale, m.transposed))
         else:
             a, b = tensors[f"lora.{t}.a"], tensors[f"lora.{t}.b"]
             for i, m in enumerate(mods):  # a narrowed block takes the leading slice of the padded factors
@@ -227,6 +268,9 @@ def collect(model, plan: ShardsPlan) -> dict[str, torch.Tensor]:
             idt = getattr(torch, plan.index_dtype)
             out[f"index.{t}.a"] = torch.stack([d.idx_a for d in deltas]).cpu().to(idt)
             out[f"index.{t}.b"] = torch.stack([d.idx_b for d in deltas]).cpu().to(idt)
+        elif t in (plan.experts or {}):
+            out[f"lora.{t}.a"] = torch.stack([d.adaflex_a.detach().cpu() for d in deltas])
+            out[f"lora.{t}.b"] = torch.stack([d.adaflex_b.detach().cpu() for d in deltas])
         else:
             d_in, d_out = plan.shapes[t]
             a = torch.zeros(len(deltas), plan.rank, d_in, dtype=deltas[0].adaflex_a.dtype)
@@ -239,7 +283,8 @@ def collect(model, plan: ShardsPlan) -> dict[str, torch.Tensor]:
 
 
 def lora_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (A [r, d_in], B [d_out, r]) of every installed adapter: the exact rank-r LoRA."""
+    """Module name -> (A [r, d_in], B [d_out, r]) of every installed adapter: the exact rank-r LoRA (a 3-D experts
+    parameter's name -> A [E, r, d_in], B [E, d_out, r])."""
     out = {}
     with torch.no_grad():
         for name, m in adapted(model):
@@ -305,6 +350,8 @@ def fit(ctx: StageContext, cfg: ShardsConfig) -> StageResult:
         print(f"adaflex: {msg}", file=sys.stderr)
 
     plan = make_plan(ctx.model, cfg, where)
+    if arch.layout(ctx.model).moe and not plan.experts:
+        log("shards: the 3-D experts get no adapter (name `experts` in targets, method lora, to adapt them)")
     tensors = init_tensors(plan, ctx.seed)
     metrics: dict = {"adapter": cfg.method, "trainable_params": plan.trainable_params}
     if cfg.steps:
@@ -361,12 +408,22 @@ def write_peft_lora(model, plan: ShardsPlan, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    conv = {isinstance(m, nn.Linear) for _, m in adapted(model)} == {False}  # GPT-2's Conv1D stores [in, out]
-    cfg = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=plan.dropout, bias="none",
-                     target_modules=list(plan.targets), task_type="CAUSAL_LM", fan_in_fan_out=conv)
+    linears = [t for t in plan.targets if t not in EXPERT_TARGETS]
+    params = [t for t in plan.targets if t in EXPERT_TARGETS]
+    conv = {isinstance(m, nn.Linear) for _, m in adapted(model) if not isinstance(m, ex.Site)} == {False}  # Conv1D
+    # peft's ParamWrapper refuses a nonzero lora_dropout (it cannot be factored out of a weight delta); dropout is
+    # a training setting, so the inference the export is for is the same
+    cfg = LoraConfig(r=plan.rank, lora_alpha=plan.alpha, lora_dropout=0.0 if params else plan.dropout, bias="none",
+                     target_modules=linears or None, target_parameters=params or None, task_type="CAUSAL_LM",
+                     fan_in_fan_out=conv)
     cfg.save_pretrained(str(out))
     weights = {}
-    for name, (a, b) in lora_factors(model).items():
+    factors = lora_factors(model)
+    nest = ex.nestings([n for n, (a, _) in factors.items() if a.dim() == 3], model)
+    for name, (a, b) in factors.items():
+        if name in nest:  # a 3-D experts parameter (peft's target_parameters)
+            weights.update(ex.peft_tensors(name, a, b, nest[name]))
+            continue
         weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()
         weights[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().cpu()
     save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

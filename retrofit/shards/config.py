@@ -13,7 +13,10 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # qkv_proj / gate_up_proj, GPT-NeoX, OPT, and GPT-2's Conv1D (`c_proj` is in both attn and mlp: named by its path)
 FAMILY_TARGETS = ("qkv_proj", "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
                   "out_proj", "fc1", "fc2", "c_attn", "c_fc", "attn.c_proj", "mlp.c_proj")
-Target = Literal[TARGETS + FAMILY_TARGETS]
+# the 3-D parameters of a MoE experts module (transformers 5's Mixtral / Qwen2-MoE `mlp.experts`), named as peft's
+# `target_parameters` name them; `experts` is short for both. LoRA only (experts.py), never a default target
+EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
+Target = Literal[TARGETS + FAMILY_TARGETS + EXPERT_TARGETS]
 
 
 class AdapterConfig(Strict):
@@ -29,7 +32,8 @@ class AdapterConfig(Strict):
     vector_sharding: bool = Field(True, description="mos: each of a vector's l shards drawn on its own")
     targets: list[Target] = Field(default_factory=lambda: list(TARGETS), min_length=1,
                                   description="projections adapted (short names q, k, ..., down accepted); "
-                                  "left unset on a block without Llama's names: its family's linear roles")
+                                  "left unset on a block without Llama's names: its family's linear roles; "
+                                  "`experts`: a MoE's 3-D expert parameters (lora only, never by default)")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha: ΔW = B·A·alpha/r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input while training")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the adapter parameters")
@@ -42,6 +46,7 @@ class AdapterConfig(Strict):
         if isinstance(v, list):
             v = [f"{t}_proj" if isinstance(t, str) and f"{t}_proj" in TARGETS + FAMILY_TARGETS else t
                  for t in v]
+            v = [x for t in v for x in (EXPERT_TARGETS if t == "experts" else (t,))]
             if len(set(v)) != len(v):
                 raise ValueError("targets: duplicate projection")
         return v
@@ -52,6 +57,10 @@ class AdapterConfig(Strict):
             why = mos_feasibility(self.rank, self.equivalent_rank, self.shards_per_vector, self.private_rank)
             if why:
                 raise ValueError(why)
+            experts = [t for t in self.targets if t in EXPERT_TARGETS]
+            if experts:
+                raise ValueError(f"targets: {experts[0]} is a 3-D experts parameter: MoS pools are shared by linears "
+                                 "of one shape, not per-expert slices; use method: lora")
         return self
 
 

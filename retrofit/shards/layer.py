@@ -25,6 +25,7 @@ from torch import nn
 from adaflex.kernels import shard_lora_linear
 
 from ..state import state_of
+from . import experts as ex
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -119,7 +120,10 @@ def _adapted_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, linear.weight, linear.bias) + delta(x)
 
 
-def attach(linear: nn.Linear, delta: _Delta) -> None:
+def attach(linear: nn.Linear | ex.Site, delta: _Delta | ex.ExpertsDelta) -> None:
+    if isinstance(linear, ex.Site):  # a 3-D experts parameter (experts.py)
+        ex.attach(linear, delta)
+        return
     detach(linear)
     delta.train(linear.training)  # a new module starts in training mode: follow the model's
     linear.adaflex_delta = delta
@@ -128,14 +132,19 @@ def attach(linear: nn.Linear, delta: _Delta) -> None:
     linear.forward = partial(_adapted_forward, linear)
 
 
-def detach(linear: nn.Module) -> None:
+def detach(linear: nn.Module | ex.Site) -> None:
+    if isinstance(linear, ex.Site):
+        ex.detach(linear)
+        return
     linear.__dict__.pop("forward", None)
     if "adaflex_delta" in linear._modules:
         del linear._modules["adaflex_delta"]
 
 
-def adapted(model) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "adaflex_delta", None), _Delta)]
+def adapted(model) -> list[tuple[str, nn.Linear | ex.Site]]:
+    """(name, linear or 3-D experts parameter) of every adapter installed (the name peft gives its target)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "adaflex_delta", None), _Delta)]
+    return linears + ex.adapted(model)
 
 
 def remove_all(model) -> None:
@@ -166,6 +175,9 @@ def merge_all(model) -> None:
 @torch.no_grad()
 def merge(m: nn.Module) -> None:
     """Add one adapter's ΔW into its base weight (kept attached)."""
+    if isinstance(m, ex.Site):
+        ex.merge(m)
+        return
     dw = m.adaflex_delta.delta_weight().to(m.weight.dtype)
     m.weight.add_(dw if isinstance(m, nn.Linear) else dw.T)  # GPT-2's Conv1D stores [in, out]
 

@@ -1,5 +1,6 @@
 """The `shards` plan: the adapter's settings and the (d_in, d_out) of each target. Its tensors (the stage's, or
-heal's under `adapter.`) are `pool.{t}.a|b` and `index.{t}.a|b` (MoS) or `lora.{t}.a|b` (LoRA)."""
+heal's under `adapter.`) are `pool.{t}.a|b` and `index.{t}.a|b` (MoS) or `lora.{t}.a|b` (LoRA; a 3-D experts
+target's have an experts axis after the block's)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,21 @@ MOS_KEYS = ("equivalent_rank", "shards_per_vector", "private_rank", "pool_shards
 
 def trainable_params(method: str, rank: int, equivalent_rank: int | None, num_layers: int,
                      shapes: dict[str, tuple[int, int] | list[int]],
-                     block_shapes: dict[str, list[list[int]]] | None = None) -> int:
+                     block_shapes: dict[str, list[list[int]]] | None = None,
+                     experts: dict[str, list[int]] | None = None) -> int:
     """Adapter parameters: MoS holds the parameters of a rank-`equivalent_rank` LoRA, LoRA those of its rank
-    (with per-block shapes, each block's own; the zero padding of the stored tensors is not trained)."""
+    (with per-block shapes, each block's own; the zero padding of the stored tensors is not trained); a 3-D
+    experts target holds one LoRA per expert."""
     if block_shapes:
         return rank * sum(d_in + d_out for dims in block_shapes.values() for d_in, d_out in dims)
-    per_rank = sum(d_in + d_out for d_in, d_out in shapes.values())
+    per_rank = sum((d_in + d_out) * (experts or {}).get(t, [1])[0] for t, (d_in, d_out) in shapes.items())
     return (equivalent_rank if method == "mos" else rank) * num_layers * per_rank
+
+
+def rank_macs(shapes: dict[str, tuple[int, int] | list[int]], experts: dict[str, list[int]] | None = None) -> dict:
+    """Target -> adapter MACs per token per unit of rank in one block: d_in + d_out for a linear, and for a 3-D
+    experts target that times the experts a token passes (top_k), as arch/reference.py counts the experts."""
+    return {t: (d_in + d_out) * (experts or {}).get(t, [1, 1])[1] for t, (d_in, d_out) in shapes.items()}
 
 
 class ShardsPlan(Plan):
@@ -39,6 +48,8 @@ class ShardsPlan(Plan):
     shapes: dict[Target, list[int]]
     # LoRA after per-block widths only: each block's [d_in, d_out] (`shapes` is then the largest of each)
     block_shapes: dict[Target, list[list[int]]] | None = None
+    # 3-D experts targets only (LoRA): [experts, experts a token passes (top_k)]; `shapes` is one expert's
+    experts: dict[Target, list[int]] | None = None
     # MoS only (absent from a LoRA plan)
     equivalent_rank: int | None = Field(None, ge=1)
     shards_per_vector: int | None = Field(None, ge=1)
@@ -67,6 +78,11 @@ class ShardsPlan(Plan):
                 if len(dims) != self.num_layers or any(len(d) != 2 or not 1 <= d[0] <= big[0] or not 1 <= d[1] <= big[1]
                                                        for d in dims):
                     raise ValueError(f"block_shapes.{t}: needs {self.num_layers} [d_in, d_out] pairs within {big}")
+        for t, ek in (self.experts or {}).items():
+            if t not in self.shapes or len(ek) != 2 or not 1 <= ek[1] <= ek[0]:
+                raise ValueError(f"experts.{t}: {ek} is not [experts, top_k] of a target")
+            if self.method == "mos" or self.block_shapes is not None:
+                raise ValueError(f"experts.{t}: 3-D experts targets take one shape, method lora")
         given = [k for k in MOS_KEYS if getattr(self, k) is not None]
         if self.method == "mos" and len(given) != len(MOS_KEYS):
             raise ValueError(f"{next(k for k in MOS_KEYS if k not in given)}: missing (method mos)")
@@ -75,7 +91,7 @@ class ShardsPlan(Plan):
         if not math.isclose(self.scaling, self.alpha / self.rank):
             raise ValueError(f"scaling: {self.scaling} is not alpha / rank = {self.alpha / self.rank}")
         want = trainable_params(self.method, self.rank, self.equivalent_rank, self.num_layers, self.shapes,
-                                self.block_shapes)
+                                self.block_shapes, self.experts)
         if self.trainable_params != want:
             raise ValueError(f"trainable_params: {self.trainable_params}, the shapes and ranks give {want}")
         return self
@@ -94,6 +110,9 @@ class ShardsPlan(Plan):
             if self.method == "mos":
                 p, sh = self.pool_shards, self.shards_per_vector
                 want = {f"pool.{t}.a": (p, d_in // sh), f"pool.{t}.b": (p, d_out // sh)}
+            elif t in (self.experts or {}):  # one LoRA per expert
+                e = self.experts[t][0]
+                want = {f"lora.{t}.a": (n, e, r, d_in), f"lora.{t}.b": (n, e, d_out, r)}
             else:
                 want = {f"lora.{t}.a": (n, r, d_in), f"lora.{t}.b": (n, d_out, r)}
             for k, shape in want.items():

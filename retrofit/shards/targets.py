@@ -49,6 +49,9 @@ def predicted_dims(shape, config, where: str = "shards") -> dict[str, tuple[int,
     out = {}
     for t in resolve(linears, dict(shape.roles), config.targets, "targets" in config.model_fields_set):
         found = matches(linears, t)
+        if t.split(".")[0] == "experts":  # a per-expert LoRA's cost needs the experts' count and top-k: measured
+            raise UsageError(f"{where}.targets: the predicted cost does not count adapters on the 3-D experts "
+                             f"('{t}'); run the recipe to measure it")
         if len(found) != 1:
             have = sorted({p.rsplit(".", 1)[-1] for p in linears})
             raise UsageError(f"{where}.targets: '{t}' names {len(found)} linears of a decoder block, not one (its "

@@ -44,3 +44,16 @@ def test_predicted_cost_counts_adapters_only_when_something_is_pruned():
     pruned.remove(1)
     heal.cost(cfg, None, {}, pruned)
     assert pruned.adapter_macs > 0 and pruned.adapter_params > 2 * 64 * cfg.replacement_rank
+
+
+def test_unmerged_expert_adapters_count_every_expert_and_top_k_macs():
+    heal = registry.get("heal")
+    # a 3-D experts target: one rank-4 LoRA per expert (4 experts), a token passes 2 of them (shards/plan.py)
+    adapter = ShardsPlan.model_construct(rank=4, shapes={"experts.down_proj": [96, 64]},
+                                         experts={"experts.down_proj": [4, 2]})
+    plan = HealPlan.model_construct(adapter=adapter, unmerged=["model.layers.0.mlp.experts.down_proj"],
+                                    replacements=[], replacement_rank=8)
+    s = _state()
+    heal.cost(HealConfig(), plan, {}, s)
+    assert s.adapter_params == 4 * 4 * (96 + 64)
+    assert s.adapter_macs == -(-(2 * 4 * (96 + 64)) // 4)  # top_k experts a token, per executed block (4 left)
