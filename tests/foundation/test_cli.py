@@ -145,3 +145,22 @@ def test_stage_without_calibration_writes_nothing(tiny_dir, tmp_path):
     _one_line_error(runner.invoke(app, ["retrofit", str(tiny_dir), "--recipe", str(recipe), "--out", str(out)]), 2,
                     "data.calibration", "stages.0.drop")
     assert not out.exists()
+
+
+def _command_paths(group, prefix=()):
+    """Every command of the app, as argv prefixes (sub-groups walked)."""
+    for name, cmd in getattr(group, "commands", {}).items():
+        yield (*prefix, name)
+        yield from _command_paths(cmd, (*prefix, name))
+
+
+def test_every_command_help_renders():
+    import typer.main
+
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert {("eval",), ("retrofit",), ("search",), ("export",)} <= set(paths)
+    for path in [(), *paths]:
+        # help text is rich markup: a literal "[/CONFIG]" once raised MarkupError from `adaflex eval --help`
+        res = runner.invoke(app, [*path, "--help"])
+        assert res.exit_code == 0 and "Traceback" not in res.output, (path, res.output[-300:])
+        assert "Usage" in res.output
