@@ -83,7 +83,7 @@ def test_cost_rule_multiplies_the_kept_share_of_block_macs():
 
 def test_two_matrix_mlp_counts_two_matrices_per_channel():
     """OPT / GPT-NeoX / GPT-2: a channel costs up row + down column (2·d), so a uniform fraction keeps more of
-    them than on a gated MLP, and the predicted cost of explicit widths reads the family from the measured MACs."""
+    them than on a gated MLP, and the predicted cost of explicit widths reads the MLP's matrices from the measured roles."""
     from dataclasses import replace
 
     from adaflex.retrofit.method import CostState
@@ -97,7 +97,9 @@ def test_two_matrix_mlp_counts_two_matrices_per_channel():
     assert two.macs(w) <= 0.8 * two.block_macs < two.macs(BlockWidth(w.channels + 32, 3, 3))
     attn = SMOL.attn_macs(3, 3)
     shape = Shape(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
-                  vocab_size=49152, measured_block_macs=attn + 2 * 576 * 1536)
+                  vocab_size=49152, measured_block_macs=attn + 2 * 576 * 1536,
+                  roles=(("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                         ("o", "self_attn.out_proj"), ("up", "fc1"), ("down", "fc2")))  # OPT's roles
     st = CostState(shape, context=256)
     Width().cost(WidthConfig(allocation="uniform", intermediate_size=768), None, {}, st)
     assert st.block_macs_fraction == two.macs(BlockWidth(768, 3, 3)) / two.block_macs
