@@ -22,8 +22,8 @@ def evaluate(
     model: str = typer.Argument("smollm2-135m", help="model name, HF directory, export or run directory"),
     task: Task = typer.Option(..., "--task"),
     data: str = typer.Option(..., "--data", help="text, JSONL (`text` or ARC/PIQA/HellaSwag), Parquet/Arrow, "
-                                                  "hf:NAME\\[/CONFIG]\\[:SPLIT], or generated\\[:test] (text this model "
-                                                  "writes)"),
+                                                  "hf:NAME\\[/CONFIG]\\[:SPLIT], or generated\\[:test] (text this "
+                                                  "model writes)"),
     limit: int = typer.Option(None, "--limit", min=1, help="first N items / windows"),
     context: int = typer.Option(None, "--context", min=1, help="prefill this many tokens through the cache"),
     continuation: int = typer.Option(None, "--continuation", min=1, help="then score this many tokens"),

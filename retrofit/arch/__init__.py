@@ -26,6 +26,7 @@ from .reference import (
     check,
     dense_reference,
     is_conv1d,
+    is_linear,
     linear_dims,
     linear_macs,
     linear_weight,
@@ -55,7 +56,7 @@ FINAL_NORMS = tuple(dict.fromkeys(lay.final_norm for lay in LAYOUTS))
 
 __all__ = ["FINAL_NORMS", "LAYOUTS", "Layout", "attention", "attention_kinds", "blocks_name", "check", "decoder",
            "decoder_layers", "dense_reference", "expert_macs", "final_norm", "find", "head_dim", "held_tokens",
-           "hidden_states", "is_conv1d", "is_experts", "is_router", "kv_heads", "layout", "linear_dims",
+           "hidden_states", "is_conv1d", "is_linear", "is_experts", "is_router", "kv_heads", "layout", "linear_dims",
            "linear_macs", "linear_weight", "logits", "macs_per_token", "mlp", "model_type", "new_cache", "norms",
            "reference_of", "refuse", "role_names", "roles", "routers", "search_shape", "set_decoder_layers",
            "softcap", "text_config", "unknown", "weight_params", "windows"]

@@ -27,6 +27,11 @@ def is_conv1d(module: torch.nn.Module) -> bool:
     return isinstance(module, conv1d_class())
 
 
+def is_linear(module: torch.nn.Module) -> bool:
+    """An nn.Linear or GPT-2's Conv1D: the linear-like modules every method treats as linears."""
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
+
+
 def linear_weight(module: torch.nn.Module) -> torch.Tensor:
     """A linear-like module's weight as nn.Linear holds it, [out, in]: a Conv1D's is the transpose of its stored
     parameter, a view (writing it writes the module), so per-output-row rules read the same for both."""
@@ -36,7 +41,7 @@ def linear_weight(module: torch.nn.Module) -> torch.Tensor:
 
 def linear_macs(module: torch.nn.Module) -> int | None:
     """MACs per token of a dense linear-like module (None: not one). Experts are counted per routed token."""
-    if isinstance(module, torch.nn.Linear) or is_conv1d(module) or is_router(module):
+    if is_linear(module) or is_router(module):
         return module.weight.numel()
     return None
 
@@ -46,7 +51,7 @@ def weight_params(block: torch.nn.Module) -> list[torch.Tensor]:
     the routers: they choose experts, no pruner touches them)."""
     out, skip = [], {id(r) for r in routers(block)}  # Qwen2-MoE's shared_expert_gate is an nn.Linear
     for m in block.modules():
-        if (isinstance(m, torch.nn.Linear) or is_conv1d(m)) and id(m) not in skip:
+        if is_linear(m) and id(m) not in skip:
             out.append(m.weight)
         elif is_experts(m):
             out += list(m.parameters(recurse=False))
@@ -104,8 +109,7 @@ def search_shape(model, bytes_per_value: float = 4.0) -> Shape:
     head = model.get_output_embeddings().weight.numel()
     ffn = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None)
     block = decoder_layers(model)[0]
-    kinds = (torch.nn.Linear, conv1d_class())
-    linears = tuple((n, *linear_dims(m)) for n, m in block.named_modules() if isinstance(m, kinds))
+    linears = tuple((n, *linear_dims(m)) for n, m in block.named_modules() if is_linear(m))
     return Shape(num_layers=ref["num_layers"], hidden_size=ref["hidden_size"],
                  intermediate_size=int(ffn or 4 * ref["hidden_size"]), num_heads=c.num_attention_heads,
                  num_kv_heads=ref["num_kv_heads"], head_dim=ref["head_dim"], vocab_size=ref["vocab_size"],

@@ -42,12 +42,6 @@ from .targets import matches, resolve
 from .train import CachedTeacher, heal, windows_for
 
 
-def _adaptable() -> tuple[type, ...]:
-    from ..arch.reference import conv1d_class
-
-    return (nn.Linear, conv1d_class())
-
-
 def dims(m: nn.Module | ex.Site) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear, of GPT-2's Conv1D (arch.linear_dims) or of one expert of a 3-D experts
     parameter."""
@@ -56,8 +50,7 @@ def dims(m: nn.Module | ex.Site) -> tuple[int, int]:
 
 def _paths(block: nn.Module) -> list[str]:
     """The paths of a block's adaptable linears (nn.Linear, GPT-2's Conv1D)."""
-    kinds = _adaptable()
-    return [n for n, m in block.named_modules() if isinstance(m, kinds)]
+    return [n for n, m in block.named_modules() if arch.is_linear(m)]
 
 
 def _matches(block: nn.Module, target: str) -> list[str]:
@@ -108,7 +101,7 @@ def block_shapes(model, targets: list[str], where: str = "shards") -> dict[str, 
             if len(many) > 1:
                 raise UsageError(f"{where}.targets: '{t}' names {len(many)} linears of a block ({', '.join(many)}): "
                                  "name one by its path")
-            have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, _adaptable())})
+            have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if arch.is_linear(m)})
             params = [f"experts.{n.rsplit('.', 1)[-1]}" for x in EXPERT_TARGETS for n, _ in ex.find(block, x)]
             also = f"; its 3-D experts parameters: {', '.join(params)} (method: lora)" if params else ""
             raise arch.refuse(model, f"{where}.targets", f"'{t}' is not an nn.Linear of every decoder block "

@@ -16,19 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import arch
-from ..arch.reference import conv1d_class
+from ..arch import is_conv1d
+from ..arch import linear_weight as out_in  # the module's weight as [out, in] (a view of a Conv1D's transpose)
 from ..errors import UsageError
 from .shapes import Dims
-
-
-def is_conv1d(mod: torch.nn.Module) -> bool:
-    return isinstance(mod, conv1d_class())
-
-
-def out_in(mod: torch.nn.Module) -> torch.Tensor:
-    """The module's weight as [out, in] (a view)."""
-    w = mod.weight.detach()
-    return w.T if is_conv1d(mod) else w
 
 
 def to_module(mod: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -126,7 +117,7 @@ def dims_of(model, where: str) -> tuple[Dims, Parts]:
     for b, blk in enumerate(arch.decoder_layers(model)):
         for role, path in parts.roles.items():
             mod = arch.find(blk, path)
-            if mod is None or not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
+            if mod is None or not arch.is_linear(mod):
                 raise UsageError(f"{where}: block {b} has no {path} linear (role '{role}')")
             o_, i_ = out_in(mod).shape
             if (role in want and o_ != want[role]) or (role in want_in and i_ != want_in[role]):

@@ -83,7 +83,8 @@ def test_cost_rule_multiplies_the_kept_share_of_block_macs():
 
 def test_two_matrix_mlp_counts_two_matrices_per_channel():
     """OPT / GPT-NeoX / GPT-2: a channel costs up row + down column (2·d), so a uniform fraction keeps more of
-    them than on a gated MLP, and the predicted cost of explicit widths reads the MLP's matrices from the measured roles."""
+    them than on a gated MLP, and the predicted cost of explicit widths reads the MLP's matrices from the measured
+    roles."""
     from dataclasses import replace
 
     from adaflex.retrofit.method import CostState
