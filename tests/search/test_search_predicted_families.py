@@ -60,6 +60,14 @@ def test_a_target_the_blocks_lack_is_refused_in_one_line(one_thread):
         predicted_dims(search_shape(model), ShardsConfig(targets=["o_proj"], **LORA))
 
 
+def test_a_prediction_naming_expert_parameters_is_refused_in_one_line(one_thread):
+    # a per-expert LoRA's cost needs the experts' count and top-k, which the Shape does not carry: a run measures it
+    model, _ = tiny_family("mixtral")
+    with pytest.raises(UsageError, match=r"^shards.targets: the predicted cost does not count adapters on the 3-D "
+                                         r"experts \('experts.down_proj'\); run the recipe to measure it$"):
+        predicted_dims(search_shape(model), ShardsConfig(targets=["q_proj", "experts.down_proj"], **LORA))
+
+
 @pytest.mark.parametrize("settings", [LORA, {**LORA, "targets": ["q", "down"]}, MOS])
 def test_a_llama_prediction_is_unchanged(settings, one_thread):
     """The measured Shape predicts what the config formula did on a Llama block (regression)."""
