@@ -141,7 +141,8 @@ def batch_ids(step: int, n: int, size: int, seed: int) -> torch.Tensor:
     """Window ids of a step: epoch k is a seeded permutation, so step s is the same after a resume."""
     per_epoch = max(1, n // size) if n >= size else 1
     epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(n, generator=gen, device=gen.device)  # a CPU generator draws on the CPU
     return perm[pos * size : pos * size + size]
 
 
