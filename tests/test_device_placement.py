@@ -29,9 +29,17 @@ def _threads(one_thread):
     yield
 
 
+def _ids_on_the_models_device(decoder, args, kwargs):
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is not None:  # meta ids would pass silently: a CPU embedding indexed by them gives CPU garbage
+        assert ids.device == next(decoder.parameters()).device, f"token ids on {ids.device}"
+
+
 @pytest.fixture
 def model():
-    return tiny_llama()
+    model = tiny_llama()
+    model.model.register_forward_pre_hook(_ids_on_the_models_device, with_kwargs=True)
+    return model
 
 
 def _on_cpu(*tensors) -> None:
@@ -201,8 +209,30 @@ class _CpuTokenizer:
         with torch.device("cpu"):
             return self.tok(*args, **kwargs)
 
+    def __getattr__(self, name):  # pad_token_id, decode, ...
+        return getattr(self.tok, name)
 
-def test_evaluations_through_a_budgeted_cache(model, monkeypatch):
+
+def _items():
+    from adaflex.retrofit.data import MCItem
+
+    return [MCItem("Question: what is red?\nAnswer:", (" apple", " sky", " grass blade"), 0),
+            MCItem("The cat sat on the", (" mat", " moon"), 1)]
+
+
+def _generated():
+    """A `generated` source: rows of token ids, each scored from its `starts` on."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(1)
+    return SimpleNamespace(ids=[torch.randint(0, 250, (40,), generator=g) for _ in range(3)], starts=[4, 4, 4],
+                           spec=SimpleNamespace(raw="generated:test"))
+
+
+def test_evaluations_through_a_budgeted_cache(model, monkeypatch, tmp_path):
+    from adaflex.retrofit.evaluate.fidelity import fidelity
+    from adaflex.retrofit.evaluate.mc import choice_logliks
+    from adaflex.retrofit.evaluate.retrieval import passkey
     from adaflex.retrofit.kv.apply import install, spec_from
     from adaflex.retrofit.kv.config import KVConfig
 
@@ -210,13 +240,21 @@ def test_evaluations_through_a_budgeted_cache(model, monkeypatch):
     # torch's cross-entropy decomposition makes a scalar on the default device itself (not adaflex's code)
     monkeypatch.setattr(ppl, "_nll", lambda *a: _under_cpu(nll, *a))
     install(model, spec_from(KVConfig(budget=0.5, sinks=2, window=8, policy="mix"), 4, model=model))
-    tok, x = _CpuTokenizer(byte_tokenizer()), torch.randint(0, 250, (2, 40))
+    tok, x, src = _CpuTokenizer(byte_tokenizer()), torch.randint(0, 250, (2, 40)), _generated()
+    expected, _ = choice_logliks(model, tok, _items(), batch_size=5, show_progress=False)
     with META:
         flat = ppl.perplexity(model, tok, TEXT, seq_len=32, limit=2)
         cont = ppl.continuation_perplexity(model, tok, TEXT, 24, 8, limit=2)
         at = cost.kv_at_context(model, x)
         figures = cost.cost_figures(model, x)
+        logliks, _ = choice_logliks(model, tok, _items(), batch_size=5, show_progress=False)
+        key = passkey(model, tok, TEXT * 4, 300, depths="0.5", limit=2)
+        ref = tmp_path / "fidelity.safetensors"  # the first call keeps the reference, the second compares to it
+        same = [fidelity(model, tok, src, reference=ref, batch_size=2) for _ in range(2)][1]
     assert np.isfinite(flat.value) and np.isfinite(cont.value)
+    # (a CPU tensor indexed by meta indices gives CPU garbage: the scores must be those of a plain call)
+    np.testing.assert_allclose(sum(logliks, []), sum(expected, []), rtol=1e-5)
+    assert 0 <= key.value <= 1 and same.extra["kl"] < 1e-6
     assert 0 < at["kv_bytes_ratio_at_context"] < 1 and 0 < figures["kv_bytes_ratio"] < 1
 
 
@@ -230,11 +268,14 @@ class _Reached(Exception):
 
 
 @pytest.mark.parametrize("call", ["perplexity", "continuation", "kv_at_context", "cost_figures", "heal_loss",
-                                  "block_influence"])
+                                  "block_influence", "mc", "passkey", "fidelity"])
 def test_token_ids_go_to_the_models_device(model, call):
-    """The evaluations, the heal loss and drop's block influence get token ids on the CPU: they reach the model on
-    its device (meta here). The decoder's entrance records where they arrive and stops the call."""
+    """The evaluations, the heal loss and drop's block influence build or get token ids on the CPU: they reach the
+    model on its device (meta here). The decoder's entrance records where they arrive and stops the call."""
     from adaflex.retrofit.drop.apply import block_influence
+    from adaflex.retrofit.evaluate.fidelity import fidelity
+    from adaflex.retrofit.evaluate.mc import choice_logliks
+    from adaflex.retrofit.evaluate.retrieval import passkey
     from adaflex.retrofit.heal.config import HealConfig
     from adaflex.retrofit.heal.train import loss_on
 
@@ -255,6 +296,9 @@ def test_token_ids_go_to_the_models_device(model, call):
         "cost_figures": lambda: cost.cost_figures(model, x),
         "heal_loss": lambda: loss_on(model, x, torch.arange(2), None, HealConfig(loss="lm")),
         "block_influence": lambda: block_influence(model, x, show_progress=False),
+        "mc": lambda: choice_logliks(model, tok, _items(), show_progress=False),
+        "passkey": lambda: passkey(model, tok, TEXT * 4, 300, depths="0.5", limit=1),
+        "fidelity": lambda: fidelity(model, tok, _generated()),
     }
     with pytest.raises(_Reached):
         calls[call]()
