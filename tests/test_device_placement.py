@@ -258,6 +258,18 @@ def test_evaluations_through_a_budgeted_cache(model, monkeypatch, tmp_path):
     assert 0 < at["kv_bytes_ratio_at_context"] < 1 and 0 < figures["kv_bytes_ratio"] < 1
 
 
+def test_generated_text_is_sampled_alike(model):
+    """The dense model writes `generated` text: prompts on the model's device, draws on the seeded CPU generator."""
+    from adaflex.retrofit.generated import GeneratedConfig, sample, settings_of
+
+    settings = settings_of(GeneratedConfig(sequences=3, tokens=8), "train", 0)
+    tok = _CpuTokenizer(byte_tokenizer())
+    expected, _ = sample(model, tok, settings, batch_size=2)
+    with META:
+        seqs, starts = sample(model, tok, settings, batch_size=2)
+    assert len(seqs) == 3 and all(torch.equal(a, b) for a, b in zip(seqs, expected, strict=True))
+
+
 def _under_cpu(fn, *args):
     with torch.device("cpu"):
         return fn(*args)
@@ -268,7 +280,7 @@ class _Reached(Exception):
 
 
 @pytest.mark.parametrize("call", ["perplexity", "continuation", "kv_at_context", "cost_figures", "heal_loss",
-                                  "block_influence", "mc", "passkey", "fidelity"])
+                                  "block_influence", "mc", "passkey", "fidelity", "generated"])
 def test_token_ids_go_to_the_models_device(model, call):
     """The evaluations, the heal loss and drop's block influence build or get token ids on the CPU: they reach the
     model on its device (meta here). The decoder's entrance records where they arrive and stops the call."""
@@ -276,6 +288,7 @@ def test_token_ids_go_to_the_models_device(model, call):
     from adaflex.retrofit.evaluate.fidelity import fidelity
     from adaflex.retrofit.evaluate.mc import choice_logliks
     from adaflex.retrofit.evaluate.retrieval import passkey
+    from adaflex.retrofit.generated import GeneratedConfig, sample, settings_of
     from adaflex.retrofit.heal.config import HealConfig
     from adaflex.retrofit.heal.train import loss_on
 
@@ -299,6 +312,7 @@ def test_token_ids_go_to_the_models_device(model, call):
         "mc": lambda: choice_logliks(model, tok, _items(), show_progress=False),
         "passkey": lambda: passkey(model, tok, TEXT * 4, 300, depths="0.5", limit=1),
         "fidelity": lambda: fidelity(model, tok, _generated()),
+        "generated": lambda: sample(model, tok, settings_of(GeneratedConfig(sequences=1, tokens=8), "train", 0), 1),
     }
     with pytest.raises(_Reached):
         calls[call]()
