@@ -1,5 +1,6 @@
-"""Device placement: the tensors adaflex creates while a retrofitted model runs (prefill, decoding, a heal step,
-the perplexity and cost evaluations) land on the device of the tensors they meet, so a model moved to a GPU runs.
+"""Device placement: the tensors adaflex creates while a retrofitted model runs (kv, routes, drop, width and fused
+blocks at prefill and decoding, a heal step, the evaluations, generated text) land on the device of the tensors
+they meet, so a model moved to a GPU runs.
 
 There is no GPU here. The default device is set to `meta` while the tiny model and its inputs stay on the CPU: a
 tensor made without `device=` then lands on `meta`, and the next op mixing it with a CPU tensor fails (or the
@@ -83,6 +84,27 @@ def test_kv_prefill_evicts_and_decodes(model, batch, policy, allocation, plan, s
     assert all(layer.stored < 60 for layer in cache.layers)  # the prompt was compressed
     if plan is not None:
         assert cache.layers[2].ragged  # heads of different budgets stored apart
+
+
+def test_kv_sliding_window_layers_decode_as_without_the_trick():
+    """Mistral's sliding windows (the keys' positions, the window mask of a multi-token forward)."""
+    from adaflex.retrofit.kv.apply import install, spec_from
+    from adaflex.retrofit.kv.config import KVConfig
+    from tiny import tiny_family
+
+    model, _ = tiny_family("mistral")  # window 16, shorter than the prompt
+    install(model, spec_from(KVConfig(budget=0.5, sinks=2, window=8, policy="mix"), 2, model=model))
+    x = torch.randint(0, 250, (2, 40))
+    with torch.no_grad():
+        cache = arch.new_cache(model)
+        expected = [model(input_ids=x[:, :30], cache=cache, use_cache=True).logits,
+                    model(input_ids=x[:, 30:], cache=cache, use_cache=True).logits]
+        with META:
+            cache = arch.new_cache(model)
+            got = [model(input_ids=x[:, :30], cache=cache, use_cache=True).logits,
+                   model(input_ids=x[:, 30:], cache=cache, use_cache=True).logits]
+    _on_cpu(*got)
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(expected, 1))
 
 
 # ---- routes: decided at prefill, reused while decoding ----
