@@ -213,6 +213,22 @@ def test_heal_steps_with_topk_teacher(model):
     assert np.isfinite(kl) and bool((down[:, :10] == 0).all())
 
 
+def test_shards_steps_with_a_cached_teacher(model):
+    from adaflex.retrofit.shards.apply import init_tensors, install, make_plan
+    from adaflex.retrofit.shards.config import ShardsConfig
+    from adaflex.retrofit.shards.train import CachedTeacher, heal
+
+    dense = copy.deepcopy(model)
+    cfg = ShardsConfig(method="lora", rank=4, steps=2, batch_size=2, lr=1e-2, dropout=0.0, checkpoint_every=100)
+    plan = make_plan(model, cfg)
+    install(model, plan, init_tensors(plan, 0))
+    teacher = CachedTeacher(lambda _which, ids: dense(input_ids=ids, use_cache=False).logits)
+    windows, holdout = torch.randint(0, 250, (4, 16)), torch.randint(0, 250, (2, 16))
+    with META:
+        out = heal(model, windows, cfg, teacher, holdout=holdout)
+    assert out["steps"] == 2 and np.isfinite(out["train_loss_last"]) and np.isfinite(out["holdout_loss_after"])
+
+
 # ---- fused add + RMSNorm, and the evaluations ----
 
 
@@ -302,7 +318,7 @@ class _Reached(Exception):
 
 
 @pytest.mark.parametrize("call", ["perplexity", "continuation", "kv_at_context", "cost_figures", "heal_loss",
-                                  "block_influence", "mc", "passkey", "fidelity", "generated"])
+                                  "shards_loss", "block_influence", "mc", "passkey", "fidelity", "generated"])
 def test_token_ids_go_to_the_models_device(model, call):
     """The evaluations, the heal loss and drop's block influence build or get token ids on the CPU: they reach the
     model on its device (meta here). The decoder's entrance records where they arrive and stops the call."""
@@ -313,6 +329,8 @@ def test_token_ids_go_to_the_models_device(model, call):
     from adaflex.retrofit.generated import GeneratedConfig, sample, settings_of
     from adaflex.retrofit.heal.config import HealConfig
     from adaflex.retrofit.heal.train import loss_on
+    from adaflex.retrofit.shards.config import ShardsConfig
+    from adaflex.retrofit.shards.train import loss_of
 
     arch.reference_of(model)  # the dense reference, measured while the weights are real
     model.to(META)
@@ -330,6 +348,7 @@ def test_token_ids_go_to_the_models_device(model, call):
         "kv_at_context": lambda: cost.kv_at_context(model, x),
         "cost_figures": lambda: cost.cost_figures(model, x),
         "heal_loss": lambda: loss_on(model, x, torch.arange(2), None, HealConfig(loss="lm")),
+        "shards_loss": lambda: loss_of(model, x, torch.arange(2), None, ShardsConfig(loss="lm")),
         "block_influence": lambda: block_influence(model, x, show_progress=False),
         "mc": lambda: choice_logliks(model, tok, _items(), show_progress=False),
         "passkey": lambda: passkey(model, tok, TEXT * 4, 300, depths="0.5", limit=1),
