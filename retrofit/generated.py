@@ -93,10 +93,11 @@ def _sample(model, prompts: list[list[int]], tokens: int, temperature: float, to
     from transformers import DynamicCache
 
     width = max(len(p) for p in prompts)
-    x = torch.full((len(prompts), width), pad, dtype=torch.long)
+    dev = next(model.parameters()).device
+    x = torch.full((len(prompts), width), pad, dtype=torch.long, device=dev)
     mask = torch.zeros_like(x)
     for r, p in enumerate(prompts):
-        x[r, width - len(p):] = torch.tensor(p)
+        x[r, width - len(p):] = torch.tensor(p, device=dev)
         mask[r, width - len(p):] = 1
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)  # the dense model's plain cache
@@ -110,14 +111,16 @@ def _sample(model, prompts: list[list[int]], tokens: int, temperature: float, to
         if 0 < top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+        # drawn where the seeded generator is (the CPU), whatever the model's device
+        nxt = torch.multinomial(torch.softmax(logits, -1).to(gen.device), 1, generator=gen)
         rows.append(nxt)
+        nxt = nxt.to(dev)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         last = last + 1
         out = model(input_ids=nxt, attention_mask=mask, position_ids=last, cache=out.cache, use_cache=True)
         step()
     new = torch.cat(rows, dim=1)
-    return [torch.cat([torch.tensor(p), new[r]]) for r, p in enumerate(prompts)]
+    return [torch.cat([torch.tensor(p, device=new.device), new[r]]) for r, p in enumerate(prompts)]
 
 
 def sample(model, tokenizer, settings: dict, batch_size: int) -> tuple[list[torch.Tensor], list[int]]:

@@ -16,15 +16,16 @@ from .plan import DropPlan
 def block_influence(model, windows: torch.Tensor, batch_size: int = 4, show_progress: bool = True) -> list[float]:
     """BI_i = 1 − mean over tokens of cos(input of block i, output of block i)."""
     layers = decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    device = next(model.parameters()).device
+    sums = [0.0] * len(layers)  # float64 on the host, whatever device the model runs on
     tokens = 0
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[int, float] = {}
 
     def hook(i):
         def fn(_mod, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
             y = out[0] if isinstance(out, tuple) else out
-            seen[i] = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double()
+            seen[i] = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double().item()
 
         return fn
 
@@ -32,7 +33,7 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4, show_prog
     try:
         for s in progress(range(0, windows.shape[0], batch_size), desc="block influence",
                           total=-(-windows.shape[0] // batch_size), disable=not show_progress):
-            x = windows[s : s + batch_size]
+            x = windows[s : s + batch_size].to(device)
             model.get_decoder()(input_ids=x, use_cache=False)
             for i, v in seen.items():
                 sums[i] += v
@@ -40,7 +41,7 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4, show_prog
     finally:
         for h in hooks:
             h.remove()
-    return (1 - sums / tokens).tolist()
+    return [1 - v / tokens for v in sums]
 
 
 def choose(influence: list[float], k: int, protect: list[int]) -> list[int]:

@@ -45,6 +45,7 @@ def windows(source, tokenizer, seq_len: int, limit: int | None) -> list[tuple[to
 
 def _logits(model, x: torch.Tensor, c: int) -> torch.Tensor:
     """Log-probabilities predicting x[:, c:] after prefilling x[:, :c] through the model's cache [B, T, V]."""
+    x = x.to(next(model.parameters()).device)  # windows are tokenized on the CPU
     pre = model(input_ids=x[:, :c], cache=arch.new_cache(model), use_cache=True, logits_to_keep=1)
     out = model(input_ids=x[:, c:], cache=pre.cache, use_cache=True)
     logits = torch.cat([pre.logits[:, -1:], out.logits[:, :-1]], dim=1).float()
@@ -92,14 +93,14 @@ def fidelity(model, tokenizer, source, *, seq_len: int = 512, limit: int | None 
     for (_, c), idx in progress(batches, desc=label):
         x = torch.stack([wins[i][0] for i in idx])
         logp = _logits(model, x, c)
-        targets = x[:, c:]
+        targets = x[:, c:].to(logp.device)
         nll -= float(logp.gather(-1, targets[..., None]).sum())
         for r, i in enumerate(idx):
             if kept is not None:
-                ref_logp, ref_idx = kept[f"logp.{i}"].float(), kept[f"idx.{i}"]
+                ref_logp, ref_idx = kept[f"logp.{i}"].to(logp.device).float(), kept[f"idx.{i}"].to(logp.device)
             else:
                 ref_logp, ref_idx = logp[r].topk(min(TOP_K, logp.shape[-1]), dim=-1)
-                new_ref[f"logp.{i}"], new_ref[f"idx.{i}"] = ref_logp, ref_idx.to(torch.int32)
+                new_ref[f"logp.{i}"], new_ref[f"idx.{i}"] = ref_logp.cpu(), ref_idx.to("cpu", torch.int32)
             kl, top1 = kl_top1(ref_logp, ref_idx, logp[r])
             kl_sum, agree = kl_sum + float(kl.sum()), agree + float(top1.sum())
         count += targets.numel()

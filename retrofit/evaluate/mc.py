@@ -59,15 +59,16 @@ def choice_logliks(model, tokenizer, items: list[MCItem], batch_size: int = 8, l
     out = [[0.0] * len(it.choices) for it in items]
     tokens = 0
     decoder = arch.decoder(model)
+    dev = next(model.parameters()).device  # the token ids and masks go where the model is
     for batch in progress(batches, desc=label, disable=not show_progress):
         n = len(items[batch[0]].choices)
         ctxs = [enc[i][0][:-1] for i in batch]  # the last context token starts the continuation pass
         width = max(len(c) for c in ctxs)
-        x = torch.full((len(batch), width), pad, dtype=torch.long)
-        m = torch.zeros((len(batch), width), dtype=torch.long)
+        x = torch.full((len(batch), width), pad, dtype=torch.long, device=dev)
+        m = torch.zeros((len(batch), width), dtype=torch.long, device=dev)
         for r, c in enumerate(ctxs):
             if c:
-                x[r, width - len(c):] = torch.tensor(c)
+                x[r, width - len(c):] = torch.tensor(c, device=dev)
                 m[r, width - len(c):] = 1
         cache = arch.new_cache(model)
         if width:
@@ -75,19 +76,19 @@ def choice_logliks(model, tokenizer, items: list[MCItem], batch_size: int = 8, l
             cache.batch_repeat_interleave(n)
         rows = [([enc[i][0][-1]] + cont[:-1], cont) for i in batch for cont in enc[i][1]]
         cw = max(len(inp) for inp, _ in rows)
-        y = torch.full((len(rows), cw), pad, dtype=torch.long)
-        my = torch.zeros((len(rows), cw), dtype=torch.long)
+        y = torch.full((len(rows), cw), pad, dtype=torch.long, device=dev)
+        my = torch.zeros((len(rows), cw), dtype=torch.long, device=dev)
         for r, (inp, _) in enumerate(rows):
-            y[r, : len(inp)] = torch.tensor(inp)
+            y[r, : len(inp)] = torch.tensor(inp, device=dev)
             my[r, : len(inp)] = 1
         mask = torch.cat([m.repeat_interleave(n, 0), my], dim=1)
         h = decoder(input_ids=y, attention_mask=mask, cache=cache if width else None, use_cache=bool(width))[0]
         sel = my.bool()
-        targets = torch.tensor([t for _, cont in rows for t in cont])
         logp = torch.log_softmax(arch.logits(model, h[sel]), dim=-1)
-        picked = logp[torch.arange(len(targets)), targets]
-        owner = torch.arange(len(rows)).repeat_interleave(my.sum(1))
-        sums = torch.zeros(len(rows)).index_add_(0, owner, picked)
+        targets = torch.tensor([t for _, cont in rows for t in cont], device=logp.device)
+        picked = logp[torch.arange(len(targets), device=logp.device), targets]
+        owner = torch.arange(len(rows), device=logp.device).repeat_interleave(my.sum(1).to(logp.device))
+        sums = torch.zeros(len(rows), device=logp.device).index_add_(0, owner, picked)
         for r, i in enumerate(batch):
             out[i] = sums[r * n : (r + 1) * n].tolist()
         tokens += int(m.sum()) + int(my.sum())

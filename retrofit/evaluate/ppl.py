@@ -15,6 +15,11 @@ from ..progress import progress
 from .result import Result
 
 
+def _device(model) -> torch.device:
+    """Where the model's weights are: the token ids go there (a tokenizer returns them on the CPU)."""
+    return next(model.parameters()).device
+
+
 def _nll(logits, targets) -> tuple[float, int]:
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
     return nll.item(), targets.numel()
@@ -27,7 +32,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 512, stride: int | No
     stride = stride or seq_len
     if stride > seq_len:
         raise UsageError(f"stride {stride} is larger than seq_len {seq_len}")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0].to(_device(model))
     if ids.numel() < seq_len + 1:
         raise UsageError(f"{label}: only {ids.numel()} tokens, fewer than a {seq_len}-token window")
     # (start, first scored position inside the window)
@@ -55,7 +60,7 @@ def continuation_perplexity(model, tokenizer, text: str, context: int, continuat
     """Prefill `context` tokens through the model's cache (so KV eviction applies), then score the next
     `continuation` tokens, window after window of context + continuation tokens."""
     span = context + continuation
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0].to(_device(model))
     starts = list(range(0, ids.numel() - span + 1, span))
     if not starts:
         raise UsageError(f"{label}: only {ids.numel()} tokens, fewer than context + continuation = {span}")

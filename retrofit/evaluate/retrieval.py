@@ -93,8 +93,9 @@ def passkey(model, tokenizer, text: str, context: int, depths=None, limit: int |
     t0, tokens = time.perf_counter(), 0
     for i in progress(range(0, trials, batch_size), desc=label, total=-(-trials // batch_size)):
         chunk = cases[i:i + batch_size]
-        ctx = torch.tensor([c[2] for c in chunk])
-        q = torch.tensor([c[3] for c in chunk])
+        dev = next(model.parameters()).device  # the prompts go where the model is
+        ctx = torch.tensor([c[2] for c in chunk], device=dev)
+        q = torch.tensor([c[3] for c in chunk], device=dev)
         cache = arch.new_cache(model)
         if query_agnostic:
             model(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)

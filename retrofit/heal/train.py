@@ -92,6 +92,7 @@ def topk_kl(student: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, te
 
 
 def loss_on(model, ids: torch.Tensor, which: torch.Tensor, teacher: TopKTeacher | None, cfg: HealConfig):
+    ids = ids.to(next(model.parameters()).device)  # calibration windows live on the CPU
     logits = model(input_ids=ids, use_cache=False).logits
     if cfg.loss == "lm":
         return lm_loss(logits, ids)
@@ -101,7 +102,7 @@ def loss_on(model, ids: torch.Tensor, which: torch.Tensor, teacher: TopKTeacher 
 
 def mean_kl(model, windows: torch.Tensor, teacher: TopKTeacher, cfg: HealConfig) -> float:
     """Top-k KL of the model as it is (eval mode) over `windows` (teacher ids 0..n-1)."""
-    return mean_loss(model, windows, torch.arange(windows.shape[0]), teacher, cfg, loss=loss_on)
+    return mean_loss(model, windows, torch.arange(windows.shape[0], device=windows.device), teacher, cfg, loss=loss_on)
 
 
 # ---- the loop ----
@@ -162,7 +163,7 @@ def heal(model, windows: torch.Tensor, groups: dict[str, dict[str, torch.Tensor]
         if size > 1:
             dist.barrier()
 
-    ids_all = torch.arange(windows.shape[0])
+    ids_all = torch.arange(windows.shape[0], device=windows.device)
     was_training = model.training
     model.train()
     tokens, seconds = 0, 0.0

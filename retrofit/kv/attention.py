@@ -220,7 +220,8 @@ def adaflex_kv_attention(module, query, key, value, attention_mask, dropout: flo
         mask = build_mask(q, k, valid, query.device)
         if reach is not None:
             mask = (lower_right_causal(q, k, query.device)[None, None] if mask is None else mask) & reach.near()
-            mask[..., torch.arange(q), k - q + torch.arange(q)] = True  # its own key: padded rows stay finite
+            diag = torch.arange(q, device=mask.device)
+            mask[..., diag, k - q + diag] = True  # its own key: padded rows stay finite
         if mask is not None and mask.shape[1] > 1:
             mask = _repeat_heads(mask, groups)
         if softcap:

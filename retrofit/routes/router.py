@@ -105,7 +105,7 @@ def window_weights(valid: torch.Tensor, windows: int = 8) -> tuple[torch.Tensor,
     w_r = torch.minimum(n, torch.full_like(n, windows)).clamp_min(1)
     idx = valid.long().cumsum(1) - 1  # rank of each valid token within its row
     win = torch.div(idx * w_r[:, None], n.clamp_min(1)[:, None], rounding_mode="floor")
-    onehot = torch.zeros(B, windows, T)
+    onehot = torch.zeros(B, windows, T, device=valid.device)
     rows, cols = valid.nonzero(as_tuple=True)
     onehot[rows, win[rows, cols], cols] = 1.0
     counts = onehot.sum(2)

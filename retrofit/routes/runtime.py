@@ -220,7 +220,8 @@ class _Pass:
     def __init__(self, L: int, B: int, routes: torch.Tensor | None, prep, policy):
         self.L, self.B, self.policy, self.prep = L, B, policy, prep
         self.fixed = routes is not None
-        self.routes = routes if routes is not None else torch.ones(B, L, dtype=torch.long)
+        # run counts stay on the CPU, whatever the model's device: prefill reads them back (`tolist`, row lists)
+        self.routes = routes if routes is not None else torch.ones(B, L, dtype=torch.long, device="cpu")
         self.owned = False
         self._layers: nn.ModuleList | None = None
         self._rows: dict[int, object] = {}  # slot -> row group, classified when a step first asks (rows())
@@ -296,7 +297,7 @@ class _Step(nn.Module):
                 P.routes[:, b] = c
                 P.decided(b, [c] * P.B)
             else:
-                c = torch.as_tensor(c).to(P.routes.device).long().expand(P.B)
+                c = torch.as_tensor(c, device=P.routes.device).long().expand(P.B)
                 if b == P.L - 1:  # never an empty path
                     c = torch.where(P.routes[:, :b].sum(1) == 0, c.clamp_min(1), c)
                 P.routes[:, b] = c
@@ -375,7 +376,7 @@ class RoutedRuntime:
         policy = self._forced or self.policy
         if routes is None:
             mask = kwargs.get("attention_mask")
-            valid = torch.ones(B, q, dtype=torch.bool)
+            valid = torch.ones(B, q, dtype=torch.bool, device="cpu")  # policies prepare on the CPU
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 valid = mask[:, -q:].bool().cpu()
             prep = policy.prepare(valid)

@@ -79,6 +79,7 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def loss_of(model, ids: torch.Tensor, which: torch.Tensor, teacher: Teacher | None, cfg: ShardsConfig):
+    ids = ids.to(next(model.parameters()).device)  # calibration windows live on the CPU
     logits = model(input_ids=ids, use_cache=False).logits
     if cfg.loss == "lm":
         return lm_loss(logits, ids)
@@ -141,7 +142,8 @@ def batch_ids(step: int, n: int, size: int, seed: int) -> torch.Tensor:
     """Window ids of a step: epoch k is a seeded permutation, so step s is the same after a resume."""
     per_epoch = max(1, n // size) if n >= size else 1
     epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(n, generator=gen, device=gen.device)  # a CPU generator draws on the CPU
     return perm[pos * size : pos * size + size]
 
 
@@ -192,8 +194,9 @@ def heal(model, windows: torch.Tensor, cfg: ShardsConfig, teacher: Teacher | Non
     start, history = load_checkpoint(ckpt, fingerprint, params, opt, before)
     if start:
         log(f"shards: resumed at step {start} of {cfg.steps} from {ckpt}")
-    ids_all = torch.arange(windows.shape[0])
-    hold_ids = torch.arange(holdout.shape[0]) + windows.shape[0] if holdout is not None else None
+    ids_all = torch.arange(windows.shape[0], device=windows.device)
+    hold_ids = (torch.arange(holdout.shape[0], device=holdout.device) + windows.shape[0]
+                if holdout is not None else None)
     metrics: dict = {k: v for k, v in before.items() if k == "holdout_loss_before"}
     if holdout is not None and holdout.shape[0] and start == 0:
         metrics["holdout_loss_before"] = mean_loss(model, holdout, hold_ids, teacher, cfg)

@@ -35,7 +35,7 @@ def out_dim(mod_or_conv1d) -> int:
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Columns of o (rows of q) of the given heads."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(-1)
 
 
 @dataclass(frozen=True)

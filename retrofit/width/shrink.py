@@ -31,7 +31,7 @@ def narrow(old: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor 
     if cols is not None:
         w = w[:, cols]
     if weight is not None:
-        w = weight.to(w.dtype)
+        w = weight.to(w.device, w.dtype)  # a refit read from the plan's tensors (CPU) onto the model's device
     if isinstance(old, nn.Linear):
         new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
     else:  # Conv1D(nf = outputs, nx = inputs), weight [in, out]
