@@ -192,6 +192,19 @@ def test_width_applied_on_the_models_device_stays_there(model):
     assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
+def test_width_statistics_where_the_model_runs(model):
+    """Fitting widths on a model on its device (the GPU benchmark narrows a 7B-like model there): the activation
+    sums and Gram matrices are made on the model's device, not the default one."""
+    from adaflex.retrofit.width.importance import collect
+    from adaflex.retrofit.width.parts import dims_of
+
+    dims, parts = dims_of(model, "width")
+    with META:
+        st = collect(model, torch.randint(0, 250, (2, 12), device="cpu"), dims, parts, gram=True)
+    _on_cpu(*st.act_mlp, *st.act_head, *st.sq_mlp, *st.gram_mlp)
+    assert float(st.act_mlp[0].sum()) > 0
+
+
 # ---- heal: a few steps with the top-k teacher ----
 
 

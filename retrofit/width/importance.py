@@ -42,10 +42,11 @@ def collect(model, windows: torch.Tensor, dims: Dims, parts: Parts, batch_size: 
     layers = decoder_layers(model)
     n = len(layers)
     inter, H, hd = dims.intermediate, dims.heads, dims.head_dim
-    z = lambda k: [torch.zeros(k, dtype=torch.float64) for _ in range(n)]  # noqa: E731
+    dev = next(model.parameters()).device  # the sums meet the activations where the model runs
+    z = lambda k: [torch.zeros(k, dtype=torch.float64, device=dev) for _ in range(n)]  # noqa: E731
     st = Stats(z(inter), z(H), z(inter), z(H))
-    st.gram_mlp = [torch.zeros(inter, inter, dtype=torch.float64) if gram else None for _ in range(n)]
-    st.gram_attn = [torch.zeros(H * hd, H * hd, dtype=torch.float64) if gram else None for _ in range(n)]
+    st.gram_mlp = [torch.zeros(inter, inter, dtype=torch.float64, device=dev) if gram else None for _ in range(n)]
+    st.gram_attn = [torch.zeros(H * hd, H * hd, dtype=torch.float64, device=dev) if gram else None for _ in range(n)]
 
     def hook(b: int, kind: str):
         def fn(_mod, args):
@@ -72,7 +73,7 @@ def collect(model, windows: torch.Tensor, dims: Dims, parts: Parts, batch_size: 
     try:
         for s in progress(range(0, windows.shape[0], batch_size), desc="width: importance",
                           total=-(-windows.shape[0] // batch_size)):
-            model.get_decoder()(input_ids=windows[s : s + batch_size], use_cache=False)
+            model.get_decoder()(input_ids=windows[s : s + batch_size].to(dev), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -120,5 +121,5 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: fl
     gkk = gram[keep][:, keep]
     lam = damp * float(gkk.diagonal().mean()) + 1e-12
     rhs = weight.double() @ gram[:, keep]  # [out, |K|]
-    a = gkk + lam * torch.eye(len(keep), dtype=gkk.dtype)
+    a = gkk + lam * torch.eye(len(keep), dtype=gkk.dtype, device=gkk.device)
     return torch.linalg.solve(a, rhs.T).T.to(weight.dtype)  # G[K,K] symmetric
