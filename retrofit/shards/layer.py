@@ -6,7 +6,7 @@ in its name (export leaves it out of model.safetensors, evaluate counts it as tr
 live once on the model as `model.adaflex_shards[type]`; a layer's delta only points at its pool (not a
 submodule), so state dicts and parameter counts see each pool once.
 
-Layout (the same as kernels/shard_lora.py):
+Layout (the same as adaflex_kernels/shard_lora.py):
     pool_a [n_a, d_in / l],  idx_a [r, l]: row k of A    = concat_j pool_a[idx_a[k, j]]
     pool_b [n_b, d_out / l], idx_b [r, l]: column k of B = concat_j pool_b[idx_b[k, j]]
     ΔW = B·A·alpha/r

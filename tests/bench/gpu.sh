@@ -24,7 +24,8 @@ fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import adaflex.kernels" 2>/dev/null; then  # not installed: map the package onto the repo
   mkdir -p /tmp/ns/adaflex
-  for d in cli retrofit search kernels recipes; do ln -sfn "$PWD/$d" "/tmp/ns/adaflex/$d"; done
+  for d in cli retrofit search recipes; do ln -sfn "$PWD/$d" "/tmp/ns/adaflex/$d"; done
+  ln -sfn "$PWD/adaflex_kernels" /tmp/ns/adaflex/kernels
   export PYTHONPATH=/tmp/ns:$PYTHONPATH
 fi
 export PYTHONUNBUFFERED=1
@@ -52,7 +53,7 @@ if [ "$mode" = e2e ]; then
 fi
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_cuda.py 2>&1 | tee "$out/cuda-tests.log" | tail -25
 for dt in ${BENCH_DTYPES:-float16}; do
-  timeout ${BENCH_TIMEOUT:-300} python3 tests/bench/kernels.py --dtype "$dt" --json "$out/kernels-$dt.json" 2>"$out/kernels-$dt.err" \
+  timeout ${BENCH_TIMEOUT:-300} python3 tests/bench/kernel_speed.py --dtype "$dt" --json "$out/kernels-$dt.json" 2>"$out/kernels-$dt.err" \
     | tee "$out/kernels-$dt.md"
   tail -3 "$out/kernels-$dt.err"
 done

@@ -35,7 +35,7 @@ def heal_throughput(model, teacher, stream: torch.Tensor, steps: int, batch: int
 
 def _timings(fn, dev) -> tuple[float, float | None]:
     """(eager µs, graph-replay µs or None): eager is what a decode loop pays (host launches included); the
-    CUDA-graph replay is what the GPU itself spends (tests/bench/kernels.py times kernels so)."""
+    CUDA-graph replay is what the GPU itself spends (tests/bench/kernel_speed.py times kernels so)."""
     fn()
     if dev.type != "cuda":
         best = math.inf

@@ -1,6 +1,6 @@
 """GPU benchmark of adaflex.kernels: each Triton kernel against its torch reference, with the targets.
 
-    python tests/bench/kernels.py [--json PATH] [--dtype float16|bfloat16] [--quick]
+    python tests/bench/kernel_speed.py [--json PATH] [--dtype float16|bfloat16] [--quick]
 
 Shapes: SmolLM2-135M (hidden 576, 9/3 heads, head dim 64, MLP 1536) and a 7B-class Llama (hidden 4096,
 32/8 heads, head dim 128, MLP 11008). Times are medians of triton.testing.do_bench, in microseconds.
