@@ -93,7 +93,7 @@ def _sample(model, prompts: list[list[int]], tokens: int, temperature: float, to
     from transformers import DynamicCache
 
     width = max(len(p) for p in prompts)
-    dev = next(model.parameters()).device
+    dev = model.device
     x = torch.full((len(prompts), width), pad, dtype=torch.long, device=dev)
     mask = torch.zeros_like(x)
     for r, p in enumerate(prompts):

@@ -16,16 +16,16 @@ from .plan import DropPlan
 def block_influence(model, windows: torch.Tensor, batch_size: int = 4, show_progress: bool = True) -> list[float]:
     """BI_i = 1 − mean over tokens of cos(input of block i, output of block i)."""
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    sums = [0.0] * len(layers)  # float64 on the host, whatever device the model runs on
+    device = model.device
+    sums = torch.zeros(len(layers), dtype=torch.float64, device=device)  # on the model's device: no sync per block
     tokens = 0
-    seen: dict[int, float] = {}
+    seen: dict[int, torch.Tensor] = {}
 
     def hook(i):
         def fn(_mod, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
             y = out[0] if isinstance(out, tuple) else out
-            seen[i] = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double().item()
+            seen[i] = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double()
 
         return fn
 
@@ -41,7 +41,7 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4, show_prog
     finally:
         for h in hooks:
             h.remove()
-    return [1 - v / tokens for v in sums]
+    return (1 - sums / tokens).tolist()
 
 
 def choose(influence: list[float], k: int, protect: list[int]) -> list[int]:

@@ -41,7 +41,7 @@ def cost_figures(model, probe_ids: torch.Tensor) -> dict:
             hooks.append(m.register_forward_hook(count_experts(arch.expert_macs(m)), with_kwargs=True))
     try:
         cache = arch.new_cache(model)
-        model(input_ids=probe_ids.to(next(model.parameters()).device), cache=cache, use_cache=True)
+        model(input_ids=probe_ids.to(model.device), cache=cache, use_cache=True)
     finally:
         for h in hooks:
             h.remove()
@@ -81,7 +81,7 @@ def kv_at_context(model, ids: torch.Tensor) -> dict:
     and relative to the dense cache: an evaluation's own context, where the probe's 128 tokens can mislead (a
     per-layer floor of sinks + window is a larger share of a short prompt)."""
     cache = arch.new_cache(model)
-    model(input_ids=ids.to(next(model.parameters()).device), cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids.to(model.device), cache=cache, use_cache=True, logits_to_keep=1)
     rows, length = ids.shape
     held = held_bytes(cache)
     return {"kv_context": length, "kv_bytes_at_context": held // rows if held % rows == 0 else held / rows,

@@ -45,7 +45,7 @@ def windows(source, tokenizer, seq_len: int, limit: int | None) -> list[tuple[to
 
 def _logits(model, x: torch.Tensor, c: int) -> torch.Tensor:
     """Log-probabilities predicting x[:, c:] after prefilling x[:, :c] through the model's cache [B, T, V]."""
-    x = x.to(next(model.parameters()).device)  # windows are tokenized on the CPU
+    x = x.to(model.device)  # windows are tokenized on the CPU
     pre = model(input_ids=x[:, :c], cache=arch.new_cache(model), use_cache=True, logits_to_keep=1)
     out = model(input_ids=x[:, c:], cache=pre.cache, use_cache=True)
     logits = torch.cat([pre.logits[:, -1:], out.logits[:, :-1]], dim=1).float()

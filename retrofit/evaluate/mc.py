@@ -59,7 +59,7 @@ def choice_logliks(model, tokenizer, items: list[MCItem], batch_size: int = 8, l
     out = [[0.0] * len(it.choices) for it in items]
     tokens = 0
     decoder = arch.decoder(model)
-    dev = next(model.parameters()).device  # the token ids and masks go where the model is
+    dev = model.device  # the token ids and masks go where the model is
     for batch in progress(batches, desc=label, disable=not show_progress):
         n = len(items[batch[0]].choices)
         ctxs = [enc[i][0][:-1] for i in batch]  # the last context token starts the continuation pass

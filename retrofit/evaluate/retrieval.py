@@ -93,7 +93,7 @@ def passkey(model, tokenizer, text: str, context: int, depths=None, limit: int |
     t0, tokens = time.perf_counter(), 0
     for i in progress(range(0, trials, batch_size), desc=label, total=-(-trials // batch_size)):
         chunk = cases[i:i + batch_size]
-        dev = next(model.parameters()).device  # the prompts go where the model is
+        dev = model.device  # the prompts go where the model is
         ctx = torch.tensor([c[2] for c in chunk], device=dev)
         q = torch.tensor([c[3] for c in chunk], device=dev)
         cache = arch.new_cache(model)

@@ -92,7 +92,7 @@ def topk_kl(student: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, te
 
 
 def loss_on(model, ids: torch.Tensor, which: torch.Tensor, teacher: TopKTeacher | None, cfg: HealConfig):
-    ids = ids.to(next(model.parameters()).device)  # calibration windows live on the CPU
+    ids = ids.to(model.device)  # calibration windows live on the CPU
     logits = model(input_ids=ids, use_cache=False).logits
     if cfg.loss == "lm":
         return lm_loss(logits, ids)

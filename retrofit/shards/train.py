@@ -79,7 +79,7 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def loss_of(model, ids: torch.Tensor, which: torch.Tensor, teacher: Teacher | None, cfg: ShardsConfig):
-    ids = ids.to(next(model.parameters()).device)  # calibration windows live on the CPU
+    ids = ids.to(model.device)  # calibration windows live on the CPU
     logits = model(input_ids=ids, use_cache=False).logits
     if cfg.loss == "lm":
         return lm_loss(logits, ids)

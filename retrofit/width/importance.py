@@ -42,7 +42,7 @@ def collect(model, windows: torch.Tensor, dims: Dims, parts: Parts, batch_size: 
     layers = decoder_layers(model)
     n = len(layers)
     inter, H, hd = dims.intermediate, dims.heads, dims.head_dim
-    dev = next(model.parameters()).device  # the sums meet the activations where the model runs
+    dev = model.device  # the sums meet the activations where the model runs
     z = lambda k: [torch.zeros(k, dtype=torch.float64, device=dev) for _ in range(n)]  # noqa: E731
     st = Stats(z(inter), z(H), z(inter), z(H))
     st.gram_mlp = [torch.zeros(inter, inter, dtype=torch.float64, device=dev) if gram else None for _ in range(n)]

@@ -30,24 +30,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from adaflex.retrofit import restore
-from adaflex.retrofit.arch import decoder_layers, new_cache, reference_of
-from adaflex.retrofit.drop.apply import remove_blocks
+from adaflex.retrofit.arch import decoder_layers, new_cache
 from adaflex.retrofit.evaluate.cost import cost_figures, held_bytes
+from adaflex.retrofit.evaluate.ppl import continuation_nll
 from adaflex.retrofit.kv.apply import apply as kv_apply
 from adaflex.retrofit.kv.config import KVConfig
 from adaflex.retrofit.kv.plan import KVPlan
-from adaflex.retrofit.width.apply import apply as width_apply
-from adaflex.retrofit.width.apply import narrow_plan
-from adaflex.retrofit.width.importance import collect, scores
-from adaflex.retrofit.width.parts import dims_of
-from adaflex.retrofit.width.plan import WidthPlan
-from adaflex.retrofit.width.shapes import uniform_width
 
-sys.path.insert(0, str(Path(__file__).parent))  # a bench script: its sibling, not a test import
+sys.path.insert(0, str(Path(__file__).parent))  # a bench script: its siblings, not test imports
 from gpu_heal import heal_throughput, lora_vs_peft  # noqa: E402
+from synthetic import build, drop_blocks, narrow_uniform  # noqa: E402
 
 # (hidden, intermediate, heads, kv heads, layers, vocab): Mistral-7B's block shape with 4 blocks; SmolLM2's
 # vocabulary, so that the bundle's WikiText ids are valid input
@@ -64,18 +58,9 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def random_llama(shape, dev, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def random_llama(shape, dev):
     hidden, inter, heads, kv, layers, vocab = shape
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
-                      num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=True,
-                      max_position_embeddings=32768)
-    torch.manual_seed(0)
-    with torch.device(dev):  # initialised where it runs: a 7B-like block shape loads in seconds
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    reference_of(model)
-    return model
+    return build(hidden, inter, heads, kv, layers, vocab=vocab, device=dev, max_positions=32768)
 
 
 # ---- systems built in code (random-weight models: no calibration data is worth fitting on) ----
@@ -89,20 +74,8 @@ def make_kv(model, budget: float = 0.25):
     return model
 
 
-def make_drop(model, k: int):
-    n = len(decoder_layers(model))
-    remove_blocks(model, list(range(n - k)))  # which blocks does not matter for speed on random weights
-    return model
-
-
-def make_width(model, fraction: float, ids: torch.Tensor, prune: str = "mlp"):
-    dims, parts = dims_of(model, "width")
-    st = collect(model, ids, dims, parts)
-    mlp_s, head_s = scores(model, st, "activation", dims, parts)
-    w = uniform_width(dims, fraction, prune, False, 32 if dims.intermediate >= 1024 else 4)
-    plan, tensors = narrow_plan(model, dims, [w] * len(decoder_layers(model)), mlp_s, head_s)
-    width_apply(model, WidthPlan.model_validate(plan), tensors)
-    return model
+def make_width(model, fraction: float, ids: torch.Tensor):
+    return narrow_uniform(model, fraction, ids, 32 if model.config.intermediate_size >= 1024 else 4)
 
 
 def built_systems(name: str, base, stream: torch.Tensor, heal_steps: int, heal_rows: list):
@@ -119,7 +92,7 @@ def built_systems(name: str, base, stream: torch.Tensor, heal_steps: int, heal_r
     return {
         "dense": lambda: copy.deepcopy(base),
         "kv": lambda: make_kv(copy.deepcopy(base)),
-        "drop": lambda: make_drop(copy.deepcopy(base), max(1, round(0.25 * n))),
+        "drop": lambda: drop_blocks(copy.deepcopy(base), max(1, round(0.25 * n))),
         "width": lambda: make_width(copy.deepcopy(base), 0.25, calib),
         "quickstart": quickstart,  # the quickstart's shape: width 20%, then heal distilled from the dense model
     }
@@ -129,18 +102,12 @@ def built_systems(name: str, base, stream: torch.Tensor, heal_steps: int, heal_r
 
 @torch.no_grad()
 def continuation_ppl(model, windows: torch.Tensor, context: int, batch: int = 2) -> float:
-    """exp(mean NLL) of each window's tokens after `context`, the context prefilled through the model's own cache
-    (so KV eviction applies), as `adaflex eval --task perplexity --context C --continuation N` scores them."""
-    dev = next(model.parameters()).device
+    """exp(mean NLL) of each window's tokens after `context` prefilled through the model's own cache (so KV eviction
+    applies): `adaflex eval --task perplexity --context C --continuation N`'s scoring, on given token ids."""
     total, count = 0.0, 0
     for x in windows.split(batch):
-        x = x.to(dev)
-        cache = new_cache(model)
-        pre = model(input_ids=x[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
-        out = model(input_ids=x[:, context:], cache=cache, use_cache=True)
-        logits = torch.cat([pre.logits[:, -1:], out.logits[:, :-1]], dim=1).float()
-        total += F.cross_entropy(logits.flatten(0, 1), x[:, context:].flatten(), reduction="sum").item()
-        count += x[:, context:].numel()
+        nll, n = continuation_nll(model, x.to(model.device), context)
+        total, count = total + nll, count + n
     return math.exp(total / count)
 
 
@@ -314,17 +281,17 @@ def run_model(rec: Recorder, name: str, args, dev, dtype) -> None:
                              if s != "routes"]
         return
     else:
-        base = random_llama(SHAPES[name], dev, torch.float32)
+        base = random_llama(SHAPES[name], dev)
         systems = built_systems(name, base, stream, args.heal_steps, rec.data["heal"])
         cpu_ppl = {}
     dense_row = None
-    for s, build in systems.items():
+    for s, make in systems.items():
         if s not in args.systems:
             continue
         row = {"model": name, "system": s, "cpu_ppl": cpu_ppl.get(s)}
         rec.data["rows"].append(row)
         log(f"{name} {s}: building")
-        model = rec.cell(row, "built", lambda b=build: b())
+        model = rec.cell(row, "built", lambda b=make: b())
         if model is None:
             continue
         row["built"] = True

@@ -21,31 +21,17 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))  # a bench script: width.py's timing, not a test import
+from synthetic import build, drop_blocks, narrow_uniform  # noqa: E402
 from width import speed  # noqa: E402
 
-from adaflex.retrofit.arch import decoder_layers, reference_of  # noqa: E402
-from adaflex.retrofit.drop.apply import remove_blocks  # noqa: E402
+from adaflex.retrofit.arch import decoder_layers  # noqa: E402
 from adaflex.retrofit.evaluate import cost_figures  # noqa: E402
-from adaflex.retrofit.width.apply import apply as width_apply  # noqa: E402
-from adaflex.retrofit.width.apply import narrow_plan  # noqa: E402
-from adaflex.retrofit.width.importance import collect, scores  # noqa: E402
-from adaflex.retrofit.width.parts import dims_of  # noqa: E402
-from adaflex.retrofit.width.plan import WidthPlan  # noqa: E402
-from adaflex.retrofit.width.shapes import uniform_width  # noqa: E402
 
 # (name, hidden, intermediate, heads, kv heads, layers): SmolLM2-135M's block shape, then wider blocks
 SHAPES = [("smollm2-135m shape", 576, 1536, 9, 3, 30), ("1B-like", 2048, 8192, 32, 8, 8),
           ("7B-like", 4096, 11008, 32, 32, 4)]
-
-
-def build(hidden, inter, heads, kv, layers) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
-                      num_hidden_layers=layers, vocab_size=49152, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def main() -> None:
@@ -60,21 +46,16 @@ def main() -> None:
     rows = []
     for name, *shape in SHAPES:
         dense = build(*shape)
-        reference_of(dense)
         L = len(decoder_layers(dense))
         ids = torch.randint(0, 49152, (1, max(args.prefill, args.context)))
         k = max(1, round(args.fraction * L))
-        dims, parts = dims_of(dense, "width")
-        st = collect(dense, torch.randint(0, 49152, (2, 64)), dims, parts)
-        mlp_s, head_s = scores(dense, st, "activation", dims, parts)
+        calib = torch.randint(0, 49152, (2, 64))
         for method in ("drop", "uniform-mlp"):
             model = copy.deepcopy(dense)
             if method == "drop":
-                remove_blocks(model, list(range(L - k)))  # which blocks does not matter for speed
+                drop_blocks(model, k)
             else:
-                w = uniform_width(dims, k / L, "mlp", False, 32)
-                plan, tensors = narrow_plan(dense, dims, [w] * L, mlp_s, head_s)
-                width_apply(model, WidthPlan.model_validate(plan), tensors)
+                narrow_uniform(model, k / L, calib)
             flops = cost_figures(model, ids[:, :64])["flops_ratio"]
             sp = speed(model, dense, ids, args.prefill, args.context, args.decode_steps, args.repeats)
             row = {"shape": name, "method": method, "flops_ratio": flops, "ideal": 1 / flops, **sp,
