@@ -87,3 +87,14 @@ def test_bundle_tensors_travel_in_bf16_with_their_metadata(tmp_path):
         assert f.metadata() == {"stages": "x"}
         assert f.get_tensor("w").dtype == torch.bfloat16 and torch.equal(f.get_tensor("w"), w.to(torch.bfloat16))
         assert torch.equal(f.get_tensor("idx"), idx)
+
+
+@pytest.mark.parametrize("argv", [["--run", "nope=runs/x"], ["--run", "kv=/nonexistent"], ["--data", "/nonexistent"]])
+def test_prepare_refuses_bad_input_before_writing(tmp_path, argv, capsys):
+    out = tmp_path / "bundle"
+    with pytest.raises(SystemExit) as e:
+        gpu_prepare.main([*argv, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[1] in err or argv[1].split("=")[1] in err
+    assert not out.exists()

@@ -52,8 +52,6 @@ def bf16_tensors(src: Path, dst: Path) -> None:
 
 
 def copy_run(src: Path, dst: Path) -> None:
-    if not models.is_run_dir(src):
-        raise SystemExit(f"{src}: not a run directory (plan.json and recipe.yaml)")
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("plan.json", "recipe.yaml", "report.json"):
         if (src / name).is_file():
@@ -97,8 +95,12 @@ def main(argv=None) -> None:
     for item in args.run:
         name, _, path = item.partition("=")
         if name not in SYSTEMS[1:] or not path:
-            raise SystemExit(f"--run {item}: expected SYSTEM=RUN_DIR with SYSTEM one of {SYSTEMS[1:]}")
+            ap.error(f"--run {item}: expected SYSTEM=RUN_DIR with SYSTEM one of {', '.join(SYSTEMS[1:])}")
+        if not models.is_run_dir(Path(path)):
+            ap.error(f"--run {item}: {path}: not a run directory (plan.json and recipe.yaml)")
         runs[name] = Path(path)
+    if not Path(args.data).is_file():  # checked before anything is written
+        ap.error(f"--data {args.data}: no such file")
     for name, src in runs.items():
         copy_run(src, out / "runs" / name)
     split_gguf(out)
